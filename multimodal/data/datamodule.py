@@ -1,0 +1,96 @@
+"""The Lightning DataModule: shard specs, batch size and workers in; per-rank loaders out.
+
+Its constructor arguments are the `data:` section of the YAML configs. With `synthetic` set,
+`prepare_data` writes the synthetic scenes into the `train_shards` and `val_shards` folders
+first (once per node, skipped when they are already there).
+"""
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from multimodal import arch
+from multimodal.data.pipeline import ImageTextStream, StreamPosition, count_samples, expand_urls
+from multimodal.data.shards import MANIFEST, write_synthetic
+from multimodal.data.synthetic import SyntheticData
+from multimodal.errors import UserError
+
+
+class ShardDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        train_shards: str,
+        val_shards: str | None = None,
+        model_name: str = "tiny",
+        batch_size: int = 256,
+        num_workers: int = 4,
+        shuffle_buffer: int = 2000,
+        resampled: bool = False,
+        num_samples: int | None = None,
+        seed: int = 0,
+        synthetic: SyntheticData | None = None,
+    ):
+        """
+        Args:
+            train_shards: training shards: a folder, a brace pattern (`shard-{000000..000099}.tar`), a glob,
+                `pipe:` commands for object stores, or several of these joined by `::`.
+            val_shards: held-out shards, in the same forms.
+            model_name: architecture whose transforms and tokenizer to use (linked to `model.model_name`).
+            batch_size: samples per batch on each device.
+            num_workers: DataLoader worker processes per device.
+            shuffle_buffer: samples held in the shuffle buffer of each worker (0 or 1: no shuffling).
+            resampled: draw shards with replacement, endlessly (an epoch is then `num_samples` nominal samples).
+            num_samples: samples per epoch; read from the shards' sizes.json when not given.
+            seed: seed of shard order, shuffle buffer and caption choice.
+            synthetic: write this many synthetic scenes into the train/val shard folders if absent.
+        """
+        super().__init__()
+        for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
+            if value is not None and value <= 0:
+                raise UserError(f"data.{name} must be a positive integer, got {value}.")
+        if num_workers < 0:
+            raise UserError(f"data.num_workers must be 0 or more, got {num_workers}.")
+        self.train_shards, self.val_shards, self.model_name = train_shards, val_shards, model_name
+        self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
+        self.resampled, self.num_samples, self.seed, self.synthetic = resampled, num_samples, seed, synthetic
+        arch.resolve(model_name)
+        if synthetic is None:  # fail before any work starts, not at the first batch
+            expand_urls(train_shards)
+            if val_shards:
+                expand_urls(val_shards)
+        elif val_shards is None and synthetic.val_samples:
+            raise UserError("data.synthetic needs data.val_shards, a folder to write the held-out scenes into.")
+
+    def prepare_data(self) -> None:
+        if self.synthetic is None:
+            return
+        s = self.synthetic
+        for folder, count, first in ((self.train_shards, s.train_samples, 0),
+                                     (self.val_shards, s.val_samples, s.train_samples)):
+            if folder and count and not (Path(folder) / MANIFEST).is_file():
+                write_synthetic(Path(folder), count, s.shard_size, s.image_size, s.seed, first_index=first)
+
+    def train_dataloader(self) -> DataLoader:
+        urls = expand_urls(self.train_shards)
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        total = self.num_samples or count_samples(urls)
+        if total is None:
+            raise UserError(f"The number of samples in {self.train_shards} is unknown (no sizes.json beside the "
+                            "shards): set data.num_samples.")
+        num_batches = total // (self.batch_size * world)
+        if num_batches == 0:
+            raise UserError(f"{total} training samples do not fill one global batch of {self.batch_size} x {world} "
+                            "devices: lower data.batch_size.")
+        train_transform, _ = arch.transforms(self.model_name)
+        stream = ImageTextStream(
+            urls, image_transform=train_transform, tokenizer=arch.tokenizer(self.model_name),
+            batch_size=self.batch_size, num_batches=num_batches, position=StreamPosition(rank, world),
+            shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, seed=self.seed,
+        )
+        return DataLoader(
+            stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers > 0 else None,
+        )

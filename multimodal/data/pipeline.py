@@ -1,0 +1,201 @@
+"""The streaming pipeline: webdataset tar shards -> shuffled, decoded, tokenised batches.
+
+    shard URLs -> per (rank, worker) shard stream -> tar members -> shuffle buffer
+               -> decode image + pick one caption -> transform + tokenise -> batches
+
+Shards are split by rank and by DataLoader worker. Every worker cycles over its shards (a fresh
+shard order each pass) until it has produced its quota of batches, so each rank yields exactly
+`num_batches` full batches per epoch however unevenly the shards divide: no rank runs dry while
+the others wait in an all-gather. In resampled mode each worker draws shards with replacement.
+
+Only the image member (jpg/jpeg/png/webp) and the text members (json captions, else txt) are
+ever decoded, by this module's own code: webdataset's default decoders would unpickle `.pyd`
+and `.pth` members. A sample that cannot be decoded is skipped and counted; each batch carries
+the number of samples skipped since the previous one (`batch["skipped"]`).
+"""
+
+import glob
+import io
+import json
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from multimodal.data.shards import MANIFEST
+from multimodal.errors import UserError
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
+MAX_BAD_IN_A_ROW = 10_000
+
+
+def expand_urls(spec: str) -> list[str]:
+    """Shard URLs of `spec`: '::'-separated brace patterns, globs, folders or `pipe:` commands."""
+    urls: list[str] = []
+    for part in spec.split("::"):
+        for item in braceexpand(part.strip()):
+            if item.startswith(REMOTE_PREFIXES):
+                urls.append(item)
+            elif Path(item).is_dir():
+                found = sorted(str(p) for p in Path(item).glob("*.tar"))
+                if not found:
+                    raise UserError(f"Shard folder {item} holds no .tar files: write shards into it with `multimodal shards`.")
+                urls.extend(found)
+            elif glob.has_magic(item):
+                found = sorted(glob.glob(item))
+                if not found:
+                    raise UserError(f"No shard matches {item}: check the pattern, or write shards with `multimodal shards`.")
+                urls.extend(found)
+            elif Path(item).is_file():
+                urls.append(item)
+            else:
+                raise UserError(f"Shard {item} does not exist: check the path, or write shards with `multimodal shards`.")
+    if not urls:
+        raise UserError(f"The shard specification '{spec}' names no shards.")
+    return urls
+
+
+def count_samples(urls: list[str]) -> int | None:
+    """Total samples of local `urls` from the `sizes.json` beside them; None when unknown."""
+    total = 0
+    manifests: dict[Path, dict] = {}
+    for url in urls:
+        path = Path(url)
+        if url.startswith(REMOTE_PREFIXES) or not (path.parent / MANIFEST).is_file():
+            return None
+        if path.parent not in manifests:
+            manifests[path.parent] = json.loads((path.parent / MANIFEST).read_text())
+        if path.name not in manifests[path.parent]:
+            return None
+        total += manifests[path.parent][path.name]
+    return total
+
+
+class BadSample(Exception):
+    """A sample that cannot be used; its message is the kind of fault."""
+
+
+def decode_sample(raw: dict) -> tuple[Image.Image, list[str]]:
+    """(RGB image, captions) from a raw webdataset sample; raises BadSample."""
+    image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+    if image_key is None:
+        raise BadSample("no image")
+    try:
+        with Image.open(io.BytesIO(raw[image_key])) as image:
+            rgb = image.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise BadSample("bad image") from exc
+    captions: list = []
+    if "json" in raw:
+        try:
+            captions = json.loads(raw["json"]).get("captions") or []
+        except (ValueError, AttributeError):
+            captions = []
+    if not captions and "txt" in raw:
+        captions = [raw["txt"].decode("utf-8", errors="replace")]
+    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+    if not captions:
+        raise BadSample("no caption")
+    return rgb, captions
+
+
+def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue
+                 ) -> Iterator[tuple[str, Image.Image, list[str]]]:
+    """(key, image, captions) for every decodable sample of `urls`, in order, once."""
+    for raw in wds.tarfile_samples(({"url": u} for u in urls), handler=on_error):
+        try:
+            image, captions = decode_sample(raw)
+        except BadSample:
+            continue
+        yield raw["__key__"], image, captions
+
+
+@dataclass(frozen=True)
+class StreamPosition:
+    rank: int = 0
+    world_size: int = 1
+
+
+class ImageTextStream(IterableDataset):
+    """Full batches of {"image": (B, 3, H, W), "text": (B, L), "skipped": int} for one rank.
+
+    Yields exactly `num_batches` batches per epoch, split over the DataLoader's workers.
+    """
+
+    def __init__(self, urls: list[str], *, image_transform: Callable, tokenizer: Callable, batch_size: int,
+                 num_batches: int, position: StreamPosition = StreamPosition(), shuffle_buffer: int = 1000,
+                 resampled: bool = False, seed: int = 0):
+        super().__init__()
+        self.urls, self.image_transform, self.tokenizer = urls, image_transform, tokenizer
+        self.batch_size, self.num_batches, self.position = batch_size, num_batches, position
+        self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
+        self.epoch = -1  # advanced by every __iter__, in the worker's own copy (persistent workers)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _shard_stream(self, worker: int, num_workers: int, read: list[int]) -> Iterator[dict]:
+        """Endless shard URLs for one worker; `read[0]` counts the samples read from them so far."""
+        pos = self.position
+        if self.resampled:
+            rng = random.Random(hash((self.seed, self.epoch, pos.rank, worker)))
+            while True:
+                yield {"url": rng.choice(self.urls)}
+        slot, slots = pos.rank * num_workers + worker, pos.world_size * num_workers
+        if len(self.urls) < slots:
+            raise UserError(f"{len(self.urls)} shards cannot be split over {pos.world_size} ranks x {num_workers} "
+                            "workers: write more, smaller shards, lower data.num_workers, or set data.resampled.")
+        cycle = 0
+        while True:
+            order = list(self.urls)
+            random.Random(hash((self.seed, self.epoch, cycle))).shuffle(order)  # same on every rank
+            before = read[0]
+            yield from ({"url": u} for u in order[slot::slots])
+            if read[0] == before:  # a whole pass over our shards gave nothing: never loop forever
+                raise UserError(f"Shards {order[slot::slots][:3]} hold no readable image-text sample.")
+            cycle += 1
+
+    def _batches(self, raw_samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        images, texts, skipped, bad_in_a_row = [], [], 0, 0
+        for raw in raw_samples:
+            try:
+                image, captions = decode_sample(raw)
+            except BadSample:
+                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                if bad_in_a_row == MAX_BAD_IN_A_ROW:
+                    raise UserError(f"{MAX_BAD_IN_A_ROW} samples in a row in {raw.get('__url__')} could not be "
+                                    "decoded: check that the shards hold images with captions.") from None
+                continue
+            bad_in_a_row = 0
+            images.append(self.image_transform(image))
+            texts.append(self.tokenizer([rng.choice(captions)])[0])
+            if len(images) == self.batch_size:
+                yield {"image": torch.stack(images), "text": torch.stack(texts), "skipped": skipped}
+                images, texts, skipped = [], [], 0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        self.epoch += 1
+        quota = self.num_batches // num_workers + (worker < self.num_batches % num_workers)
+        rng = random.Random(hash((self.seed, self.epoch, self.position.rank, worker)))
+        read = [0]
+        raw = wds.tarfile_samples(self._shard_stream(worker, num_workers, read), handler=wds.warn_and_continue)
+        raw = _counted(raw, read)
+        if self.shuffle_buffer > 1:
+            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
+        yield from islice(self._batches(raw, rng), quota)
+
+
+def _counted(items: Iterator[dict], counter: list[int]) -> Iterator[dict]:
+    for item in items:
+        counter[0] += 1
+        yield item

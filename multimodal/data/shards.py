@@ -1,0 +1,220 @@
+"""Writing webdataset tar shards of image-text samples (the format is in data/README.md).
+
+One sample per image: `<key>.jpg` (the image), `<key>.txt` (its first caption) and `<key>.json`
+(`captions`: all of them, plus where it came from). Sources: the official COCO captions JSON,
+`image,caption` CSV tables (Flickr style) and the synthetic scenes. Output is deterministic:
+the same input gives byte-identical shards (sorted order, fixed tar mtime, fixed JPEG settings).
+Each shard is written to a temporary name and renamed when complete; `sizes.json` (open_clip's
+manifest: shard file name -> sample count) is written last.
+"""
+
+import csv
+import io
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import webdataset as wds
+from PIL import Image
+from tqdm import tqdm
+
+from multimodal.data import synthetic
+from multimodal.errors import UserError
+
+SHARD_PATTERN = "shard-{:06d}.tar"
+MANIFEST = "sizes.json"
+
+
+@dataclass
+class Sample:
+    key: str  # no dots: webdataset splits member names at the first dot
+    image: bytes  # JPEG
+    captions: list[str]
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class WriteReport:
+    sizes: dict[str, int]
+    failures: list[tuple[str, str]]  # (file name, reason) of images that could not be read
+
+    @property
+    def num_samples(self) -> int:
+        return sum(self.sizes.values())
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create `out_dir`; refuse to mix with earlier shards there unless `overwrite`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(out_dir.glob("shard-*.tar")) + sorted(out_dir.glob(MANIFEST))
+    if old and not overwrite:
+        raise UserError(f"{out_dir} already holds shards: pass --overwrite to replace them, or choose another --out.")
+    for path in old:
+        path.unlink()
+
+
+def write_shards(samples: Iterable[Sample], out_dir: Path, shard_size: int, total: int | None = None,
+                 desc: str = "writing shards") -> dict[str, int]:
+    """Write `samples` into `out_dir/shard-NNNNNN.tar` files of `shard_size` samples each."""
+    if shard_size <= 0:
+        raise UserError(f"--shard-size must be a positive number of samples, got {shard_size}.")
+    sizes: dict[str, int] = {}
+    writer, count, tmp = None, 0, None
+
+    def close() -> None:
+        writer.close()
+        final = out_dir / SHARD_PATTERN.format(len(sizes))
+        os.replace(tmp, final)
+        sizes[final.name] = count
+
+    for sample in tqdm(samples, total=total, desc=desc, unit="img", mininterval=1.0):
+        if writer is None:
+            tmp = out_dir / (SHARD_PATTERN.format(len(sizes)) + ".tmp")
+            writer, count = wds.TarWriter(str(tmp), encoder=False, mtime=0.0), 0
+        record = {"key": sample.key, "captions": sample.captions, **sample.meta}
+        writer.write({
+            "__key__": sample.key,
+            "jpg": sample.image,
+            "txt": sample.captions[0].encode("utf-8"),
+            "json": json.dumps(record, sort_keys=True).encode("utf-8"),
+        })
+        count += 1
+        if count == shard_size:
+            close()
+            writer = None
+    if writer is not None:
+        close()
+    (out_dir / MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n")
+    return sizes
+
+
+def encode_image(path: Path, max_side: int | None) -> tuple[bytes, int, int]:
+    """JPEG bytes of the image at `path`, downscaled so its longer side is at most `max_side`.
+
+    A JPEG that needs no resizing is kept byte for byte; other formats are re-encoded.
+    """
+    data = path.read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # decode fully: an unreadable image fails here, at write time
+        width, height = image.size
+        scale = max_side / max(width, height) if max_side else 1.0
+        if scale >= 1.0 and image.format == "JPEG":
+            return data, width, height
+        rgb = image.convert("RGB")
+        if scale < 1.0:
+            width, height = max(1, round(width * scale)), max(1, round(height * scale))
+            rgb = rgb.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", quality=95)
+        return buf.getvalue(), width, height
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    key: str
+    file_name: str
+    captions: list[str]
+    meta: dict
+
+
+def _encode_all(entries: list[ImageEntry], images_dir: Path, max_side: int | None, workers: int,
+                failures: list) -> Iterator[Sample]:
+    """Samples for `entries` in order, reading and resizing on `workers` threads."""
+
+    def load(entry: ImageEntry):
+        try:
+            return encode_image(images_dir / entry.file_name, max_side)
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+            return exc
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for entry, result in zip(entries, pool.map(load, entries)):
+            if isinstance(result, Exception):
+                failures.append((entry.file_name, f"{type(result).__name__}: {result}"))
+                continue
+            image, width, height = result
+            yield Sample(entry.key, image, entry.captions,
+                         {"file_name": entry.file_name, "width": width, "height": height, **entry.meta})
+
+
+def _write_entries(entries: list[ImageEntry], images_dir: Path, out_dir: Path, shard_size: int,
+                   max_side: int | None, workers: int, overwrite: bool) -> WriteReport:
+    if not images_dir.is_dir():
+        raise UserError(f"Image folder {images_dir} does not exist: pass the folder that holds the images with --images.")
+    if max_side is not None and max_side <= 0:
+        raise UserError(f"--max-side must be a positive number of pixels, got {max_side}.")
+    prepare_out_dir(out_dir, overwrite)
+    failures: list[tuple[str, str]] = []
+    samples = _encode_all(entries, images_dir, max_side, workers, failures)
+    sizes = write_shards(samples, out_dir, shard_size, total=len(entries))
+    return WriteReport(sizes, failures)
+
+
+def read_coco_entries(captions_json: Path) -> list[ImageEntry]:
+    """One entry per captioned image of an official COCO captions file, sorted by image id."""
+    if not captions_json.is_file():
+        raise UserError(f"Captions file {captions_json} does not exist: pass a COCO captions JSON with --captions.")
+    try:
+        coco = json.loads(captions_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"Captions file {captions_json} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}).") from None
+    if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations")):
+        raise UserError(f"Captions file {captions_json} lacks the COCO keys 'images' and 'annotations': "
+                        "pass an official COCO captions file such as captions_train2017.json.")
+    try:
+        captions: dict[int, list[str]] = {}
+        for ann in sorted(coco["annotations"], key=lambda a: (a["image_id"], a.get("id", 0))):
+            captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+        images = sorted(coco["images"], key=lambda im: im["id"])
+        return [
+            ImageEntry(f"{im['id']:012d}", im["file_name"], captions[im["id"]], {"image_id": im["id"]})
+            for im in images if captions.get(im["id"])
+        ]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise UserError(f"Captions file {captions_json} has an entry without the COCO field {exc}: "
+                        "images need 'id' and 'file_name', annotations 'image_id' and 'caption'.") from None
+
+
+def read_csv_entries(csv_path: Path) -> list[ImageEntry]:
+    """One entry per image of an `image,caption` table, in order of first appearance."""
+    if not csv_path.is_file():
+        raise UserError(f"CSV file {csv_path} does not exist: pass an image,caption table with --csv.")
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
+            raise UserError(f"CSV file {csv_path} needs a header with the columns 'image' and 'caption', "
+                            f"found {reader.fieldnames}.")
+        captions: dict[str, list[str]] = {}
+        for row in reader:
+            if row["image"] and row["caption"] and row["caption"].strip():
+                captions.setdefault(row["image"], []).append(row["caption"].strip())
+    return [ImageEntry(f"{i:09d}", name, caps, {}) for i, (name, caps) in enumerate(captions.items())]
+
+
+def write_coco(captions_json: Path, images_dir: Path, out_dir: Path, shard_size: int = 1000,
+               max_side: int | None = None, workers: int = 4, overwrite: bool = False) -> WriteReport:
+    entries = read_coco_entries(captions_json)
+    return _write_entries(entries, images_dir, out_dir, shard_size, max_side, workers, overwrite)
+
+
+def write_csv(csv_path: Path, images_dir: Path, out_dir: Path, shard_size: int = 1000,
+              max_side: int | None = None, workers: int = 4, overwrite: bool = False) -> WriteReport:
+    entries = read_csv_entries(csv_path)
+    return _write_entries(entries, images_dir, out_dir, shard_size, max_side, workers, overwrite)
+
+
+def write_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size: int = 64, seed: int = 0,
+                    first_index: int = 0, overwrite: bool = False) -> WriteReport:
+    """Scenes `first_index .. first_index + num_samples - 1` of `seed` (see `synthetic.scene`)."""
+    prepare_out_dir(out_dir, overwrite)
+
+    def samples() -> Iterator[Sample]:
+        for i in range(first_index, first_index + num_samples):
+            image, captions, record = synthetic.scene(i, seed=seed, side=image_size)
+            yield Sample(f"{i:09d}", image, captions, record)
+
+    sizes = write_shards(samples(), out_dir, shard_size, total=num_samples, desc=f"synthetic {out_dir.name}")
+    return WriteReport(sizes, [])

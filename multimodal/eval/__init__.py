@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics (pure tensors) and embedding of shards."""

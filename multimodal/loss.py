@@ -1,0 +1,32 @@
+"""Contrastive losses as functions of tensors.
+
+`clip_loss` is the symmetric InfoNCE loss of CLIP (Radford et al. 2021, arXiv:2103.00020):
+the mean of the image->text and text->image cross-entropies over scaled cosine similarities.
+`logit_scale` is the multiplier itself (the exp of the model's learnable log-temperature), as in
+open_clip's `ClipLoss`.
+
+With a process group of W > 1 ranks, each rank scores its B local rows against all W * B gathered
+columns (open_clip's "local loss"), labels offset by rank * B. The mean of the ranks' losses then
+equals the single-process loss on the concatenated batch, and the gradients DDP averages equal the
+single-process gradients (tests/test_distributed.py proves both).
+"""
+
+import torch
+import torch.nn.functional as F
+
+from multimodal import distributed
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Symmetric InfoNCE over (B, D) L2-normalised features; gathers across ranks when W > 1."""
+    all_image = distributed.gather_features(image_features)  # (W*B, D)
+    all_text = distributed.gather_features(text_features)  # (W*B, D)
+    logits_per_image = logit_scale * image_features @ all_text.T  # (B, W*B)
+    logits_per_text = logit_scale * text_features @ all_image.T  # (B, W*B)
+    batch = image_features.shape[0]
+    labels = torch.arange(batch, device=image_features.device) + distributed.rank() * batch
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

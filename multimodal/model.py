@@ -1,0 +1,41 @@
+"""The two-tower CLIP model: a pure nn.Module around open_clip's image and text towers.
+
+`encode_image` / `encode_text` return L2-normalised features; `logit_scale` is the learnable
+log-temperature, initialised to ln(1 / 0.07) as in CLIP (arXiv:2103.00020, section 2.5).
+The wrapped `towers` module is an open_clip model, so its state dict is an open_clip state dict.
+"""
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from multimodal import arch
+
+
+class CLIP(nn.Module):
+    def __init__(self, towers: open_clip.CLIP):
+        super().__init__()
+        self.towers = towers
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.towers.logit_scale
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) normalised pixels -> (B, D) unit-norm features."""
+        return F.normalize(self.towers.encode_image(images), dim=-1)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, D) unit-norm features."""
+        return F.normalize(self.towers.encode_text(tokens), dim=-1)
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        """Returns (image_features, text_features, logit_scale.exp()) for `clip_loss`."""
+        return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
+
+
+def create_model(name: str) -> CLIP:
+    """A randomly initialised model of architecture `name` (see `multimodal.arch`)."""
+    towers = open_clip.create_model(arch.resolve(name), pretrained=None)
+    return CLIP(towers)

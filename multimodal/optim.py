@@ -1,0 +1,44 @@
+"""Parameter groups and learning-rate schedules for contrastive training.
+
+Weight decay applies to weight matrices only. Biases, norm gains, the class-token and position
+embeddings and `logit_scale` are left undecayed, as in CLIP and open_clip: decaying them pulls
+gains and the temperature toward zero for no regularisation benefit.
+"""
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+_NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "logit_scale", "logit_bias")
+
+
+def decays(name: str, param: torch.Tensor) -> bool:
+    """Whether `param` (named `name` in its module) takes weight decay."""
+    if param.ndim < 2:  # biases, norm gains, class token, scalars
+        return False
+    return not name.split(".")[-1] in _NO_DECAY_NAMES
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weight matrices and everything else, trainable params only."""
+    named: Iterable[tuple[str, nn.Parameter]] = (
+        (n, p) for n, p in model.named_parameters() if p.requires_grad
+    )
+    decay, no_decay = [], []
+    for name, param in named:
+        (decay if decays(name, param) else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: linear warmup from ~0 to 1 over `warmup_steps`, then cosine to `min_ratio`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,0 +1,34 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+COCO_MINI = SHARED_DATA / "coco-mini"
+FLICKR = SHARED_DATA / "flickr8k-1k"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def coco_mini() -> Path:
+    if not (COCO_MINI / "annotations" / "captions_train2017.json").is_file():
+        pytest.skip(f"real COCO subset not found at {COCO_MINI}")
+    return COCO_MINI
+
+
+@pytest.fixture
+def flickr() -> Path:
+    if not (FLICKR / "captions.txt").is_file():
+        pytest.skip(f"Flickr8k subset not found at {FLICKR}")
+    return FLICKR
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m multimodal ARGS` in `cwd`, as a user would run it."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "multimodal", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)

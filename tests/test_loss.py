@@ -1,0 +1,66 @@
+"""clip_loss against a direct reference and open_clip's ClipLoss, its gradients, the clamp."""
+
+import math
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multimodal.loss import clip_loss
+
+
+def features(n: int, d: int, seed: int, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    image = F.normalize(torch.randn(n, d, generator=g, dtype=dtype), dim=-1)
+    text = F.normalize(image + 0.8 * torch.randn(n, d, generator=g, dtype=dtype), dim=-1)
+    return image.requires_grad_(), text.requires_grad_()
+
+
+def reference_loss(image, text, scale):
+    """Written from the definition: -log p(matching pair) in both directions, averaged."""
+    n = image.shape[0]
+    total = 0.0
+    for i in range(n):
+        i2t = torch.stack([scale * image[i] @ text[j] for j in range(n)])
+        t2i = torch.stack([scale * text[i] @ image[j] for j in range(n)])
+        total = total - torch.log_softmax(i2t, 0)[i] - torch.log_softmax(t2i, 0)[i]
+    return total / (2 * n)
+
+
+@pytest.mark.parametrize("n,d,scale", [(1, 4, 1.0), (7, 16, 14.3), (32, 64, 100.0)])
+def test_matches_reference(n, d, scale):
+    image, text = features(n, d, seed=n)
+    s = torch.tensor(scale)
+    torch.testing.assert_close(clip_loss(image, text, s), reference_loss(image, text, s), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 16, 64])
+def test_matches_open_clip(n):
+    image, text = features(n, 32, seed=0)
+    scale = torch.tensor(1 / 0.07)
+    ours = clip_loss(image, text, scale)
+    theirs = open_clip.loss.ClipLoss()(image, text, scale)
+    torch.testing.assert_close(ours, theirs)
+    ours.backward()
+    g_ours = (image.grad.clone(), text.grad.clone())
+    image.grad = text.grad = None
+    theirs.backward()
+    torch.testing.assert_close(g_ours, (image.grad, text.grad))
+
+
+def test_gradients_match_reference_and_finite_differences():
+    image, text = features(6, 8, seed=1, dtype=torch.float64)
+    scale = torch.tensor(7.0, dtype=torch.float64, requires_grad=True)
+    grads = torch.autograd.grad(clip_loss(image, text, scale), (image, text, scale))
+    ref = torch.autograd.grad(reference_loss(image, text, scale), (image, text, scale))
+    torch.testing.assert_close(grads, ref)
+    assert torch.autograd.gradcheck(clip_loss, (image, text, scale))
+
+
+def test_perfect_alignment_and_temperature():
+    image, _ = features(8, 16, seed=2)
+    text = image.detach().clone()
+    # Identical pairs: the loss falls towards 0 as the scale grows, is ln(n) at scale 0.
+    assert clip_loss(image, text, torch.tensor(0.0)).item() == pytest.approx(math.log(8), rel=1e-6)
+    assert clip_loss(image, text, torch.tensor(100.0)).item() < 1e-3
