@@ -23,10 +23,14 @@ def clip_loss(
     logit_scale: torch.Tensor,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over (B, D) L2-normalised features; gathers across ranks when W > 1."""
-    all_image = distributed.gather_features(image_features)  # (W*B, D)
-    all_text = distributed.gather_features(text_features)  # (W*B, D)
-    logits_per_image = logit_scale * image_features @ all_text.T  # (B, W*B)
-    logits_per_text = logit_scale * text_features @ all_image.T  # (B, W*B)
+    if distributed.is_distributed():
+        all_image = distributed.gather_features(image_features)  # (W*B, D)
+        all_text = distributed.gather_features(text_features)  # (W*B, D)
+        logits_per_image = logit_scale * image_features @ all_text.T  # (B, W*B)
+        logits_per_text = logit_scale * text_features @ all_image.T  # (B, W*B)
+    else:  # one process: the text->image logits are the transpose, no second matmul
+        logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
+        logits_per_text = logits_per_image.T
     batch = image_features.shape[0]
     labels = torch.arange(batch, device=image_features.device) + distributed.rank() * batch
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2

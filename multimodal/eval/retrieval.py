@@ -14,22 +14,28 @@ hit at k means rank < k (ties are resolved in the query's favour). Scores are co
 import torch
 
 
-def _positive_scores(image_features: torch.Tensor, text_features: torch.Tensor,
-                     text_to_image: torch.Tensor) -> torch.Tensor:
-    """(M,) score of each caption with its own image."""
-    return (text_features * image_features[text_to_image]).sum(-1)
+def _best_positive_ranks(queries: torch.Tensor, candidates: torch.Tensor, pos_query: torch.Tensor,
+                         pos_candidate: torch.Tensor, chunk: int) -> torch.Tensor:
+    """(Q,) number of candidates scoring strictly above each query's best positive.
 
-
-def _count_above(queries: torch.Tensor, candidates: torch.Tensor, thresholds: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(Q,) number of candidates scoring strictly above each query's threshold, in blocks."""
-    counts = torch.zeros(queries.shape[0], dtype=torch.long)
+    Positive pairs are (pos_query[i], pos_candidate[i]). Scores come from (chunk x chunk) blocks of
+    queries @ candidates.T, and a positive's score is read from the very block product that the
+    counting pass recomputes, so a query never outranks itself by a rounding difference.
+    """
+    ranks = torch.zeros(queries.shape[0], dtype=torch.long)
     for q0 in range(0, queries.shape[0], chunk):
         q = queries[q0:q0 + chunk]
-        t = thresholds[q0:q0 + chunk, None]
+        best = torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
+        mine = (pos_query >= q0) & (pos_query < q0 + q.shape[0])
+        rows, cols = pos_query[mine] - q0, pos_candidate[mine]
+        for c0 in torch.unique(cols // chunk).tolist():
+            block = q @ candidates[c0 * chunk:(c0 + 1) * chunk].T  # (chunk, chunk)
+            here = (cols // chunk) == c0
+            best.scatter_reduce_(0, rows[here], block[rows[here], cols[here] - c0 * chunk], reduce="amax")
         for c0 in range(0, candidates.shape[0], chunk):
-            scores = q @ candidates[c0:c0 + chunk].T  # (chunk, chunk)
-            counts[q0:q0 + chunk] += (scores > t).sum(1).cpu()
-    return counts
+            block = q @ candidates[c0:c0 + chunk].T  # (chunk, chunk)
+            ranks[q0:q0 + q.shape[0]] += (block > best[:, None]).sum(1).cpu()
+    return ranks
 
 
 def retrieval_ranks(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
@@ -41,13 +47,10 @@ def retrieval_ranks(image_features: torch.Tensor, text_features: torch.Tensor, t
         text_features: (M, D) unit-norm caption embeddings.
         text_to_image: (M,) index of each caption's image in `image_features`.
     """
-    image_features, text_features = image_features.float(), text_features.float()
     text_to_image = text_to_image.long().to(image_features.device)
-    positive = _positive_scores(image_features, text_features, text_to_image)  # (M,)
-    t2i = _count_above(text_features, image_features, positive, chunk_size)
-    best = torch.full((image_features.shape[0],), float("-inf"), device=image_features.device)
-    best = best.scatter_reduce(0, text_to_image, positive, reduce="amax")  # (N,) best positive per image
-    i2t = _count_above(image_features, text_features, best, chunk_size)
+    captions = torch.arange(text_features.shape[0], device=image_features.device)
+    t2i = _best_positive_ranks(text_features, image_features, captions, text_to_image, chunk_size)
+    i2t = _best_positive_ranks(image_features, text_features, text_to_image, captions, chunk_size)
     return t2i, i2t
 
 

@@ -1,0 +1,102 @@
+"""The `multimodal` command end to end: debug.yaml training from shards, and bad input."""
+
+import csv
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, run_cli
+
+DEBUG = str(REPO / "configs" / "debug.yaml")
+
+
+def test_debug_config_trains_from_synthetic_shards(tmp_path):
+    proc = run_cli("train", "--config", DEBUG, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2",
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "debug" / "version_0"
+    assert (tmp_path / "runs" / "debug" / "data" / "train" / "sizes.json").is_file()
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["model_name"] == "tiny" and config["trainer"]["max_steps"] == 6
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert list(run.glob("events.out.tfevents.*"))
+    rows = list(csv.DictReader((run / "metrics.csv").open()))
+    logged = {k for row in rows for k, v in row.items() if v}
+    assert {"train/loss", "train/logit_scale", "train/lr", "train/samples_per_second",
+            "train/samples_per_second_per_device"} <= logged
+    # A second run gets its own folder; the data is not written again.
+    again = run_cli("train", "--config", DEBUG, "--trainer.max_steps", "2", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "runs" / "debug" / "version_1" / "config.yaml").is_file()
+    assert "synthetic train" not in again.stderr
+
+
+def test_debug_config_on_real_coco_shards_in_bf16(coco_mini, tmp_path):
+    shards = tmp_path / "coco"
+    proc = run_cli("shards", "coco", "--captions", str(coco_mini / "annotations" / "captions_val2017.json"),
+                   "--images", str(coco_mini / "val2017"), "--out", str(shards), "--shard-size", "40",
+                   "--max-side", "128", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Wrote 159 samples in 4 shards" in proc.stdout
+    proc = run_cli("train", "--config", DEBUG, "--data.synthetic", "null", "--data.val_shards", "null",
+                   "--data.train_shards", f"{shards}/shard-{{000000..000003}}.tar", "--data.num_workers", "2",
+                   "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def bad_coco(tmp_path: Path) -> list[str]:
+    (tmp_path / "bad.json").write_text('{"images": []}')
+    return ["shards", "coco", "--captions", str(tmp_path / "bad.json"), "--images", str(tmp_path), "--out",
+            str(tmp_path / "out")]
+
+
+BAD_INPUTS = {
+    "missing shard": (lambda t: ["train", "--config", DEBUG, "--data.synthetic", "null",
+                                 "--data.train_shards", f"{t}/shard-{{000000..000003}}.tar"], "does not exist"),
+    "empty glob": (lambda t: ["train", "--config", DEBUG, "--data.synthetic", "null",
+                              "--data.train_shards", f"{t}/*.tar"], "No shard matches"),
+    "unknown model": (lambda t: ["train", "--config", DEBUG, "--model.model_name", "ViT-Q-99"], "Unknown model 'ViT-Q-99'"),
+    "zero batch size": (lambda t: ["train", "--config", DEBUG, "--data.batch_size", "0"], "data.batch_size must be"),
+    "negative batch size": (lambda t: ["train", "--config", DEBUG, "--data.batch_size", "-4"], "data.batch_size must be"),
+    "coco json without keys": (bad_coco, "lacks the COCO keys"),
+    "missing captions file": (lambda t: ["shards", "coco", "--captions", f"{t}/nope.json", "--images", str(t),
+                                         "--out", f"{t}/o"], "does not exist"),
+    "csv without header": (lambda t: ["shards", "csv", "--csv", DEBUG, "--images", str(t),
+                                      "--out", f"{t}/o"], "needs a header"),
+    "missing image folder": (lambda t: ["shards", "csv", "--csv", str(REPO / "tests" / "data" / "two.csv"),
+                                        "--images", f"{t}/nope", "--out", f"{t}/o"], "Image folder"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_is_one_sentence_and_nonzero_exit(tmp_path, case):
+    make_args, expected = BAD_INPUTS[case]
+    proc = run_cli(*make_args(tmp_path), cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and expected in last, proc.stderr[-2000:]
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    proc = run_cli("train", "--config", DEBUG, "--model.model_name", "ViT-Q-99", "--debug", cwd=tmp_path)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+def test_two_process_ddp_run_through_the_cli(tmp_path):
+    """Lightning's ddp strategy re-launches the command: run it as a user would, outside pytest."""
+    proc = run_cli("train", "--config", DEBUG, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+                   "--trainer.max_steps", "4", "--trainer.log_every_n_steps", "1", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "runs" / "debug" / "version_0" / "metrics.csv").open()))
+    first = next(r for r in rows if r["train/loss"])
+    # The loss of the first step is near ln(global batch) = ln(2 x 32): the ranks score against
+    # each other's gathered features, not just their own 32 (ln 32 = 3.47).
+    assert abs(float(first["train/loss"]) - math.log(64)) < 0.35
+    timed = next(r for r in rows if r["train/samples_per_second"])
+    assert float(timed["train/samples_per_second"]) == pytest.approx(
+        2 * float(timed["train/samples_per_second_per_device"]))

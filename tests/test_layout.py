@@ -1,0 +1,34 @@
+"""The import rules of STYLE.md: torch-only modules import nothing of ours but `distributed`,
+the model, data pipeline and metrics import no Lightning, and nothing imports the CLI."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "multimodal"
+LIGHTNING_USERS = {"module.py", "cli.py", "data/datamodule.py"}
+TORCH_ONLY = {"loss.py": {"multimodal.distributed"}, "distributed.py": set(), "optim.py": set()}
+
+
+def imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names |= {f"{node.module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_import_direction():
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).as_posix()
+        names = imports(path)
+        ours = {n for n in names if n.startswith("multimodal")}
+        if rel in TORCH_ONLY:
+            assert ours <= TORCH_ONLY[rel] | {"multimodal"}, (rel, ours)
+        if rel not in LIGHTNING_USERS:
+            assert not any(n.startswith(("pytorch_lightning", "lightning")) for n in names), rel
+        assert not any(n.startswith("lightning") for n in names), f"{rel}: use the pytorch_lightning namespace"
+        if rel not in ("cli.py", "__main__.py"):
+            assert not any(n.startswith("multimodal.cli") for n in names), rel

@@ -1,0 +1,137 @@
+"""The streaming pipeline: equal batches per rank, skipping bad samples, no unpickling, URLs."""
+
+import io
+import json
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from multimodal import arch
+from multimodal.data.pipeline import ImageTextStream, StreamPosition, count_samples, expand_urls, read_samples
+from multimodal.data.shards import write_synthetic
+from multimodal.errors import UserError
+
+
+def jpeg(colour=(200, 30, 30), size=(24, 24)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[dict]) -> str:
+    with wds.TarWriter(str(path), encoder=False, mtime=0) as w:
+        for s in samples:
+            w.write(s)
+    return str(path)
+
+
+def good(key: str, captions=("a red square",)) -> dict:
+    return {"__key__": key, "jpg": jpeg(), "json": json.dumps({"captions": list(captions)}).encode()}
+
+
+def stream(urls, *, batch_size=4, num_batches=3, rank=0, world=1, shuffle_buffer=0, **kw) -> ImageTextStream:
+    train, _ = arch.transforms("tiny")
+    return ImageTextStream(urls, image_transform=train, tokenizer=arch.tokenizer("tiny"), batch_size=batch_size,
+                           num_batches=num_batches, position=StreamPosition(rank, world),
+                           shuffle_buffer=shuffle_buffer, **kw)
+
+
+def batches(dataset, num_workers=0) -> list[dict]:
+    return list(DataLoader(dataset, batch_size=None, num_workers=num_workers))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_equal_batches_on_every_rank_with_uneven_shards(tmp_path, num_workers):
+    sizes = [7, 3, 10, 1, 5, 2, 9]
+    urls = [write_tar(tmp_path / f"s{i}.tar", [good(f"{i}_{j}") for j in range(n)]) for i, n in enumerate(sizes)]
+    total, world, bs = sum(sizes), 2, 3
+    num_batches = total // (bs * world)
+    for rank in range(world):
+        out = batches(stream(urls, batch_size=bs, num_batches=num_batches, rank=rank, world=world,
+                             shuffle_buffer=8), num_workers)
+        assert len(out) == num_batches
+        assert all(b["image"].shape == (bs, 3, 64, 64) and b["text"].shape == (bs, 32) for b in out)
+
+
+def test_resampled_mode_yields_the_nominal_epoch(tmp_path):
+    url = write_tar(tmp_path / "s.tar", [good(str(j)) for j in range(5)])
+    out = batches(stream([url], batch_size=4, num_batches=7, resampled=True, shuffle_buffer=10))
+    assert len(out) == 7
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path):
+    samples = [good(str(j)) for j in range(8)]
+    samples[1] = {"__key__": "1", "jpg": jpeg()[:40], "txt": b"truncated jpeg"}
+    samples[3] = {"__key__": "3", "jpg": b"this is not an image", "txt": b"junk"}
+    samples[5] = {"__key__": "5", "jpg": jpeg()}  # no text at all
+    samples[6] = {"__key__": "6", "jpg": jpeg(), "txt": b"   "}  # empty caption
+    samples.append({"__key__": "8", "jpg": b"", "txt": b"zero bytes"})
+    url = write_tar(tmp_path / "s.tar", samples)
+    out = batches(stream([url], batch_size=2, num_batches=2))
+    assert len(out) == 2 and sum(b["skipped"] for b in out) == 4
+    assert sorted(k for k, _, _ in read_samples([url])) == ["0", "2", "4", "7"]
+
+
+def test_pickle_members_are_never_unpickled(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    evil = pickle.dumps(Payload())
+    url = write_tar(tmp_path / "s.tar", [
+        {**good(str(j)), "pyd": evil, "pth": evil, "pickle": evil} for j in range(4)
+    ])
+    assert len(batches(stream([url], batch_size=2, num_batches=4))) == 4
+    assert len(list(read_samples([url]))) == 4
+    assert not marker.exists()
+    pickle.loads(evil)  # the payload is live: loading it would have created the file
+    assert marker.exists()
+
+
+def test_a_random_caption_at_every_visit(tmp_path):
+    captions = [f"caption number {i}" for i in range(5)]
+    url = write_tar(tmp_path / "s.tar", [good("0", captions)])
+    out = batches(stream([url], batch_size=1, num_batches=40))
+    seen = {tuple(b["text"][0].tolist()) for b in out}
+    assert len(seen) == 5
+
+
+def test_epochs_reshuffle(tmp_path):
+    write_synthetic(tmp_path / "d", num_samples=64, shard_size=16)
+    ds = stream(expand_urls(str(tmp_path / "d")), batch_size=8, num_batches=8, shuffle_buffer=32)
+    first, second = (torch.cat([b["text"] for b in batches(ds)]) for _ in range(2))
+    assert not torch.equal(first, second)
+
+
+def test_too_few_shards_for_ranks_and_workers(tmp_path):
+    url = write_tar(tmp_path / "s.tar", [good(str(j)) for j in range(8)])
+    with pytest.raises(UserError, match="cannot be split over 2 ranks"):
+        list(stream([url], world=2))
+
+
+def test_url_forms(tmp_path):
+    write_synthetic(tmp_path / "d", num_samples=30, shard_size=10)
+    folder = tmp_path / "d"
+    by_folder = expand_urls(str(folder))
+    assert len(by_folder) == 3
+    assert expand_urls(f"{folder}/shard-{{000000..000002}}.tar") == by_folder
+    assert expand_urls(f"{folder}/*.tar") == by_folder
+    assert expand_urls(f"{folder}/shard-000000.tar::{folder}/shard-00000[12].tar") == by_folder
+    assert count_samples(by_folder) == 30
+    piped = [f"pipe:cat {u}" for u in by_folder]
+    assert expand_urls("::".join(piped)) == piped and count_samples(piped) is None
+    assert len(list(read_samples(piped))) == 30
+    with pytest.raises(UserError, match="does not exist"):
+        expand_urls(f"{folder}/shard-{{000000..000005}}.tar")
+    with pytest.raises(UserError, match="No shard matches"):
+        expand_urls(f"{tmp_path}/nothing-*.tar")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no .tar"):
+        expand_urls(str(tmp_path / "empty"))
