@@ -15,6 +15,8 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.cli import LightningCLI
 
 from multimodal import demo
@@ -35,6 +37,10 @@ class TrainCLI(LightningCLI):
                             help="Resume training from this checkpoint (e.g. RUN_DIR/checkpoints/last.ckpt).")
 
     def before_instantiate_classes(self) -> None:
+        trainer = self.config.trainer
+        if trainer.precision is None:  # bf16 where a GPU supports it, fp32 elsewhere
+            on_gpu = trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+            trainer.precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
         # TensorBoard and CSV loggers each pick "the next free version" on their own and can
         # disagree; give them one version so config, checkpoints and both logs share a folder.
         loggers = self.config.trainer.logger
@@ -50,14 +56,28 @@ class TrainCLI(LightningCLI):
                     logger.init_args.version = version
 
 
+# Lightning's warnings about our deliberate choices: args passed from Python, two loggers sharing
+# one folder, and __len__ on the IterableDataset (exact per rank by construction).
+QUIET = (
+    ".*args parameter is intended to run from within Python.*",
+    ".*Experiment logs directory .* exists and is not empty.*",
+    ".*Your `IterableDataset` has `__len__` defined.*",
+    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+)
+
+
 def _train_cli(argv: list[str]) -> TrainCLI:
-    warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-    warnings.filterwarnings("ignore", message=".*Experiment logs directory .* exists and is not empty.*")
-    return TrainCLI(
-        CLIPModule, ShardDataModule, run=False, args=argv, seed_everything_default=0, auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"prog": "multimodal train", "description": "Train a CLIP model on webdataset shards."},
-    )
+    for message in QUIET:
+        warnings.filterwarnings("ignore", message=message)
+    try:
+        return TrainCLI(
+            CLIPModule, ShardDataModule, run=False, args=argv, seed_everything_default=0,
+            auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "multimodal train", "description": "Train a CLIP model on webdataset shards."},
+        )
+    except MisconfigurationException as exc:
+        raise UserError(f"The trainer settings cannot run on this machine ({exc}): "
+                        "check trainer.accelerator, trainer.devices, trainer.precision and trainer.strategy.") from None
 
 
 def train(argv: list[str]) -> int:
@@ -76,7 +96,8 @@ def run_demo(argv: list[str]) -> int:
 
 
 def _shards_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multimodal shards", description="Write webdataset shards of image-text pairs.")
+    parser = argparse.ArgumentParser(prog="multimodal shards",
+                                     description="Write webdataset shards of image-text pairs.")
     sub = parser.add_subparsers(dest="source", required=True)
     coco = sub.add_parser("coco", help="from an official COCO captions JSON")
     coco.add_argument("--captions", type=Path, required=True, help="e.g. annotations/captions_train2017.json")

@@ -18,7 +18,7 @@ def decays(name: str, param: torch.Tensor) -> bool:
     """Whether `param` (named `name` in its module) takes weight decay."""
     if param.ndim < 2:  # biases, norm gains, class token, scalars
         return False
-    return not name.split(".")[-1] in _NO_DECAY_NAMES
+    return name.split(".")[-1] not in _NO_DECAY_NAMES
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from tests.conftest import REPO, run_cli
@@ -58,9 +59,14 @@ BAD_INPUTS = {
                                  "--data.train_shards", f"{t}/shard-{{000000..000003}}.tar"], "does not exist"),
     "empty glob": (lambda t: ["train", "--config", DEBUG, "--data.synthetic", "null",
                               "--data.train_shards", f"{t}/*.tar"], "No shard matches"),
-    "unknown model": (lambda t: ["train", "--config", DEBUG, "--model.model_name", "ViT-Q-99"], "Unknown model 'ViT-Q-99'"),
-    "zero batch size": (lambda t: ["train", "--config", DEBUG, "--data.batch_size", "0"], "data.batch_size must be"),
-    "negative batch size": (lambda t: ["train", "--config", DEBUG, "--data.batch_size", "-4"], "data.batch_size must be"),
+    "unknown model": (lambda t: ["train", "--config", DEBUG, "--model.model_name", "ViT-Q-99"],
+                      "Unknown model 'ViT-Q-99'"),
+    "zero batch size": (lambda t: ["train", "--config", DEBUG, "--data.batch_size", "0"],
+                        "data.batch_size must be"),
+    "negative batch size": (lambda t: ["train", "--config", DEBUG, "--data.batch_size", "-4"],
+                            "data.batch_size must be"),
+    "too few shards for the workers": (lambda t: ["train", "--config", DEBUG, "--data.num_workers", "8"],
+                                       "4 shards cannot be split over 1 ranks x 8 workers"),
     "coco json without keys": (bad_coco, "lacks the COCO keys"),
     "missing captions file": (lambda t: ["shards", "coco", "--captions", f"{t}/nope.json", "--images", str(t),
                                          "--out", f"{t}/o"], "does not exist"),
@@ -69,6 +75,11 @@ BAD_INPUTS = {
     "missing image folder": (lambda t: ["shards", "csv", "--csv", str(REPO / "tests" / "data" / "two.csv"),
                                         "--images", f"{t}/nope", "--out", f"{t}/o"], "Image folder"),
 }
+
+
+if not torch.cuda.is_available():
+    BAD_INPUTS["gpu without a gpu"] = (lambda t: ["train", "--config", DEBUG, "--trainer.accelerator", "gpu"],
+                                       "cannot run on this machine")
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

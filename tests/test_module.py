@@ -5,6 +5,7 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins import MixedPrecision
 
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.data.shards import write_synthetic
@@ -50,3 +51,23 @@ def test_learning_rate_follows_warmup_then_cosine_per_step(shards, tmp_path):
     assert all(a > b for a, b in zip(lrs[4:], lrs[5:]))
     groups = trainer.optimizers[0].param_groups
     assert [g["weight_decay"] for g in groups] == [0.2, 0.0]
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_mixed_precision_steps(shards, tmp_path, precision):
+    """On CPU, Lightning turns a plain precision="16-mixed" into bf16; the plugin keeps fp16 + scaling."""
+    module = CLIPModule("tiny", lr=1e-3, warmup_steps=1)
+    losses = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, *args):
+            losses.append(outputs["loss"].item())
+
+    trainer = pl.Trainer(accelerator="cpu", plugins=[MixedPrecision(precision, "cpu")], max_steps=3, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[Record()], default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=ShardDataModule(shards, batch_size=8, num_workers=0, shuffle_buffer=16))
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    assert (scaler is not None) == (precision == "16-mixed")  # gradient scaling only for fp16
+    assert module.model.logit_scale.dtype == torch.float32  # master weights stay fp32

@@ -80,6 +80,10 @@ class ShardDataModule(pl.LightningDataModule):
         if total is None:
             raise UserError(f"The number of samples in {self.train_shards} is unknown (no sizes.json beside the "
                             "shards): set data.num_samples.")
+        slots = world * max(1, self.num_workers)
+        if not self.resampled and len(urls) < slots:
+            raise UserError(f"{len(urls)} shards cannot be split over {world} ranks x {max(1, self.num_workers)} "
+                            "workers: write more, smaller shards, lower data.num_workers, or set data.resampled.")
         num_batches = total // (self.batch_size * world)
         if num_batches == 0:
             raise UserError(f"{total} training samples do not fill one global batch of {self.batch_size} x {world} "

@@ -47,17 +47,20 @@ def expand_urls(spec: str) -> list[str]:
             elif Path(item).is_dir():
                 found = sorted(str(p) for p in Path(item).glob("*.tar"))
                 if not found:
-                    raise UserError(f"Shard folder {item} holds no .tar files: write shards into it with `multimodal shards`.")
+                    raise UserError(f"Shard folder {item} holds no .tar files: "
+                                    "write shards into it with `multimodal shards`.")
                 urls.extend(found)
             elif glob.has_magic(item):
                 found = sorted(glob.glob(item))
                 if not found:
-                    raise UserError(f"No shard matches {item}: check the pattern, or write shards with `multimodal shards`.")
+                    raise UserError(f"No shard matches {item}: "
+                                    "check the pattern, or write shards with `multimodal shards`.")
                 urls.extend(found)
             elif Path(item).is_file():
                 urls.append(item)
             else:
-                raise UserError(f"Shard {item} does not exist: check the path, or write shards with `multimodal shards`.")
+                raise UserError(f"Shard {item} does not exist: "
+                                "check the path, or write shards with `multimodal shards`.")
     if not urls:
         raise UserError(f"The shard specification '{spec}' names no shards.")
     return urls

@@ -12,7 +12,7 @@ import csv
 import io
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +143,8 @@ def _encode_all(entries: list[ImageEntry], images_dir: Path, max_side: int | Non
 def _write_entries(entries: list[ImageEntry], images_dir: Path, out_dir: Path, shard_size: int,
                    max_side: int | None, workers: int, overwrite: bool) -> WriteReport:
     if not images_dir.is_dir():
-        raise UserError(f"Image folder {images_dir} does not exist: pass the folder that holds the images with --images.")
+        raise UserError(f"Image folder {images_dir} does not exist: "
+                        "pass the folder that holds the images with --images.")
     if max_side is not None and max_side <= 0:
         raise UserError(f"--max-side must be a positive number of pixels, got {max_side}.")
     prepare_out_dir(out_dir, overwrite)
@@ -160,7 +161,7 @@ def read_coco_entries(captions_json: Path) -> list[ImageEntry]:
     try:
         coco = json.loads(captions_json.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"Captions file {captions_json} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}).") from None
+        raise UserError(f"Captions file {captions_json} is not valid JSON: {exc}.") from None
     if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations")):
         raise UserError(f"Captions file {captions_json} lacks the COCO keys 'images' and 'annotations': "
                         "pass an official COCO captions file such as captions_train2017.json.")

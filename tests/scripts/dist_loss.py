@@ -14,9 +14,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, __file__.rsplit("/tests/", 1)[0])
-from tests.dist_common import BATCH, TwoTowers, batch  # noqa: E402
-
 from multimodal.loss import clip_loss  # noqa: E402
+from tests.dist_common import BATCH, TwoTowers, batch  # noqa: E402
 
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
