@@ -21,9 +21,15 @@ def clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
     logit_scale: torch.Tensor,
+    *,
+    gather: bool = True,
 ) -> torch.Tensor:
-    """Symmetric InfoNCE over (B, D) L2-normalised features; gathers across ranks when W > 1."""
-    if distributed.is_distributed():
+    """Symmetric InfoNCE over (B, D) L2-normalised features.
+
+    With `gather` (training) and W > 1 ranks, scores the local rows against all ranks' features;
+    `gather=False` scores the given batch alone (evaluation, where ranks may hold different sizes).
+    """
+    if gather and distributed.is_distributed():
         all_image = distributed.gather_features(image_features)  # (W*B, D)
         all_text = distributed.gather_features(text_features)  # (W*B, D)
         logits_per_image = logit_scale * image_features @ all_text.T  # (B, W*B)

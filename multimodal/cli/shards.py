@@ -1,0 +1,42 @@
+"""`multimodal shards {coco,csv}`: write webdataset shards of image-text pairs."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from multimodal.data import shards
+from multimodal.errors import UserError
+
+
+def _shards_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multimodal shards",
+                                     description="Write webdataset shards of image-text pairs.")
+    sub = parser.add_subparsers(dest="source", required=True)
+    coco = sub.add_parser("coco", help="from an official COCO captions JSON")
+    coco.add_argument("--captions", type=Path, required=True, help="e.g. annotations/captions_train2017.json")
+    csv = sub.add_parser("csv", help="from an image,caption CSV table (several rows per image allowed)")
+    csv.add_argument("--csv", type=Path, required=True, help="CSV with a header holding 'image' and 'caption'")
+    for p in (coco, csv):
+        p.add_argument("--images", type=Path, required=True, help="folder holding the image files")
+        p.add_argument("--out", type=Path, required=True, help="output folder for shard-NNNNNN.tar and sizes.json")
+        p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+        p.add_argument("--max-side", type=int, default=None, help="downscale images whose longer side exceeds this")
+        p.add_argument("--workers", type=int, default=4, help="threads reading and resizing images (default 4)")
+        p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
+    return parser
+
+
+def write_shards(argv: list[str]) -> int:
+    args = _shards_parser().parse_args(argv)
+    common = dict(shard_size=args.shard_size, max_side=args.max_side, workers=args.workers, overwrite=args.overwrite)
+    if args.source == "coco":
+        report = shards.write_coco(args.captions, args.images, args.out, **common)
+    else:
+        report = shards.write_csv(args.csv, args.images, args.out, **common)
+    for name, reason in report.failures:
+        print(f"could not read {name}: {reason}", file=sys.stderr)
+    print(f"Wrote {report.num_samples} samples in {len(report.sizes)} shards to {args.out}"
+          + (f"; {len(report.failures)} images could not be read (listed above)." if report.failures else "."))
+    if report.num_samples == 0:
+        raise UserError(f"No image could be read from {args.images}: check --images against the file names.")
+    return 0
