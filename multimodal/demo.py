@@ -3,8 +3,6 @@
 import json
 from pathlib import Path
 
-from multimodal import arch
-from multimodal.data.pipeline import expand_urls
 from multimodal.eval.embed import embed_shards
 from multimodal.eval.retrieval import chance_recall, retrieval_metrics
 from multimodal.model import CLIP
@@ -14,8 +12,7 @@ KS = (1, 5, 10)
 
 def retrieval_report(model: CLIP, model_name: str, shards: str, out_dir: Path, batch_size: int = 256) -> dict:
     """Embed `shards`, print recall@1/5/10 both ways beside chance, write `retrieval.json`."""
-    _, val_transform = arch.transforms(model_name)
-    emb = embed_shards(model, expand_urls(shards), val_transform, arch.tokenizer(model_name), batch_size)
+    emb = embed_shards(model, model_name, shards, batch_size, progress=False)
     metrics = retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks=KS)
     num_images, num_texts = emb.image_features.shape[0], emb.text_features.shape[0]
     per_image = num_texts / num_images

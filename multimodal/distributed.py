@@ -50,3 +50,12 @@ def gather_features(features: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return features
     return _GatherWithGrad.apply(features)
+
+
+def all_gather_objects(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...]: picklable objects of any size (evaluation results)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -5,9 +5,7 @@ import json
 import pytest
 import pytorch_lightning as pl
 
-from multimodal import arch
 from multimodal.data.datamodule import ShardDataModule
-from multimodal.data.pipeline import expand_urls
 from multimodal.data.shards import write_coco
 from multimodal.eval.embed import embed_shards
 from multimodal.eval.retrieval import chance_recall, retrieval_metrics
@@ -27,8 +25,7 @@ def test_tiny_model_memorises_coco_mini(coco_mini, tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
 
-    _, val_transform = arch.transforms("tiny")
-    emb = embed_shards(module.model, expand_urls(str(shards)), val_transform, arch.tokenizer("tiny"))
+    emb = embed_shards(module.model, "tiny", str(shards), progress=False)
     assert emb.image_features.shape[0] == 80 and emb.text_features.shape[0] >= 400
     metrics = retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image)
     chance = chance_recall(80, 1)

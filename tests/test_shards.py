@@ -18,7 +18,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def read_back(folder: Path) -> dict[str, tuple[Image.Image, list[str]]]:
-    return {key: (image, captions) for key, image, captions in read_samples(expand_urls(str(folder)))}
+    return {key: (image, captions) for key, image, captions, _ in read_samples(expand_urls(str(folder)))}
 
 
 @pytest.mark.parametrize("split", ["train2017", "val2017"])

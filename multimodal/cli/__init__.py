@@ -4,6 +4,10 @@
     multimodal shards coco --captions captions_train2017.json --images train2017/ --out DIR
     multimodal shards csv --csv captions.txt --images images/ --out DIR
     multimodal demo [--section.key value ...]
+    multimodal export --checkpoint last.ckpt --out model.safetensors
+    multimodal embed --checkpoint last.ckpt --shards DIR --out EMB_DIR
+    multimodal eval retrieval (--checkpoint last.ckpt --shards DIR | --embeddings EMB_DIR)
+    multimodal eval zeroshot --checkpoint last.ckpt --classnames FILE (--shards DIR | --images DIR)
 
 Mistakes in the input end with one sentence on stderr and exit status 2; `--debug` shows the
 traceback instead.
@@ -11,17 +15,21 @@ traceback instead.
 
 import sys
 
-from multimodal.cli.evaluate import export
+from multimodal.cli.evaluate import embed, evaluate, export
 from multimodal.cli.shards import write_shards
 from multimodal.cli.train import run_demo, train
 from multimodal.errors import UserError
 
-COMMANDS = {"train": train, "shards": write_shards, "demo": run_demo, "export": export}
-USAGE = """usage: multimodal {train,shards,demo} ... [--debug]
+COMMANDS = {"train": train, "shards": write_shards, "demo": run_demo, "export": export, "embed": embed,
+            "eval": evaluate}
+USAGE = """usage: multimodal {train,shards,demo,export,embed,eval} ... [--debug]
 
   train    train a CLIP model:  multimodal train --config configs/debug.yaml [--section.key value ...]
   shards   write shards:        multimodal shards {coco,csv} --images DIR --out DIR ...
   demo     synthetic data, training and retrieval report in a few CPU minutes
+  export   open_clip weights:   multimodal export --checkpoint last.ckpt --out model.safetensors
+  embed    embeddings in parts: multimodal embed --checkpoint CKPT (--shards S | --images DIR | --texts F) --out DIR
+  eval     zero-shot metrics:   multimodal eval retrieval ... | multimodal eval zeroshot ...
 
 Add --help after a command for its options; --debug shows tracebacks of input errors."""
 

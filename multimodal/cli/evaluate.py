@@ -1,9 +1,21 @@
 """`multimodal export`, `multimodal embed` and `multimodal eval {retrieval,zeroshot}`."""
 
 import argparse
+import json
+import shutil
 from pathlib import Path
 
-from multimodal import weights
+import pytorch_lightning as pl
+import torch
+from tqdm import tqdm
+
+from multimodal import arch, weights
+from multimodal.errors import UserError
+from multimodal.eval import zeroshot
+from multimodal.eval.callbacks import EmbeddingWriter, EmbedModule
+from multimodal.eval.embed import PartWriter, autocast, default_device, embed_shards, load_folder
+from multimodal.eval.retrieval import retrieval_metrics, table
+from multimodal.eval.sources import EmbedBatches, ImageFolderSource, ShardSource, Source, TextFileSource
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -30,3 +42,179 @@ def export(argv: list[str]) -> int:
     else:
         print(f"Load it with: open_clip.create_model_and_transforms('{name}', pretrained='{args.out}')")
     return 0
+
+
+def _source(args) -> Source:
+    given = [name for name in ("shards", "images", "texts") if getattr(args, name, None)]
+    if len(given) != 1:
+        raise UserError("Pass exactly one of --shards, --images or --texts.")
+    if args.shards:
+        return ShardSource(args.shards)
+    if args.images:
+        return ImageFolderSource(args.images, args.part_size)
+    return TextFileSource(args.texts, args.part_size)
+
+
+def _positive(name: str, value: int) -> None:
+    if value <= 0:
+        raise UserError(f"--{name} must be a positive integer, got {value}.")
+
+
+def embed(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="multimodal embed", description="Compute image and/or text embeddings.")
+    add_checkpoint_args(parser)
+    parser.add_argument("--shards", help="shards to embed (images and all their captions)")
+    parser.add_argument("--images", type=Path, help="a folder of images (searched recursively)")
+    parser.add_argument("--texts", type=Path, help="a text file, one text a line")
+    parser.add_argument("--out", type=Path, required=True, help="embedding folder to write (resumed if present)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
+    parser.add_argument("--part-size", type=int, default=10000, help="items per part for --images / --texts")
+    parser.add_argument("--num-workers", type=int, default=4, help="data loading processes per device")
+    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
+    parser.add_argument("--devices", type=int, default=1, help="devices on this node (several: DDP, one part set each)")
+    parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out made by another run")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "part_size", "devices"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    source = _source(args)
+    model, name = weights.load_model(args.checkpoint, args.model)
+    info = {"model": name, "checkpoint": str(args.checkpoint.resolve()), "dtype": args.dtype,
+            "source": {k: str(getattr(args, k)) for k in ("shards", "images", "texts") if getattr(args, k)},
+            "part_size": args.part_size, "dim": arch.config(name)["embed_dim"]}
+    _claim_folder(args.out, info, args.overwrite)
+    writer = PartWriter(args.out, info["dim"], args.dtype, images=source.has_images, texts=source.has_texts)
+    todo = [p for p in range(source.num_parts()) if not writer.done(p)]
+    print(f"{source.num_parts() - len(todo)} of {source.num_parts()} parts already done; embedding {len(todo)}.")
+    if not todo:
+        return 0
+    _, val_transform = arch.transforms(name)
+    tokenizer = arch.tokenizer(name)
+
+    def make_dataset(rank: int, world: int) -> EmbedBatches:
+        return EmbedBatches(source, todo[rank::world], val_transform, tokenizer, args.batch_size)
+
+    sizes = [source.part_size(p) for p in todo[0::args.devices]]
+    total = sum(sizes) if all(s is not None for s in sizes) else None
+    gpu = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    trainer = pl.Trainer(
+        accelerator=args.accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
+        precision="bf16-mixed" if gpu else "32-true", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[EmbeddingWriter(writer, total, "img" if source.has_images else "text")],
+    )
+    trainer.predict(EmbedModule(model, make_dataset, args.num_workers), return_predictions=False)
+    if trainer.is_global_zero:
+        print(f"Wrote {args.out} ({len(todo)} parts on {trainer.world_size} device(s)).")
+    return 0
+
+
+def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
+    """Resume only a folder written by the same model, source and settings."""
+    existing = out / "info.json"
+    if existing.is_file():
+        old = json.loads(existing.read_text())
+        if old != info and not overwrite:
+            changed = sorted(k for k in info if old.get(k) != info[k])
+            raise UserError(f"{out} holds embeddings made with other settings ({', '.join(changed)}): "
+                            "pass --overwrite to replace them, or choose another --out.")
+        if old != info:
+            for kind in ("img", "text"):
+                for sub in ("emb", "index"):
+                    shutil.rmtree(out / f"{kind}_{sub}", ignore_errors=True)
+    elif out.exists() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"{out} is not empty and is not an embedding folder: choose another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+
+
+def _write_result(result: dict, out: Path | None) -> None:
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"Wrote {out}")
+
+
+def eval_retrieval(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="multimodal eval retrieval",
+                                     description="Zero-shot image<->text retrieval recall@k.")
+    parser.add_argument("--checkpoint", type=Path, help="model to embed --shards with")
+    parser.add_argument("--model", default=None, help="architecture of an open_clip state dict")
+    parser.add_argument("--shards", help="shards with several captions per image")
+    parser.add_argument("--embeddings", type=Path, help="an embedding folder written by `multimodal embed --shards`")
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--chunk-size", type=int, default=4096, help="block size of the score computation")
+    parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "chunk_size"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if bool(args.shards) == bool(args.embeddings):
+        raise UserError("Pass either --shards (with --checkpoint) or --embeddings.")
+    if args.shards:
+        if args.checkpoint is None:
+            raise UserError("--shards needs --checkpoint, the model to embed them with.")
+        model, name = weights.load_model(args.checkpoint, args.model)
+        emb = embed_shards(model, name, args.shards, args.batch_size, args.num_workers)
+    else:
+        emb = load_folder(args.embeddings)
+    if emb.image_features.shape[0] == 0 or (emb.text_to_image < 0).all():
+        raise UserError("Retrieval needs images with captions: embed shards, not only --images or --texts.")
+    keep = emb.text_to_image >= 0
+    metrics = retrieval_metrics(emb.image_features, emb.text_features[keep], emb.text_to_image[keep],
+                                ks=tuple(args.ks), chunk_size=args.chunk_size)
+    num_images, num_texts = emb.image_features.shape[0], int(keep.sum())
+    print(f"Retrieval over {num_images} images and {num_texts} captions")
+    print(table(metrics, num_images, num_texts, tuple(args.ks)))
+    _write_result({**metrics, "num_images": num_images, "num_texts": num_texts}, args.out)
+    return 0
+
+
+def eval_zeroshot(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="multimodal eval zeroshot", description="Zero-shot classification.")
+    add_checkpoint_args(parser)
+    parser.add_argument("--classnames", type=Path, help="class names, one a line, in label order "
+                                                         "(default for --images: the folder names)")
+    parser.add_argument("--templates", type=Path, default=None,
+                        help="prompt templates with {} for the class name, one a line (default: a built-in set)")
+    parser.add_argument("--shards", help="shards whose samples carry a class index (`cls` member)")
+    parser.add_argument("--images", type=Path, help="an ImageFolder-style folder: FOLDER/CLASS/IMAGE")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    args = parser.parse_args(argv)
+    _positive("batch-size", args.batch_size)
+    if bool(args.shards) == bool(args.images):
+        raise UserError("Pass either --shards or --images.")
+    templates = zeroshot.read_templates(args.templates)
+    if args.images:
+        folders, samples = zeroshot.image_folder(args.images)
+        classnames = zeroshot.read_lines(args.classnames, "Class names") if args.classnames else \
+            [f.replace("_", " ") for f in folders]
+        if len(classnames) != len(folders):
+            raise UserError(f"{args.classnames} names {len(classnames)} classes but {args.images} has "
+                            f"{len(folders)} class folders.")
+    else:
+        if args.classnames is None:
+            raise UserError("--shards needs --classnames, the names of the class indices in label order.")
+        classnames = zeroshot.read_lines(args.classnames, "Class names")
+        samples = zeroshot.labelled_shards(args.shards)
+    model, name = weights.load_model(args.checkpoint, args.model)
+    _, val_transform = arch.transforms(name)
+    device = default_device()
+    with autocast(device):
+        result = zeroshot.evaluate(model, arch.tokenizer(name), val_transform, classnames, templates,
+                                   tqdm(samples, unit="img", desc="classifying", mininterval=1.0),
+                                   args.batch_size, device)
+    print(f"Zero-shot classification of {result['num_images']} images into {len(classnames)} classes "
+          f"({len(templates)} templates): top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, "
+          f"mean per-class recall {result['mean_per_class_recall']:.4f}")
+    _write_result(result, args.out)
+    return 0
+
+
+def evaluate(argv: list[str]) -> int:
+    commands = {"retrieval": eval_retrieval, "zeroshot": eval_zeroshot}
+    if not argv or argv[0] not in commands:
+        print("usage: multimodal eval {retrieval,zeroshot} ...  (add --help for options)")
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    return commands[argv[0]](argv[1:])

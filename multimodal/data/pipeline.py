@@ -86,8 +86,8 @@ class BadSample(Exception):
     """A sample that cannot be used; its message is the kind of fault."""
 
 
-def decode_sample(raw: dict) -> tuple[Image.Image, list[str]]:
-    """(RGB image, captions) from a raw webdataset sample; raises BadSample."""
+def decode_sample(raw: dict) -> tuple[Image.Image, list[str], dict]:
+    """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample."""
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
         raise BadSample("no image")
@@ -97,28 +97,46 @@ def decode_sample(raw: dict) -> tuple[Image.Image, list[str]]:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadSample("bad image") from exc
     captions: list = []
+    record: dict = {}
     if "json" in raw:
         try:
-            captions = json.loads(raw["json"]).get("captions") or []
+            record = json.loads(raw["json"])
+            captions = record.get("captions") or []
         except (ValueError, AttributeError):
-            captions = []
+            record, captions = {}, []
     if not captions and "txt" in raw:
         captions = [raw["txt"].decode("utf-8", errors="replace")]
     captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
     if not captions:
         raise BadSample("no caption")
-    return rgb, captions
+    return rgb, captions, record if isinstance(record, dict) else {}
 
 
 def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue
-                 ) -> Iterator[tuple[str, Image.Image, list[str]]]:
-    """(key, image, captions) for every decodable sample of `urls`, in order, once."""
+                 ) -> Iterator[tuple[str, Image.Image, list[str], dict]]:
+    """(key, image, captions, json record) for every decodable sample of `urls`, in order, once."""
     for raw in wds.tarfile_samples(({"url": u} for u in urls), handler=on_error):
         try:
-            image, captions = decode_sample(raw)
+            image, captions, record = decode_sample(raw)
         except BadSample:
             continue
-        yield raw["__key__"], image, captions
+        yield raw["__key__"], image, captions, record
+
+
+def read_labelled(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue
+                  ) -> Iterator[tuple[str, Image.Image, int]]:
+    """(key, image, class index) for every sample of `urls` with a decodable image and `cls` member."""
+    for raw in wds.tarfile_samples(({"url": u} for u in urls), handler=on_error):
+        image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+        if image_key is None or "cls" not in raw:
+            continue
+        try:
+            label = int(raw["cls"].decode("utf-8").strip())
+            with Image.open(io.BytesIO(raw[image_key])) as image:
+                rgb = image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            continue
+        yield raw["__key__"], rgb, label
 
 
 @dataclass(frozen=True)
@@ -170,7 +188,7 @@ class ImageTextStream(IterableDataset):
         images, texts, skipped, bad_in_a_row = [], [], 0, 0
         for raw in raw_samples:
             try:
-                image, captions = decode_sample(raw)
+                image, captions, _ = decode_sample(raw)
             except BadSample:
                 skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
                 if bad_in_a_row == MAX_BAD_IN_A_ROW:

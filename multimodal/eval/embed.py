@@ -1,48 +1,198 @@
-"""Embedding the samples of shards with a model, in order, in one process.
+"""Embeddings of images and texts: computed batch by batch, written in parts, read back.
 
-Returns everything the retrieval metrics need: image features, the features of every caption
-(all of them, not one drawn at random) and each caption's image index.
+An embedding folder (the output of `multimodal embed`):
+
+    info.json                      model, checkpoint, source, dtype, dim
+    img_emb/part-00000.npy         (n, D) image embeddings of part 0 (float16 or float32)
+    img_index/part-00000.jsonl     n lines: key, file_name, url of each image row
+    text_emb/part-00000.npy        (m, D) text embeddings
+    text_index/part-00000.jsonl    m lines: caption, key, and `image` (row of its image in the part)
+
+Each file is written under a temporary name and renamed; the index files are written last, so a
+part whose index files exist is complete, and a resumed run skips it.
 """
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import contextlib
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from multimodal.data.pipeline import read_samples
+from multimodal import arch
+from multimodal.data.pipeline import count_samples
+from multimodal.errors import UserError
+from multimodal.eval.sources import EmbedBatches, ShardSource
 from multimodal.model import CLIP
+
+PART = "part-{:05d}"
 
 
 @dataclass
 class Embeddings:
     image_features: torch.Tensor  # (N, D)
     text_features: torch.Tensor  # (M, D)
-    text_to_image: torch.Tensor  # (M,)
-    keys: list[str]  # (N,)
-    captions: list[str]  # (M,)
+    text_to_image: torch.Tensor  # (M,), -1 for texts without an image
+    image_rows: list[dict] = field(default_factory=list)  # (N,)
+    text_rows: list[dict] = field(default_factory=list)  # (M,)
 
 
 @torch.no_grad()
-def embed_shards(model: CLIP, urls: list[str], image_transform: Callable, tokenizer: Callable,
-                 batch_size: int = 256, device: str | torch.device = "cpu") -> Embeddings:
+def encode_batch(model: CLIP, batch: dict, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(image_features, text_features) of one batch, float32 on the CPU (None where absent)."""
+    images = model.encode_image(batch["images"].to(device)).float().cpu() if batch["images"] is not None else None
+    texts = model.encode_text(batch["texts"].to(device)).float().cpu() if batch["texts"] is not None else None
+    return images, texts
+
+
+class _Part:
+    def __init__(self):
+        self.images: list[torch.Tensor] = []
+        self.texts: list[torch.Tensor] = []
+        self.image_rows: list[dict] = []
+        self.text_rows: list[dict] = []
+
+    def add(self, batch: dict, image_features, text_features) -> None:
+        offset = len(self.image_rows)
+        self.image_rows.extend(batch["image_rows"])
+        self.text_rows.extend({**r, "image": r["image"] + offset} if "image" in r else r for r in batch["text_rows"])
+        if image_features is not None:
+            self.images.append(image_features)
+        if text_features is not None:
+            self.texts.append(text_features)
+
+
+class PartWriter:
+    """Collects batch outputs per part and writes each part when its last batch arrives."""
+
+    def __init__(self, out: Path, dim: int, dtype: str = "float16", images: bool = True, texts: bool = True):
+        if dtype not in ("float16", "float32"):
+            raise UserError(f"--dtype must be float16 or float32, got {dtype}.")
+        self.out, self.dim, self.dtype = out, dim, np.dtype(dtype)
+        self.kinds = [k for k, wanted in (("img", images), ("text", texts)) if wanted]
+        self.open: dict[int, _Part] = {}
+        self.rows_written = 0
+
+    def done(self, part: int) -> bool:
+        return all((self.out / f"{kind}_index" / f"{PART.format(part)}.jsonl").is_file() for kind in self.kinds)
+
+    def add(self, batch: dict, image_features: torch.Tensor | None, text_features: torch.Tensor | None) -> None:
+        part = self.open.setdefault(batch["part"], _Part())
+        part.add(batch, image_features, text_features)
+        if batch["last"]:
+            self._write(batch["part"], self.open.pop(batch["part"]))
+
+    def _write(self, index: int, part: _Part) -> None:
+        outputs = {"img": (part.images, part.image_rows), "text": (part.texts, part.text_rows)}
+        for kind in self.kinds:  # embeddings first, index files last: an index means a finished part
+            chunks, _ = outputs[kind]
+            array = torch.cat(chunks).numpy() if chunks else np.zeros((0, self.dim), np.float32)
+            _atomic(self.out / f"{kind}_emb" / f"{PART.format(index)}.npy",
+                    lambda f, a=array: np.save(f, a.astype(self.dtype)))
+        for kind in self.kinds:
+            _, rows = outputs[kind]
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            _atomic(self.out / f"{kind}_index" / f"{PART.format(index)}.jsonl", lambda f, t=text: f.write(t.encode()))
+            self.rows_written += len(rows)
+
+
+def _atomic(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.replace(path)
+
+
+def collect(batches: Iterable[tuple[dict, torch.Tensor | None, torch.Tensor | None]]) -> Embeddings:
+    """Embeddings in memory from (batch, image_features, text_features) in order, parts in turn."""
+    parts: dict[int, _Part] = {}
+    for batch, image_features, text_features in batches:
+        parts.setdefault(batch["part"], _Part()).add(batch, image_features, text_features)
+    return _join([parts[k] for k in sorted(parts)])
+
+
+def _join(parts: list[_Part]) -> Embeddings:
+    images, texts, image_rows, text_rows, text_to_image = [], [], [], [], []
+    for part in parts:
+        offset = len(image_rows)
+        images.extend(part.images)
+        texts.extend(part.texts)
+        image_rows.extend(part.image_rows)
+        text_rows.extend(part.text_rows)
+        text_to_image.extend(r["image"] + offset if "image" in r else -1 for r in part.text_rows)
+    cat = lambda chunks: torch.cat(chunks) if chunks else torch.zeros(0, 0)  # noqa: E731
+    return Embeddings(cat(images), cat(texts), torch.tensor(text_to_image, dtype=torch.long), image_rows, text_rows)
+
+
+def load_folder(folder: Path) -> Embeddings:
+    """All parts of an embedding folder, checked for consistency."""
+    if not (folder / "info.json").is_file():
+        raise UserError(f"{folder} is not an embedding folder (no info.json): write one with `multimodal embed`.")
+    parts = []
+    names = sorted({p.stem for kind in ("img", "text") for p in (folder / f"{kind}_index").glob("part-*.jsonl")})
+    if not names:
+        raise UserError(f"Embedding folder {folder} holds no finished part.")
+    dims = set()
+    for name in names:
+        part = _Part()
+        for kind, chunks, rows in (("img", part.images, part.image_rows), ("text", part.texts, part.text_rows)):
+            index = folder / f"{kind}_index" / f"{name}.jsonl"
+            if not index.is_file():
+                continue
+            emb = folder / f"{kind}_emb" / f"{name}.npy"
+            if not emb.is_file():
+                raise UserError(f"Embedding folder {folder} has {kind}_index/{index.name} "
+                                f"but no {kind}_emb/{emb.name}: re-run `multimodal embed`.")
+            array = np.load(emb, allow_pickle=False)
+            lines = [json.loads(line) for line in index.read_text(encoding="utf-8").splitlines()]
+            if array.ndim != 2 or array.shape[0] != len(lines):
+                raise UserError(f"Embedding folder {folder}: {kind}_emb/{emb.name} has {array.shape[0]} rows "
+                                f"but {kind}_index/{index.name} lists {len(lines)}: re-run `multimodal embed`.")
+            if array.shape[0]:
+                dims.add(array.shape[1])
+                chunks.append(torch.from_numpy(array.astype(np.float32)))
+            rows.extend(lines)
+        if any(r.get("image", -1) >= len(part.image_rows) for r in part.text_rows if "image" in r):
+            raise UserError(f"Embedding folder {folder}: a text row of {name} points past its part's images.")
+        parts.append(part)
+    if len(dims) > 1:
+        raise UserError(f"Embedding folder {folder} mixes embedding sizes {sorted(dims)}: its parts come from "
+                        "different models.")
+    return _join(parts)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def autocast(device: torch.device):
+    """bf16 autocast on GPU; nothing on CPU, where fp32 is both exact and faster."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+
+
+def embed_shards(model: CLIP, model_name: str, spec: str, batch_size: int = 256, num_workers: int = 0,
+                 device: torch.device | None = None, progress: bool = True) -> Embeddings:
+    """Every image and caption of the shards `spec`, in one process, batched as `multimodal embed` batches."""
+    source = ShardSource(spec)
+    _, val_transform = arch.transforms(model_name)
+    dataset = EmbedBatches(source, list(range(source.num_parts())), val_transform, arch.tokenizer(model_name),
+                           batch_size)
+    device = device or default_device()
     model = model.eval().to(device)
-    keys, captions, text_to_image, image_chunks, images = [], [], [], [], []
+    bar = tqdm(total=count_samples(source.urls), unit="img", desc="embedding", mininterval=1.0, disable=not progress)
 
-    def flush() -> None:
-        if images:
-            image_chunks.append(model.encode_image(torch.stack(images).to(device)).float().cpu())
-            images.clear()
+    def outputs():
+        for batch in DataLoader(dataset, batch_size=None, num_workers=num_workers):
+            with autocast(device):
+                image_features, text_features = encode_batch(model, batch, device)
+            bar.update(len(batch["image_rows"]))
+            yield batch, image_features, text_features
 
-    for key, image, caps in read_samples(urls):
-        text_to_image.extend([len(keys)] * len(caps))
-        keys.append(key)
-        captions.extend(caps)
-        images.append(image_transform(image))
-        if len(images) == batch_size:
-            flush()
-    flush()
-    text_chunks = [
-        model.encode_text(tokenizer(captions[i:i + batch_size]).to(device)).float().cpu()
-        for i in range(0, len(captions), batch_size)
-    ]
-    return Embeddings(torch.cat(image_chunks), torch.cat(text_chunks), torch.tensor(text_to_image), keys, captions)
+    embeddings = collect(outputs())
+    bar.close()
+    return embeddings

@@ -72,3 +72,24 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 def chance_recall(num_candidates: int, k: int) -> float:
     """Expected recall@k of a random ranking with one positive among `num_candidates`."""
     return min(1.0, k / num_candidates)
+
+
+def chance_any_of(num_candidates: int, positives: float, k: int) -> float:
+    """Expected recall@k of a random ranking when a query has `positives` among `num_candidates`."""
+    miss = 1.0
+    for i in range(min(k, num_candidates)):
+        miss *= max(0.0, (num_candidates - positives - i) / (num_candidates - i))
+    return 1.0 - miss
+
+
+def table(metrics: dict[str, float], num_images: int, num_texts: int, ks: tuple[int, ...] = (1, 5, 10)) -> str:
+    """Recall@k both ways beside chance, as printed by `eval retrieval` and the demo."""
+    lines = [f"{'':16}" + "".join(f"{f'R@{k}':>9}{'chance':>9}" for k in ks)]
+    per_image = num_texts / max(1, num_images)
+    rows = (("text -> image", "image_retrieval_recall", lambda k: chance_recall(num_images, k)),
+            ("image -> text", "text_retrieval_recall", lambda k: chance_any_of(num_texts, per_image, k)))
+    for label, key, chance in rows:
+        lines.append(f"{label:16}" + "".join(f"{metrics[f'{key}@{k}']:9.3f}{chance(k):9.3f}" for k in ks))
+    lines.append(f"{'mean rank':16}{'text->image':>12} {metrics['image_retrieval_mean_rank']:.1f}"
+                 f"   image->text {metrics['text_retrieval_mean_rank']:.1f}")
+    return "\n".join(lines)

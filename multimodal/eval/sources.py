@@ -1,0 +1,156 @@
+"""What to embed, cut into parts: shards, a folder of images, or a text file (one text a line).
+
+A part is the unit of output and of resuming: one per shard, or `part_size` consecutive images
+or lines. `EmbedBatches` yields the batches of the parts given to one (rank, worker) in order;
+a batch never spans two parts and the last batch of every part, possibly empty, says so, so
+that a writer can close the part.
+"""
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from multimodal.data.pipeline import count_samples, expand_urls, read_samples
+from multimodal.errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
+
+
+@dataclass
+class Item:
+    image: Image.Image | None  # None for a text-only item
+    image_row: dict  # what the image index records: key, file_name, ...
+    texts: list[str] = field(default_factory=list)
+    text_rows: list[dict] = field(default_factory=list)
+
+
+class Source:
+    """Parts of items. `has_images` / `has_texts` say which embeddings the source produces."""
+
+    has_images = True
+    has_texts = True
+
+    def num_parts(self) -> int:
+        raise NotImplementedError
+
+    def part_size(self, part: int) -> int | None:
+        return None
+
+    def items(self, part: int) -> Iterator[Item]:
+        raise NotImplementedError
+
+
+class ShardSource(Source):
+    def __init__(self, spec: str):
+        self.urls = expand_urls(spec)
+
+    def num_parts(self) -> int:
+        return len(self.urls)
+
+    def part_size(self, part: int) -> int | None:
+        return count_samples([self.urls[part]])
+
+    def items(self, part: int) -> Iterator[Item]:
+        url = self.urls[part]
+        for key, image, captions, record in read_samples([url]):
+            row = {"key": key, "url": url, **({"file_name": record["file_name"]} if "file_name" in record else {})}
+            yield Item(image, row, captions, [{"key": key, "caption": c} for c in captions])
+
+
+class ImageFolderSource(Source):
+    has_texts = False
+
+    def __init__(self, folder: Path, part_size: int):
+        if not folder.is_dir():
+            raise UserError(f"Image folder {folder} does not exist: pass a folder of images with --images.")
+        self.folder, self.size = folder, part_size
+        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise UserError(f"Image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
+
+    def num_parts(self) -> int:
+        return math.ceil(len(self.files) / self.size)
+
+    def part_size(self, part: int) -> int:
+        return len(self.files[part * self.size:(part + 1) * self.size])
+
+    def items(self, part: int) -> Iterator[Item]:
+        for path in self.files[part * self.size:(part + 1) * self.size]:
+            name = path.relative_to(self.folder).as_posix()
+            try:
+                with Image.open(path) as image:
+                    rgb = image.convert("RGB")
+            except (OSError, ValueError, Image.DecompressionBombError):
+                print(f"skipping unreadable image {path}")
+                continue
+            yield Item(rgb, {"key": name, "file_name": str(path)})
+
+
+class TextFileSource(Source):
+    has_images = False
+
+    def __init__(self, path: Path, part_size: int):
+        if not path.is_file():
+            raise UserError(f"Text file {path} does not exist: pass a file with one text a line with --texts.")
+        self.lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+        self.lines = [line for line in self.lines if line]
+        if not self.lines:
+            raise UserError(f"Text file {path} holds no text: write one text a line.")
+        self.size = part_size
+
+    def num_parts(self) -> int:
+        return math.ceil(len(self.lines) / self.size)
+
+    def part_size(self, part: int) -> int:
+        return len(self.lines[part * self.size:(part + 1) * self.size])
+
+    def items(self, part: int) -> Iterator[Item]:
+        first = part * self.size
+        for i, line in enumerate(self.lines[first:first + self.size], start=first):
+            yield Item(None, {}, [line], [{"key": f"{i:09d}", "caption": line}])
+
+
+class EmbedBatches(IterableDataset):
+    """Batches of up to `batch_size` items of the given parts, split over DataLoader workers.
+
+    A batch: {"part", "last", "images": (n, 3, H, W) or None, "image_rows": [n dicts],
+    "texts": (m, L) or None, "text_rows": [m dicts]}.
+    """
+
+    def __init__(self, source: Source, parts: list[int], image_transform: Callable, tokenizer: Callable,
+                 batch_size: int):
+        super().__init__()
+        self.source, self.parts = source, parts
+        self.image_transform, self.tokenizer, self.batch_size = image_transform, tokenizer, batch_size
+
+    def _batch(self, part: int, items: list[Item], last: bool) -> dict:
+        with_image = [i for i in items if i.image is not None]
+        text_rows = []
+        for item in items:  # a caption row points at its image's row within this batch
+            image = {"image": with_image.index(item)} if item.image is not None else {}
+            text_rows.extend({**row, **image} for row in item.text_rows)
+        texts = [t for i in items for t in i.texts]
+        return {
+            "part": part, "last": last,
+            "images": torch.stack([self.image_transform(i.image) for i in with_image]) if with_image else None,
+            "image_rows": [i.image_row for i in with_image],
+            "texts": self.tokenizer(texts) if texts else None,
+            "text_rows": text_rows,
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        for part in self.parts[worker::num_workers]:
+            pending: list[Item] = []
+            for item in self.source.items(part):
+                if len(pending) == self.batch_size:
+                    yield self._batch(part, pending, last=False)
+                    pending = []
+                pending.append(item)
+            yield self._batch(part, pending, last=True)
