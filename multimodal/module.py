@@ -12,6 +12,9 @@ import time
 import pytorch_lightning as pl
 import torch
 
+from multimodal import distributed
+from multimodal.eval.embed import collect, concat
+from multimodal.eval.retrieval import retrieval_metrics
 from multimodal.loss import clip_loss
 from multimodal.model import create_model
 from multimodal.optim import param_groups, warmup_cosine
@@ -45,6 +48,7 @@ class CLIPModule(pl.LightningModule):
         self.model = create_model(model_name)
         self._last_batch_start: float | None = None
         self.skipped_samples = 0
+        self._val_outputs: list = []
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -76,6 +80,35 @@ class CLIPModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        """Embeds every image and caption of the held-out shards (`EmbedBatches` batches)."""
+        images = self.model.encode_image(batch["images"]).float() if batch["images"] is not None else None
+        texts = self.model.encode_text(batch["texts"]).float() if batch["texts"] is not None else None
+        if images is not None and images.shape[0] > 1:
+            # The loss of the batch's images against their first captions, without gathering.
+            first = {}
+            for row, r in enumerate(batch["text_rows"]):
+                first.setdefault(r["image"], row)
+            loss = clip_loss(images, texts[[first[i] for i in range(images.shape[0])]],
+                             self.model.logit_scale.exp(), gather=False)
+            self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
+        self._val_outputs.append((batch, images.cpu() if images is not None else None,
+                                  texts.cpu() if texts is not None else None))
+
+    def on_validation_epoch_end(self) -> None:
+        outputs, self._val_outputs = self._val_outputs, []
+        if self.trainer.sanity_checking:
+            return
+        # Each rank embedded its share of the shards; every rank scores the whole set.
+        emb = concat(distributed.all_gather_objects(collect(outputs)))
+        keep = emb.text_to_image >= 0
+        if emb.image_features.shape[0] == 0 or not keep.any():
+            return
+        metrics = retrieval_metrics(emb.image_features, emb.text_features[keep], emb.text_to_image[keep])
+        for k in (1, 5, 10):
+            for key in (f"image_retrieval_recall@{k}", f"text_retrieval_recall@{k}"):
+                self.log(f"val/{key}", metrics[key], sync_dist=True)
 
     def on_train_end(self) -> None:
         if self.skipped_samples:

@@ -32,3 +32,22 @@ def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.Completed
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "multimodal", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """(Lightning checkpoint, module) of the tiny model after a few steps on synthetic shards."""
+    import pytorch_lightning as pl
+
+    from multimodal.data.datamodule import ShardDataModule
+    from multimodal.data.shards import write_synthetic
+    from multimodal.module import CLIPModule
+
+    root = tmp_path_factory.mktemp("trained")
+    write_synthetic(root / "data", num_samples=64, shard_size=16)
+    module = CLIPModule("tiny", lr=1e-3, warmup_steps=1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
+    trainer.fit(module, datamodule=ShardDataModule(str(root / "data"), batch_size=8, num_workers=0))
+    trainer.save_checkpoint(root / "last.ckpt")
+    return root / "last.ckpt", module

@@ -5,29 +5,12 @@ from pathlib import Path
 
 import open_clip
 import pytest
-import pytorch_lightning as pl
 import torch
 
 from multimodal import arch
-from multimodal.data.datamodule import ShardDataModule
-from multimodal.data.shards import write_synthetic
 from multimodal.errors import UserError
-from multimodal.module import CLIPModule
 from multimodal.weights import export, load_model
 from tests.conftest import run_cli
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, CLIPModule]:
-    """A Lightning checkpoint of the tiny model after a few steps (so weights differ from init)."""
-    root = tmp_path_factory.mktemp("trained")
-    write_synthetic(root / "data", num_samples=64, shard_size=16)
-    module = CLIPModule("tiny", lr=1e-3, warmup_steps=1)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
-    trainer.fit(module, datamodule=ShardDataModule(str(root / "data"), batch_size=8, num_workers=0))
-    trainer.save_checkpoint(root / "last.ckpt")
-    return root / "last.ckpt", module
 
 
 def probe_inputs(name: str = "tiny"):

@@ -50,6 +50,7 @@ QUIET = (
     ".*args parameter is intended to run from within Python.*",
     ".*Experiment logs directory .* exists and is not empty.*",
     ".*Your `IterableDataset` has `__len__` defined.*",
+    ".*Total length of `list` across ranks is zero.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
 )
 

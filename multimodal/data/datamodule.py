@@ -16,6 +16,7 @@ from multimodal.data.pipeline import ImageTextStream, StreamPosition, count_samp
 from multimodal.data.shards import MANIFEST, write_synthetic
 from multimodal.data.synthetic import SyntheticData
 from multimodal.errors import UserError
+from multimodal.eval.sources import EmbedBatches, ShardSource
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -98,3 +99,15 @@ class ShardDataModule(pl.LightningDataModule):
             stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers > 0 else None,
         )
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Every held-out image with all its captions, once; rank r takes every W-th shard."""
+        if not self.val_shards:
+            return []
+        world = self.trainer.world_size if self.trainer else 1
+        rank = self.trainer.global_rank if self.trainer else 0
+        source = ShardSource(self.val_shards)
+        parts = list(range(source.num_parts()))[rank::world]
+        _, val_transform = arch.transforms(self.model_name)
+        batches = EmbedBatches(source, parts, val_transform, arch.tokenizer(self.model_name), self.batch_size)
+        return DataLoader(batches, batch_size=None, num_workers=min(self.num_workers, len(parts)))

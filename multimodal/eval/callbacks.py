@@ -2,12 +2,17 @@
 
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
+from multimodal import arch
+from multimodal.errors import UserError
+from multimodal.eval import zeroshot
 from multimodal.eval.embed import PartWriter
 from multimodal.model import CLIP
 
@@ -51,3 +56,40 @@ class EmbeddingWriter(BasePredictionWriter):
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self.bar.close()
+
+
+class ZeroShotCallback(pl.Callback):
+    """Zero-shot classification after every validation: `val/zeroshot_top1`, `_top5`, `_mean_per_class_recall`.
+
+    Args:
+        classnames: file of class names, one a line, in label order (for `images`, defaults to folder names).
+        images: an ImageFolder-style folder (FOLDER/CLASS/IMAGE).
+        shards: shards whose samples carry a `cls` member (instead of `images`).
+        templates: prompt templates file, one a line with {} for the class name (default: the built-in set).
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, classnames: str | None = None, images: str | None = None, shards: str | None = None,
+                 templates: str | None = None, batch_size: int = 128):
+        if bool(images) == bool(shards):
+            raise UserError("ZeroShotCallback needs exactly one of images or shards.")
+        if shards and not classnames:
+            raise UserError("ZeroShotCallback with shards needs classnames.")
+        self.images, self.shards, self.batch_size = images, shards, batch_size
+        self.templates = zeroshot.read_templates(Path(templates) if templates else None)
+        self.classnames = zeroshot.read_lines(Path(classnames), "Class names") if classnames else None
+        if images:
+            folders, _ = zeroshot.image_folder(Path(images))
+            self.classnames = self.classnames or [f.replace("_", " ") for f in folders]
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        name = pl_module.hparams.model_name
+        samples = zeroshot.image_folder(Path(self.images))[1] if self.images else zeroshot.labelled_shards(self.shards)
+        _, val_transform = arch.transforms(name)
+        with torch.autocast(pl_module.device.type, enabled=pl_module.device.type == "cuda", dtype=torch.bfloat16):
+            result = zeroshot.evaluate(pl_module.model, arch.tokenizer(name), val_transform, self.classnames,
+                                       self.templates, samples, self.batch_size, pl_module.device)
+        for key in ("top1", "top5", "mean_per_class_recall"):
+            pl_module.log(f"val/zeroshot_{key}", result[key], sync_dist=True)
