@@ -13,7 +13,8 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from multimodal.errors import UserError
 
-MODEL_CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (editable install)
+MODEL_CONFIG_DIR = CONFIG_DIR / "models"
 
 
 def project_models() -> list[str]:

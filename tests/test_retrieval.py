@@ -65,3 +65,27 @@ def test_perfect_and_ranks():
     m = retrieval_metrics(image, image.clone(), torch.arange(4), ks=(1,))
     assert m["image_retrieval_recall@1"] == m["text_retrieval_recall@1"] == 1.0
     assert m["text_retrieval_median_rank"] == 1.0
+
+
+def clip_benchmark_metrics(image, text, text_to_image, ks, batch_size=64):
+    """clip_benchmark 1.6.2's own recall code, applied as its `evaluate` applies it to embeddings."""
+    zr = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
+    scores = text @ image.T
+    positive_pairs = torch.zeros_like(scores, dtype=bool)
+    positive_pairs[torch.arange(len(scores)), text_to_image] = True
+    out = {}
+    for k in ks:
+        out[f"image_retrieval_recall@{k}"] = (zr.batchify(zr.recall_at_k, scores, positive_pairs, batch_size, "cpu",
+                                                           k=k) > 0).float().mean().item()
+        out[f"text_retrieval_recall@{k}"] = (zr.batchify(zr.recall_at_k, scores.T, positive_pairs.T, batch_size, "cpu",
+                                                          k=k) > 0).float().mean().item()
+    return out
+
+
+@pytest.mark.parametrize("num_images,per_image,chunk", [(500, 5, 128), (1000, 5, 333), (300, 1, 4096)])
+def test_agrees_with_clip_benchmark_to_the_last_digit(num_images, per_image, chunk):
+    image, text, t2i = random_set(num_images, per_image, dim=64, seed=7, noise=1.5)
+    ks = (1, 5, 10)
+    theirs = clip_benchmark_metrics(image, text, t2i, ks)
+    ours = retrieval_metrics(image, text, t2i, ks=ks, chunk_size=chunk)
+    assert {k: ours[k] for k in theirs} == theirs

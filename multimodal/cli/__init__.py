@@ -8,6 +8,8 @@
     multimodal embed --checkpoint last.ckpt --shards DIR --out EMB_DIR
     multimodal eval retrieval (--checkpoint last.ckpt --shards DIR | --embeddings EMB_DIR)
     multimodal eval zeroshot --checkpoint last.ckpt --classnames FILE (--shards DIR | --images DIR)
+    multimodal search --index EMB_DIR (--text "a dog on a skateboard" | --image PATH) [--k 8] [--grid out.png]
+    multimodal plot RUN_DIR [--out curves.png]
 
 Mistakes in the input end with one sentence on stderr and exit status 2; `--debug` shows the
 traceback instead.
@@ -17,12 +19,13 @@ import sys
 
 from multimodal.cli.evaluate import embed, evaluate, export
 from multimodal.cli.shards import write_shards
+from multimodal.cli.tools import plot, search
 from multimodal.cli.train import run_demo, train
 from multimodal.errors import UserError
 
 COMMANDS = {"train": train, "shards": write_shards, "demo": run_demo, "export": export, "embed": embed,
-            "eval": evaluate}
-USAGE = """usage: multimodal {train,shards,demo,export,embed,eval} ... [--debug]
+            "eval": evaluate, "search": search, "plot": plot}
+USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,search,plot} ... [--debug]
 
   train    train a CLIP model:  multimodal train --config configs/debug.yaml [--section.key value ...]
   shards   write shards:        multimodal shards {coco,csv} --images DIR --out DIR ...
@@ -30,6 +33,8 @@ USAGE = """usage: multimodal {train,shards,demo,export,embed,eval} ... [--debug]
   export   open_clip weights:   multimodal export --checkpoint last.ckpt --out model.safetensors
   embed    embeddings in parts: multimodal embed --checkpoint CKPT (--shards S | --images DIR | --texts F) --out DIR
   eval     zero-shot metrics:   multimodal eval retrieval ... | multimodal eval zeroshot ...
+  search   nearest neighbours:  multimodal search --index EMB_DIR --text "a dog" [--k 8] [--grid out.png]
+  plot     training curves:     multimodal plot runs/demo/version_0
 
 Add --help after a command for its options; --debug shows tracebacks of input errors."""
 

@@ -8,12 +8,10 @@ import torch
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from multimodal import demo
+from multimodal import arch, demo
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.errors import UserError
 from multimodal.module import CLIPModule
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class TrainCLI(LightningCLI):
@@ -76,9 +74,9 @@ def train(argv: list[str]) -> int:
 
 
 def run_demo(argv: list[str]) -> int:
-    cli = _train_cli(["--config", str(CONFIG_DIR / "demo.yaml"), *argv])
+    cli = _train_cli(["--config", str(arch.CONFIG_DIR / "demo.yaml"), *argv])
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     if cli.trainer.is_global_zero:
         data = cli.datamodule
-        demo.retrieval_report(cli.model.model.cpu(), data.model_name, data.val_shards, Path(cli.trainer.log_dir))
+        demo.report(cli.model.model.cpu(), data.model_name, data.val_shards, Path(cli.trainer.log_dir))
     return 0

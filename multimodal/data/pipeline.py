@@ -139,6 +139,22 @@ def read_labelled(urls: list[str], on_error: Callable[[Exception], bool] = wds.w
         yield raw["__key__"], rgb, label
 
 
+def fetch_images(url: str, keys: set[str]) -> dict[str, Image.Image]:
+    """The images of the samples `keys` of one shard, decoding nothing else."""
+    found = {}
+    for raw in wds.tarfile_samples([{"url": url}], handler=wds.warn_and_continue):
+        if raw["__key__"] in keys:
+            image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+            try:
+                with Image.open(io.BytesIO(raw[image_key])) as image:
+                    found[raw["__key__"]] = image.convert("RGB")
+            except (OSError, ValueError, TypeError, KeyError, Image.DecompressionBombError):
+                continue
+            if len(found) == len(keys):
+                break
+    return found
+
+
 @dataclass(frozen=True)
 class StreamPosition:
     rank: int = 0

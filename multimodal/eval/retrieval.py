@@ -14,28 +14,8 @@ hit at k means rank < k (ties are resolved in the query's favour). Scores are co
 import torch
 
 
-def _best_positive_ranks(queries: torch.Tensor, candidates: torch.Tensor, pos_query: torch.Tensor,
-                         pos_candidate: torch.Tensor, chunk: int) -> torch.Tensor:
-    """(Q,) number of candidates scoring strictly above each query's best positive.
-
-    Positive pairs are (pos_query[i], pos_candidate[i]). Scores come from (chunk x chunk) blocks of
-    queries @ candidates.T, and a positive's score is read from the very block product that the
-    counting pass recomputes, so a query never outranks itself by a rounding difference.
-    """
-    ranks = torch.zeros(queries.shape[0], dtype=torch.long)
-    for q0 in range(0, queries.shape[0], chunk):
-        q = queries[q0:q0 + chunk]
-        best = torch.full((q.shape[0],), float("-inf"), dtype=q.dtype, device=q.device)
-        mine = (pos_query >= q0) & (pos_query < q0 + q.shape[0])
-        rows, cols = pos_query[mine] - q0, pos_candidate[mine]
-        for c0 in torch.unique(cols // chunk).tolist():
-            block = q @ candidates[c0 * chunk:(c0 + 1) * chunk].T  # (chunk, chunk)
-            here = (cols // chunk) == c0
-            best.scatter_reduce_(0, rows[here], block[rows[here], cols[here] - c0 * chunk], reduce="amax")
-        for c0 in range(0, candidates.shape[0], chunk):
-            block = q @ candidates[c0:c0 + chunk].T  # (chunk, chunk)
-            ranks[q0:q0 + q.shape[0]] += (block > best[:, None]).sum(1).cpu()
-    return ranks
+def _blocks(n: int, chunk: int) -> list[tuple[int, int]]:
+    return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
 
 
 def retrieval_ranks(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
@@ -46,12 +26,36 @@ def retrieval_ranks(image_features: torch.Tensor, text_features: torch.Tensor, t
         image_features: (N, D) unit-norm image embeddings.
         text_features: (M, D) unit-norm caption embeddings.
         text_to_image: (M,) index of each caption's image in `image_features`.
+
+    Scores are (chunk x chunk) blocks of text_features @ image_features.T. A first pass reads every
+    caption's positive score from the block that holds it; one more pass over all blocks counts,
+    for both directions at once, the candidates scoring strictly above each query's best positive.
+    Positives are read from the very products that are counted, so rounding never ranks a query
+    below itself.
     """
-    text_to_image = text_to_image.long().to(image_features.device)
-    captions = torch.arange(text_features.shape[0], device=image_features.device)
-    t2i = _best_positive_ranks(text_features, image_features, captions, text_to_image, chunk_size)
-    i2t = _best_positive_ranks(image_features, text_features, text_to_image, captions, chunk_size)
-    return t2i, i2t
+    device = image_features.device
+    text_to_image = text_to_image.long().to(device)
+    num_images, num_texts = image_features.shape[0], text_features.shape[0]
+    image_blocks, text_blocks = _blocks(num_images, chunk_size), _blocks(num_texts, chunk_size)
+    positive = torch.empty(num_texts, dtype=text_features.dtype, device=device)
+    for t0, t1 in text_blocks:
+        targets = text_to_image[t0:t1]
+        for b in torch.unique(targets // chunk_size).tolist():
+            i0, i1 = image_blocks[b]
+            scores = text_features[t0:t1] @ image_features[i0:i1].T  # (chunk, chunk)
+            rows = (targets // chunk_size == b).nonzero().squeeze(1)
+            positive[t0 + rows] = scores[rows, targets[rows] - i0]
+    best_image = torch.full((num_images,), float("-inf"), dtype=positive.dtype, device=device)
+    best_image.scatter_reduce_(0, text_to_image, positive, reduce="amax")  # best caption of each image
+
+    t2i = torch.zeros(num_texts, dtype=torch.long, device=device)
+    i2t = torch.zeros(num_images, dtype=torch.long, device=device)
+    for t0, t1 in text_blocks:
+        for i0, i1 in image_blocks:
+            scores = text_features[t0:t1] @ image_features[i0:i1].T  # (chunk, chunk)
+            t2i[t0:t1] += (scores > positive[t0:t1, None]).sum(1)
+            i2t[i0:i1] += (scores > best_image[None, i0:i1]).sum(0)
+    return t2i.cpu(), i2t.cpu()
 
 
 def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,

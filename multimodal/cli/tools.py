@@ -1,0 +1,79 @@
+"""`multimodal search` and `multimodal plot`: looking at what a model finds and how a run went."""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from multimodal import arch, weights
+from multimodal.errors import UserError
+from multimodal.eval.embed import load_folder
+from multimodal.eval.search import contact_sheet, first_captions, load_images, top_k
+from multimodal.plot import plot_run
+
+
+def search(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="multimodal search", description="Search an embedding folder.")
+    parser.add_argument("--index", type=Path, required=True, help="an embedding folder from `multimodal embed`")
+    parser.add_argument("--text", help="a text query")
+    parser.add_argument("--image", type=Path, help="an image query")
+    parser.add_argument("--target", choices=("images", "texts"), default=None,
+                        help="search the folder's images (default when it has them) or its texts")
+    parser.add_argument("--k", type=int, default=8, help="matches to show (default 8)")
+    parser.add_argument("--grid", type=Path, default=None, help="write a contact sheet of the top images here")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="model for the query (default: the index's)")
+    parser.add_argument("--model", default=None, help="architecture of an open_clip state dict")
+    args = parser.parse_args(argv)
+    if bool(args.text) == bool(args.image):
+        raise UserError("Pass exactly one query: --text or --image.")
+    if args.k <= 0:
+        raise UserError(f"--k must be a positive integer, got {args.k}.")
+    emb = load_folder(args.index)
+    info = json.loads((args.index / "info.json").read_text())
+    target = args.target or ("images" if emb.image_features.shape[0] else "texts")
+    candidates = emb.image_features if target == "images" else emb.text_features
+    if candidates.shape[0] == 0:
+        raise UserError(f"{args.index} holds no {target} embeddings to search.")
+    model, name = weights.load_model(args.checkpoint or info["checkpoint"],
+                                     args.model or (None if args.checkpoint else info["model"]))
+    model.eval()
+    with torch.no_grad():
+        if args.text:
+            query = model.encode_text(arch.tokenizer(name)([args.text]))[0]
+        else:
+            if not args.image.is_file():
+                raise UserError(f"Query image {args.image} does not exist.")
+            with Image.open(args.image) as image:
+                query = model.encode_image(arch.transforms(name)[1](image.convert("RGB"))[None])[0]
+    if query.shape[0] != candidates.shape[1]:
+        raise UserError(f"The model gives {query.shape[0]}-d embeddings but {args.index} holds "
+                        f"{candidates.shape[1]}-d ones: pass the --checkpoint the folder was made with.")
+    hits = top_k(candidates, query, args.k)
+    rows = emb.image_rows if target == "images" else emb.text_rows
+    captions = first_captions(emb) if target == "images" else {}
+    print(f"{'rank':>4} {'score':>7}  match")
+    for rank, (row, score) in enumerate(hits, start=1):
+        meta = rows[row]
+        what = meta.get("file_name") or meta.get("caption") or captions.get(row, "")
+        print(f"{rank:>4} {score:7.4f}  {meta.get('key', row)}  {what}")
+    if args.grid:
+        if target != "images":
+            raise UserError("--grid draws images: search --target images.")
+        images = load_images(emb, [row for row, _ in hits])
+        title = f'"{args.text}"' if args.text else f"like {args.image.name}"
+        sheet = contact_sheet([(title, [(im, f"{score:.3f}") for im, (_, score) in zip(images, hits)])])
+        args.grid.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(args.grid)
+        print(f"Wrote {args.grid}")
+    return 0
+
+
+def plot(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="multimodal plot", description="Draw a run's curves to PNG.")
+    parser.add_argument("run", type=Path, help="a run folder (runs/NAME/version_N) or its metrics.csv")
+    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN/curves.png)")
+    args = parser.parse_args(argv)
+    print(f"Wrote {plot_run(args.run, args.out)}")
+    return 0

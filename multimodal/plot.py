@@ -1,0 +1,64 @@
+"""Training and validation curves of a run (its metrics.csv) drawn to PNG."""
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from multimodal.errors import UserError  # noqa: E402
+
+PANELS = (
+    ("loss", ("train/loss", "val/loss")),
+    ("logit scale", ("train/logit_scale",)),
+    ("learning rate", ("train/lr",)),
+    ("text -> image recall", ("val/image_retrieval_recall@1", "val/image_retrieval_recall@5",
+                              "val/image_retrieval_recall@10")),
+    ("image -> text recall", ("val/text_retrieval_recall@1", "val/text_retrieval_recall@5",
+                              "val/text_retrieval_recall@10")),
+    ("samples / s", ("train/samples_per_second",)),
+)
+
+
+def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
+    """metric name -> [(step, value)] from a CSVLogger metrics.csv (or the run folder holding it)."""
+    csv_path = path / "metrics.csv" if path.is_dir() else path
+    if not csv_path.is_file():
+        raise UserError(f"No metrics.csv at {path}: pass a run folder such as runs/demo/version_0.")
+    series: dict[str, list[tuple[int, float]]] = {}
+    with csv_path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    if not series:
+        raise UserError(f"{csv_path} holds no metrics yet.")
+    return series
+
+
+def plot_run(path: Path, out: Path | None = None) -> Path:
+    """Draw the curves of the run at `path` into `out` (default: curves.png in the run folder)."""
+    series = read_metrics(path)
+    panels = [(title, [k for k in keys if k in series]) for title, keys in PANELS]
+    panels = [(title, keys) for title, keys in panels if keys]
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
+    for ax, (title, keys) in zip(axes.flat, panels):
+        for key in keys:
+            steps, values = zip(*series[key])
+            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = out or (path if path.is_dir() else path.parent) / "curves.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
