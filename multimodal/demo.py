@@ -23,18 +23,20 @@ QUERIES = (
 
 
 def report(model: CLIP, model_name: str, shards: str, run_dir: Path, batch_size: int = 256) -> dict:
-    """Embed the held-out `shards`; print and write retrieval.json, curves.png and retrieval.png."""
+    """Embed the held-out `shards`; print and write retrieval.json/.txt, curves.png and retrieval.png."""
     emb = embed_shards(model, model_name, shards, batch_size, progress=False)
     metrics = retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks=KS)
     num_images, num_texts = emb.image_features.shape[0], emb.text_features.shape[0]
     ratio = metrics["image_retrieval_recall@5"] / chance_recall(num_images, 5)
     print(f"\nZero-shot retrieval on {num_images} held-out images with {num_texts} captions ({shards})")
-    print(table(metrics, num_images, num_texts, KS))
-    print(f"text -> image recall@5 is {ratio:.1f}x chance ({'learned' if ratio >= 10 else 'below the 10x target'}).")
+    verdict = "learned" if ratio >= 10 else "below the 10x target"
+    summary = f"{table(metrics, num_images, num_texts, KS)}\ntext -> image recall@5 is {ratio:.1f}x chance ({verdict})."
+    print(summary)
     result = {"num_images": num_images, "num_texts": num_texts, **metrics,
               "image_retrieval_recall@5_over_chance": ratio}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "retrieval.json").write_text(json.dumps(result, indent=1) + "\n")
+    (run_dir / "retrieval.txt").write_text(summary + "\n")
     curves = plot_run(run_dir)
 
     with torch.no_grad():
@@ -45,5 +47,5 @@ def report(model: CLIP, model_name: str, shards: str, run_dir: Path, batch_size:
         images = load_images(emb, [row for row, _ in hits])
         lines.append((f'"{text}"', [(im, f"{score:.3f}") for im, (_, score) in zip(images, hits)]))
     contact_sheet(lines, tile=112).save(run_dir / "retrieval.png")
-    print(f"Wrote {run_dir / 'retrieval.json'}, {curves} and {run_dir / 'retrieval.png'}")
+    print(f"Wrote {run_dir / 'retrieval.json'}, retrieval.txt (the table), {curves.name} and retrieval.png")
     return result

@@ -27,7 +27,7 @@ class _GatherWithGrad(torch.autograd.Function):
     def forward(ctx, local: torch.Tensor) -> torch.Tensor:
         ctx.world, ctx.rank = dist.get_world_size(), dist.get_rank()
         out = local.new_empty((ctx.world * local.shape[0], *local.shape[1:]))
-        dist.all_gather_into_tensor(out, local.contiguous())
+        dist.all_gather_single(out, local.contiguous())
         return out  # (W * B, D), rank r's rows at [r * B, (r + 1) * B)
 
     @staticmethod
@@ -35,7 +35,7 @@ class _GatherWithGrad(torch.autograd.Function):
         grad = grad.contiguous()
         if dist.get_backend() == dist.Backend.NCCL:
             local = grad.new_empty((grad.shape[0] // ctx.world, *grad.shape[1:]))
-            dist.reduce_scatter_tensor(local, grad, op=dist.ReduceOp.SUM)
+            dist.reduce_scatter_single(local, grad, op=dist.ReduceOp.SUM)
             return local
         # gloo has no reduce_scatter: all-reduce the whole gradient and keep our slice.
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)

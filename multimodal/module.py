@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 from multimodal import distributed
-from multimodal.eval.embed import collect, concat
+from multimodal.eval.embed import collect
 from multimodal.eval.retrieval import retrieval_metrics
 from multimodal.loss import clip_loss
 from multimodal.model import create_model
@@ -32,6 +32,7 @@ class CLIPModule(pl.LightningModule):
         eps: float = 1e-6,
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.0,
+        val_loss_batch_size: int = 256,
     ):
         """
         Args:
@@ -42,6 +43,8 @@ class CLIPModule(pl.LightningModule):
             eps: AdamW epsilon.
             warmup_steps: optimizer steps of linear warmup.
             min_lr_ratio: final learning rate of the cosine decay, as a fraction of `lr`.
+            val_loss_batch_size: held-out images per batch of `val/loss` (the in-batch contrastive loss
+                of each image with its first caption).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -83,32 +86,43 @@ class CLIPModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Embeds every image and caption of the held-out shards (`EmbedBatches` batches)."""
-        images = self.model.encode_image(batch["images"]).float() if batch["images"] is not None else None
-        texts = self.model.encode_text(batch["texts"]).float() if batch["texts"] is not None else None
-        if images is not None and images.shape[0] > 1:
-            # The loss of the batch's images against their first captions, without gathering.
-            first = {}
-            for row, r in enumerate(batch["text_rows"]):
-                first.setdefault(r["image"], row)
-            loss = clip_loss(images, texts[[first[i] for i in range(images.shape[0])]],
-                             self.model.logit_scale.exp(), gather=False)
-            self.log("val/loss", loss, on_epoch=True, sync_dist=True, batch_size=images.shape[0])
-        self._val_outputs.append((batch, images.cpu() if images is not None else None,
-                                  texts.cpu() if texts is not None else None))
+        images = self.model.encode_image(batch["images"]).float().cpu() if batch["images"] is not None else None
+        texts = self.model.encode_text(batch["texts"]).float().cpu() if batch["texts"] is not None else None
+        if batch["part"] < 0:  # padding (ShardDataModule.val_dataloader): towers run, results dropped
+            return
+        rows = {k: batch[k] for k in ("part", "image_rows", "text_rows")}  # keep no pixels or tokens
+        self._val_outputs.append((rows, images, texts))
 
     def on_validation_epoch_end(self) -> None:
         outputs, self._val_outputs = self._val_outputs, []
         if self.trainer.sanity_checking:
             return
-        # Each rank embedded its share of the shards; every rank scores the whole set.
-        emb = concat(distributed.all_gather_objects(collect(outputs)))
+        # Each rank embedded every W-th part; every rank scores the whole set, in part order, so
+        # the figures do not depend on the number of ranks.
+        emb = collect([o for rank in distributed.all_gather_objects(outputs) for o in rank])
         keep = emb.text_to_image >= 0
-        if emb.image_features.shape[0] == 0 or not keep.any():
+        if emb.image_features.shape[0] < 2 or not keep.any():
             return
         metrics = retrieval_metrics(emb.image_features, emb.text_features[keep], emb.text_to_image[keep])
         for k in (1, 5, 10):
             for key in (f"image_retrieval_recall@{k}", f"text_retrieval_recall@{k}"):
                 self.log(f"val/{key}", metrics[key], sync_dist=True)
+        self.log("val/loss", self._validation_loss(emb), sync_dist=True)
+
+    def _validation_loss(self, emb) -> float:
+        """Mean clip_loss of the held-out images with their first captions, in batches of val_loss_batch_size."""
+        first: dict[int, int] = {}
+        for row, image in enumerate(emb.text_to_image.tolist()):
+            if image >= 0:
+                first.setdefault(image, row)
+        images = sorted(first)
+        image_features = emb.image_features[images]
+        text_features = emb.text_features[[first[i] for i in images]]
+        scale = self.model.logit_scale.exp().detach().float().cpu()
+        size = self.hparams.val_loss_batch_size
+        losses = [clip_loss(image_features[i:i + size], text_features[i:i + size], scale, gather=False)
+                  for i in range(0, len(images), size) if len(images[i:i + size]) > 1]
+        return torch.stack(losses).mean().item()
 
     def on_train_end(self) -> None:
         if self.skipped_samples:

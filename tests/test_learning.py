@@ -42,3 +42,7 @@ def test_demo_learns_composition_of_held_out_scenes(tmp_path):
     assert result["num_images"] == 500
     assert result["image_retrieval_recall@5"] >= 10 * chance_recall(500, 5)
     assert "recall@5 is" in proc.stdout
+    run = tmp_path / "runs" / "demo" / "version_0"
+    assert "recall@5 is" in (run / "retrieval.txt").read_text()
+    for name in ("curves.png", "retrieval.png"):
+        assert (run / name).stat().st_size > 10_000, name

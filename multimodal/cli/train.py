@@ -43,7 +43,8 @@ class TrainCLI(LightningCLI):
 
 
 # Lightning's warnings about our deliberate choices: args passed from Python, two loggers sharing
-# one folder, and __len__ on the IterableDataset (exact per rank by construction).
+# one folder, __len__ on the IterableDataset (exact per rank by construction), no validation
+# shards (an empty val loader), and a deprecation inside Lightning itself.
 QUIET = (
     ".*args parameter is intended to run from within Python.*",
     ".*Experiment logs directory .* exists and is not empty.*",

@@ -5,6 +5,7 @@ Its constructor arguments are the `data:` section of the YAML configs. With `syn
 first (once per node, skipped when they are already there).
 """
 
+import math
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -100,14 +101,53 @@ class ShardDataModule(pl.LightningDataModule):
             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers > 0 else None,
         )
 
-    def val_dataloader(self) -> DataLoader | list:
-        """Every held-out image with all its captions, once; rank r takes every W-th shard."""
+    def val_dataloader(self) -> "EvenBatches | list":
+        """Every held-out image with all its captions, once; rank r takes every W-th shard.
+
+        Every rank yields the same number of batches (the most any rank has, padded with dummy
+        batches), because each validation step goes through the DDP/FSDP wrapper, whose forward
+        is a collective: a rank with fewer batches would leave the others waiting forever.
+        """
         if not self.val_shards:
             return []
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
         source = ShardSource(self.val_shards)
+        sizes = [source.part_size(p) for p in range(source.num_parts())]
+        if world > 1 and None in sizes:
+            raise UserError(f"The number of samples in the validation shards {self.val_shards} is unknown (no "
+                            "sizes.json beside them), so they cannot be split evenly over the ranks: write them "
+                            "with `multimodal shards`, or add a sizes.json mapping shard names to sample counts.")
+        batches_of = [sum(max(1, math.ceil((sizes[p] or 0) / self.batch_size)) for p in range(r, len(sizes), world))
+                      for r in range(world)]
         parts = list(range(source.num_parts()))[rank::world]
         _, val_transform = arch.transforms(self.model_name)
-        batches = EmbedBatches(source, parts, val_transform, arch.tokenizer(self.model_name), self.batch_size)
-        return DataLoader(batches, batch_size=None, num_workers=min(self.num_workers, len(parts)))
+        tokenizer = arch.tokenizer(self.model_name)
+        batches = EmbedBatches(source, parts, val_transform, tokenizer, self.batch_size)
+        loader = DataLoader(batches, batch_size=None, num_workers=min(self.num_workers, len(parts)))
+        size = arch.image_size(self.model_name)
+        padding = {"part": -1, "last": True, "images": torch.zeros(1, 3, size, size), "image_rows": [],
+                   "texts": tokenizer([""]), "text_rows": []}
+        return EvenBatches(loader, max(batches_of), padding)
+
+
+class EvenBatches:
+    """The batches of `loader`, then copies of `padding` up to `length` batches in all.
+
+    An empty batch of the loader (a part without samples) is replaced by `padding` too, so
+    that every step runs both towers, as on every other rank.
+    """
+
+    def __init__(self, loader: DataLoader, length: int, padding: dict):
+        self.loader, self.length, self.padding = loader, length, padding
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        count = 0
+        for batch in self.loader:
+            count += 1
+            yield batch if batch["images"] is not None else self.padding
+        for _ in range(count, self.length):
+            yield self.padding

@@ -196,19 +196,3 @@ def embed_shards(model: CLIP, model_name: str, spec: str, batch_size: int = 256,
     embeddings = collect(outputs())
     bar.close()
     return embeddings
-
-
-def concat(parts: list[Embeddings]) -> Embeddings:
-    """One set from several (the ranks' shares of a validation set), caption->image links kept."""
-    parts = [p for p in parts if p.image_features.numel() or p.text_features.numel()]
-    if not parts:
-        return Embeddings(torch.zeros(0, 0), torch.zeros(0, 0), torch.zeros(0, dtype=torch.long))
-    offsets = torch.tensor([0] + [p.image_features.shape[0] for p in parts[:-1]]).cumsum(0)
-    links = [torch.where(p.text_to_image >= 0, p.text_to_image + o, p.text_to_image) for p, o in zip(parts, offsets)]
-    return Embeddings(
-        torch.cat([p.image_features for p in parts if p.image_features.numel()]),
-        torch.cat([p.text_features for p in parts if p.text_features.numel()]),
-        torch.cat(links),
-        [r for p in parts for r in p.image_rows],
-        [r for p in parts for r in p.text_rows],
-    )
