@@ -29,14 +29,44 @@ def clip_loss(
     With `gather` (training) and W > 1 ranks, scores the local rows against all ranks' features;
     `gather=False` scores the given batch alone (evaluation, where ranks may hold different sizes).
     """
+    offset = 0
     if gather and distributed.is_distributed():
         all_image = distributed.gather_features(image_features)  # (W*B, D)
         all_text = distributed.gather_features(text_features)  # (W*B, D)
         logits_per_image = logit_scale * image_features @ all_text.T  # (B, W*B)
         logits_per_text = logit_scale * text_features @ all_image.T  # (B, W*B)
+        offset = distributed.rank() * image_features.shape[0]
     else:  # one process: the text->image logits are the transpose, no second matmul
         logits_per_image = logit_scale * image_features @ text_features.T  # (B, B)
         logits_per_text = logits_per_image.T
-    batch = image_features.shape[0]
-    labels = torch.arange(batch, device=image_features.device) + distributed.rank() * batch
+    labels = torch.arange(image_features.shape[0], device=image_features.device) + offset
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+    *,
+    gather: bool = True,
+) -> torch.Tensor:
+    """SigLIP's pairwise sigmoid loss (Zhai et al. 2023, arXiv:2303.15343) over (B, D) unit features.
+
+    Every (image, text) pair is an independent binary problem, positive on the diagonal:
+    `-sum(log sigmoid(label * (logit_scale * x.y + logit_bias))) / B`, as open_clip's `SigLipLoss`.
+    With `gather` and W > 1 ranks, the local images are scored against all ranks' texts (gathered
+    with gradient) and the mean of the ranks' losses equals the single-process loss on the whole
+    batch, as for `clip_loss`. open_clip passes texts around a ring instead, which holds one
+    neighbour's texts at a time; at CLIP batch sizes the gathered (W*B, D) texts are small.
+    """
+    offset = 0
+    if gather and distributed.is_distributed():
+        text_features = distributed.gather_features(text_features)  # (W*B, D)
+        offset = distributed.rank() * image_features.shape[0]
+    logits = logit_scale * image_features @ text_features.T + logit_bias  # (B, W*B)
+    batch = image_features.shape[0]
+    labels = -torch.ones_like(logits)
+    rows = torch.arange(batch, device=logits.device)
+    labels[rows, rows + offset] = 1.0
+    return -F.logsigmoid(labels * logits).sum() / batch

@@ -22,6 +22,11 @@ class CLIP(nn.Module):
     def logit_scale(self) -> nn.Parameter:
         return self.towers.logit_scale
 
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """SigLIP's learnable bias, present when the model was created with `init_logit_bias`."""
+        return getattr(self.towers, "logit_bias", None)
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, D) unit-norm features."""
         return F.normalize(self.towers.encode_image(images), dim=-1)
@@ -35,7 +40,17 @@ class CLIP(nn.Module):
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
 
 
-def create_model(name: str) -> CLIP:
-    """A randomly initialised model of architecture `name` (see `multimodal.arch`)."""
-    towers = open_clip.create_model(arch.resolve(name), pretrained=None)
+def create_model(name: str, *, init_logit_scale: float | None = None, init_logit_bias: float | None = None,
+                 patch_dropout: float | None = None) -> CLIP:
+    """A randomly initialised model of architecture `name` (see `multimodal.arch`).
+
+    `init_logit_bias` adds SigLIP's learnable bias (open_clip's `logit_bias`); `patch_dropout`
+    drops that fraction of image patches in training (FLIP, arXiv:2212.00794).
+    """
+    kwargs = {}
+    if init_logit_scale is not None:
+        kwargs["init_logit_scale"] = init_logit_scale
+    if init_logit_bias is not None:
+        kwargs["init_logit_bias"] = init_logit_bias
+    towers = open_clip.create_model(arch.resolve(name), pretrained=None, force_patch_dropout=patch_dropout, **kwargs)
     return CLIP(towers)

@@ -1,4 +1,5 @@
-"""The local-loss form over two gloo ranks equals one process on the concatenated batch."""
+"""The local-loss forms over 2 and 3 gloo ranks equal one process on the concatenated batch:
+clip_loss and siglip_loss, in one pass and in gradient-cached micro-batches."""
 
 import subprocess
 import sys
@@ -7,24 +8,29 @@ from pathlib import Path
 import pytest
 import torch
 
-from multimodal.loss import clip_loss
-from tests.dist_common import TwoTowers, batch
+from tests.dist_common import TwoTowers, batch, loss_fn
 
 SCRIPT = Path(__file__).parent / "scripts" / "dist_loss.py"
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_two_rank_loss_and_gradients_equal_single_process(tmp_path, world):
+@pytest.mark.parametrize("world,kind,micro_batches", [
+    (2, "clip", 1), (3, "clip", 1), (2, "siglip", 1), (3, "siglip", 1), (2, "clip", 3), (2, "siglip", 2),
+])
+def test_ranks_loss_and_gradients_equal_single_process(tmp_path, world, kind, micro_batches):
     out = tmp_path / "dist.pt"
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(world)],
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(world), kind, str(micro_batches)],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     dist = torch.load(out, weights_only=True)
 
-    model = TwoTowers()
-    loss = clip_loss(*model(*batch()))
+    model = TwoTowers(bias=kind == "siglip")
+    loss = loss_fn(model, kind)(*model(*batch()))
     loss.backward()
     torch.testing.assert_close(dist["loss"], loss.detach(), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(dist["rank_losses"][0], dist["rank_losses"][1])  # ranks saw different rows
-    for name, param in model.named_parameters():
+    for alone in dist["alone"]:  # gather=False on any rank: the plain loss of the batch it is given
+        torch.testing.assert_close(alone, loss.detach(), rtol=1e-6, atol=1e-6)
+    names = dict(model.named_parameters())
+    assert dist["grads"].keys() == names.keys()
+    for name, param in names.items():
         torch.testing.assert_close(dist["grads"][name], param.grad, rtol=1e-5, atol=1e-6, msg=name)

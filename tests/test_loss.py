@@ -1,4 +1,4 @@
-"""clip_loss against a direct reference and open_clip's ClipLoss, its gradients, the clamp."""
+"""clip_loss and siglip_loss against direct references and open_clip's losses, their gradients, the clamp."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multimodal.loss import clip_loss
+from multimodal.loss import clip_loss, siglip_loss
 
 
 def features(n: int, d: int, seed: int, dtype=torch.float32):
@@ -64,3 +64,42 @@ def test_perfect_alignment_and_temperature():
     # Identical pairs: the loss falls towards 0 as the scale grows, is ln(n) at scale 0.
     assert clip_loss(image, text, torch.tensor(0.0)).item() == pytest.approx(math.log(8), rel=1e-6)
     assert clip_loss(image, text, torch.tensor(100.0)).item() < 1e-3
+
+
+def siglip_reference(image, text, scale, bias):
+    """Written from the definition: one binary log-likelihood per (image, text) pair."""
+    n = image.shape[0]
+    total = 0.0
+    for i in range(n):
+        for j in range(n):
+            label = 1.0 if i == j else -1.0
+            total = total - F.logsigmoid(label * (scale * image[i] @ text[j] + bias))
+    return total / n
+
+
+@pytest.mark.parametrize("n,scale,bias", [(1, 10.0, -10.0), (9, 10.0, -10.0), (16, 3.0, 0.5)])
+def test_siglip_matches_reference(n, scale, bias):
+    image, text = features(n, 16, seed=n)
+    s, b = torch.tensor(scale), torch.tensor(bias)
+    torch.testing.assert_close(siglip_loss(image, text, s, b), siglip_reference(image, text, s, b),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("n", [2, 16, 64])
+def test_siglip_matches_open_clip(n):
+    image, text = features(n, 32, seed=3)
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-10.0, requires_grad=True)
+    ours = siglip_loss(image, text, scale, bias)
+    theirs = open_clip.loss.SigLipLoss()(image, text, scale, bias)
+    torch.testing.assert_close(ours, theirs)
+    g_ours = torch.autograd.grad(ours, (image, text, scale, bias))
+    g_theirs = torch.autograd.grad(theirs, (image, text, scale, bias))
+    torch.testing.assert_close(g_ours, g_theirs)
+
+
+def test_siglip_gradcheck():
+    image, text = features(5, 8, seed=4, dtype=torch.float64)
+    scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+    bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(siglip_loss, (image, text, scale, bias))
