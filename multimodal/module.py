@@ -4,20 +4,28 @@ Its constructor arguments are the `model:` section of the YAML configs. AdamW wi
 weight decay on weight matrices only (`multimodal.optim`), a per-step linear-warmup + cosine
 schedule, and `logit_scale` clamped to [0, ln 100] after every optimizer step (CLIP, section 2.5:
 "clipped to prevent scaling the logits by more than 100").
+
+Options for large models and batches: the CLIP or SigLIP loss, gradient-cached micro-batches
+(`multimodal.accumulate`), gradient checkpointing, FLIP patch dropout, locked towers (LiT),
+`torch.compile` of the towers, and fine-tuning from a local open_clip state dict.
 """
 
 import math
 import time
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 
 from multimodal import distributed
+from multimodal.accumulate import cached_step
+from multimodal.errors import UserError
 from multimodal.eval.embed import collect
 from multimodal.eval.retrieval import retrieval_metrics
-from multimodal.loss import clip_loss
+from multimodal.loss import clip_loss, siglip_loss
 from multimodal.model import create_model
 from multimodal.optim import param_groups, warmup_cosine
+from multimodal.weights import load_weights
 
 MAX_LOGIT_SCALE = math.log(100)
 
@@ -33,6 +41,16 @@ class CLIPModule(pl.LightningModule):
         warmup_steps: int = 100,
         min_lr_ratio: float = 0.0,
         val_loss_batch_size: int = 256,
+        loss: Literal["clip", "siglip"] = "clip",
+        micro_batches: int = 1,
+        pretrained: str | None = None,
+        lock_image: bool = False,
+        lock_image_unlocked_groups: int = 0,
+        lock_text: bool = False,
+        lock_text_unlocked_layers: int = 0,
+        grad_checkpointing: bool = False,
+        patch_dropout: float = 0.0,
+        compile: bool = False,
     ):
         """
         Args:
@@ -45,10 +63,39 @@ class CLIPModule(pl.LightningModule):
             min_lr_ratio: final learning rate of the cosine decay, as a fraction of `lr`.
             val_loss_batch_size: held-out images per batch of `val/loss` (the in-batch contrastive loss
                 of each image with its first caption).
+            loss: `clip` (softmax InfoNCE) or `siglip` (pairwise sigmoid with a learnable bias; the
+                temperature starts at 10 and the bias at -10, as in SigLIP).
+            micro_batches: encode each device's batch in this many gradient-cached chunks: the loss and
+                gradients of the whole batch with the activation memory of one chunk.
+            pretrained: a local open_clip state dict (.pt/.bin/.safetensors) or .ckpt to start from.
+            lock_image: freeze the image tower (LiT, arXiv:2111.07991).
+            lock_image_unlocked_groups: with `lock_image`, leave this many last layer groups trainable.
+            lock_text: freeze the text tower.
+            lock_text_unlocked_layers: with `lock_text`, leave this many last layers trainable.
+            grad_checkpointing: recompute both towers' activations in the backward pass.
+            patch_dropout: fraction of image patches dropped in training (FLIP, arXiv:2212.00794).
+            compile: `torch.compile` both towers (state dict names unchanged).
         """
         super().__init__()
         self.save_hyperparameters()
-        self.model = create_model(model_name)
+        if micro_batches < 1:
+            raise UserError(f"model.micro_batches must be 1 or more, got {micro_batches}.")
+        if not 0.0 <= patch_dropout < 1.0:
+            raise UserError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}.")
+        siglip = loss == "siglip"
+        self.model = create_model(model_name, init_logit_scale=math.log(10) if siglip else None,
+                                  init_logit_bias=-10.0 if siglip else None, patch_dropout=patch_dropout or None)
+        if pretrained:
+            load_weights(self.model, pretrained, model_name)
+        if lock_image:
+            self.model.towers.lock_image_tower(unlocked_groups=lock_image_unlocked_groups)
+        if lock_text:
+            self.model.towers.lock_text_tower(unlocked_layers=lock_text_unlocked_layers)
+        if grad_checkpointing:
+            self.model.towers.set_grad_checkpointing(True)
+        if compile:  # in place: the parameters keep their names in checkpoints and exports
+            self.model.towers.visual.compile()
+            self.model.towers.transformer.compile()
         self._last_batch_start: float | None = None
         self.skipped_samples = 0
         self._val_outputs: list = []
@@ -69,15 +116,30 @@ class CLIPModule(pl.LightningModule):
             self.log("train/samples_per_second", per_device * self.trainer.world_size, prog_bar=True)
         self._last_batch_start = now
 
+    def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor,
+                         gather: bool = True) -> torch.Tensor:
+        """The configured loss of unit features, with the model's temperature (and bias)."""
+        scale = self.model.logit_scale.exp()
+        if self.hparams.loss == "siglip":
+            return siglip_loss(image_features, text_features, scale, self.model.logit_bias, gather=gather)
+        return clip_loss(image_features, text_features, scale, gather=gather)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        image_features, text_features, logit_scale = self.model(batch["image"], batch["text"])
-        loss = clip_loss(image_features, text_features, logit_scale)
+        if self.hparams.micro_batches > 1:
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 AMP's loss scale
+            loss, surrogate = cached_step(self.model, batch["image"], batch["text"], self.contrastive_loss,
+                                          self.hparams.micro_batches, scaler.get_scale() if scaler else 1.0)
+        else:
+            loss = surrogate = self.contrastive_loss(self.model.encode_image(batch["image"]),
+                                                     self.model.encode_text(batch["text"]))
         self.skipped_samples += int(batch["skipped"])
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/logit_scale", logit_scale.detach())
+        self.log("train/logit_scale", self.model.logit_scale.detach().exp())
+        if self.model.logit_bias is not None:
+            self.log("train/logit_bias", self.model.logit_bias.detach())
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("train/skipped_samples", float(self.skipped_samples))
-        return loss
+        return surrogate
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
@@ -110,7 +172,7 @@ class CLIPModule(pl.LightningModule):
         self.log("val/loss", self._validation_loss(emb), sync_dist=True)
 
     def _validation_loss(self, emb) -> float:
-        """Mean clip_loss of the held-out images with their first captions, in batches of val_loss_batch_size."""
+        """Mean loss of the held-out images with their first captions, in batches of val_loss_batch_size."""
         first: dict[int, int] = {}
         for row, image in enumerate(emb.text_to_image.tolist()):
             if image >= 0:
@@ -118,10 +180,11 @@ class CLIPModule(pl.LightningModule):
         images = sorted(first)
         image_features = emb.image_features[images]
         text_features = emb.text_features[[first[i] for i in images]]
-        scale = self.model.logit_scale.exp().detach().float().cpu()
         size = self.hparams.val_loss_batch_size
-        losses = [clip_loss(image_features[i:i + size], text_features[i:i + size], scale, gather=False)
-                  for i in range(0, len(images), size) if len(images[i:i + size]) > 1]
+        with torch.no_grad():
+            losses = [self.contrastive_loss(image_features[i:i + size].to(self.device),
+                                            text_features[i:i + size].to(self.device), gather=False).float()
+                      for i in range(0, len(images), size) if len(images[i:i + size]) > 1]
         return torch.stack(losses).mean().item()
 
     def on_train_end(self) -> None:

@@ -10,13 +10,13 @@ Export writes the towers' state dict as open_clip names it, so that
 project's own architectures the model JSON is written beside it.
 """
 
+import json
 import pickle
-import shutil
 from pathlib import Path
 
 import open_clip
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from multimodal import arch
@@ -37,47 +37,84 @@ def _torch_load(path: Path) -> dict:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0]}).") from None
 
 
-def _load_into(model: CLIP, state_dict: dict, path: Path, name: str) -> None:
-    try:
-        model.towers.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise UserError(f"Checkpoint {path} does not match architecture {name} ({detail[:200]}): "
-                        "pass the --model it was trained with.") from None
+def _mismatch(path: Path, name: str, exc: Exception) -> UserError:
+    lines = str(exc).splitlines()
+    detail = lines[1].strip() if len(lines) > 1 else str(exc)
+    return UserError(f"Checkpoint {path} does not match architecture {name} ({detail[:200]}): "
+                     "pass the --model it was trained with.")
 
 
-def load_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[CLIP, str]:
-    """(model, architecture name) from a local checkpoint file; `model_name` overrides the .ckpt's."""
-    path = Path(checkpoint)
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise UserError(f"Checkpoint {path} does not exist: pass a local .ckpt, .pt, .bin or .safetensors file.")
-    if path.suffix == ".ckpt":
-        ckpt = _torch_load(path)
-        if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-            raise UserError(f"{path} is not a Lightning checkpoint of this project (no state_dict).")
-        name = model_name or ckpt.get("hyper_parameters", {}).get("model_name")
-        if name is None:
-            raise UserError(f"{path} does not name its architecture: pass --model.")
-        state_dict = {k[len(LIGHTNING_PREFIX):]: v for k, v in ckpt["state_dict"].items()
-                      if k.startswith(LIGHTNING_PREFIX)}
-        model = create_model(name)
-        _load_into(model, state_dict, path, name)
-        return model, name
-    if path.suffix not in STATE_DICT_SUFFIXES:
+    if path.suffix != ".ckpt" and path.suffix not in STATE_DICT_SUFFIXES:
         raise UserError(f"{path} has an unknown checkpoint type: use a Lightning .ckpt or an open_clip "
                         f"state dict ({', '.join(STATE_DICT_SUFFIXES)}).")
-    if model_name is None:
-        raise UserError(f"{path} is an open_clip state dict, which does not name its architecture: pass --model.")
-    model = create_model(model_name)
+
+
+def _lightning_towers(path: Path) -> tuple[dict, dict]:
+    """(towers' state dict, hyper-parameters) of one of this project's Lightning checkpoints."""
+    ckpt = _torch_load(path)
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{path} is not a Lightning checkpoint of this project (no state_dict).")
+    towers = {k[len(LIGHTNING_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(LIGHTNING_PREFIX)}
+    return towers, ckpt.get("hyper_parameters", {})
+
+
+def _has_logit_bias(path: Path) -> bool:
+    """Whether an open_clip state dict file holds SigLIP's `logit_bias`, without reading its tensors."""
+    try:
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                return "logit_bias" in f.keys()
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable: load_weights says why
+        return False
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    return isinstance(state_dict, dict) and any(k.removeprefix("module.") == "logit_bias" for k in state_dict)
+
+
+def load_weights(model: CLIP, checkpoint: str | Path, name: str) -> None:
+    """Load a local checkpoint file's towers into `model` (of architecture `name`).
+
+    Lightning .ckpt files load strictly; open_clip state dicts through open_clip's own loader
+    (strict, `weights_only`), which also lets a SigLIP model start from CLIP weights.
+    """
+    path = Path(checkpoint)
+    _check_file(path)
+    if path.suffix == ".ckpt":
+        state_dict, _ = _lightning_towers(path)
+        try:
+            model.towers.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:
+            raise _mismatch(path, name, exc) from None
+        return
     try:
         open_clip.load_checkpoint(model.towers, str(path), strict=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(f"{path} holds objects other than tensors and plain values, which are never loaded "
                         f"(weights_only=True): {str(exc).splitlines()[0]}") from None
     except (RuntimeError, KeyError, ValueError, AssertionError, SafetensorError, EOFError) as exc:
-        detail = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise UserError(f"Checkpoint {path} does not match architecture {model_name} ({detail[:200]}): "
-                        "pass the --model it was trained with.") from None
+        raise _mismatch(path, name, exc) from None
+
+
+def load_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[CLIP, str]:
+    """(model, architecture name) from a local checkpoint file; `model_name` overrides the .ckpt's."""
+    path = Path(checkpoint)
+    _check_file(path)
+    if path.suffix == ".ckpt":
+        state_dict, hparams = _lightning_towers(path)
+        model_name = model_name or hparams.get("model_name")
+        if model_name is None:
+            raise UserError(f"{path} does not name its architecture: pass --model.")
+        siglip = "logit_bias" in state_dict
+    else:
+        if model_name is None:
+            raise UserError(f"{path} is an open_clip state dict, which does not name its architecture: pass --model.")
+        siglip = _has_logit_bias(path)
+    model = create_model(model_name, init_logit_bias=0.0 if siglip else None)  # the bias value is loaded
+    load_weights(model, path, model_name)
     return model, model_name
 
 
@@ -94,10 +131,18 @@ def export(model: CLIP, model_name: str, out: Path) -> list[Path]:
         raise UserError(f"--out {out} must end in .safetensors, .pt, .pth or .bin.")
     tmp.replace(out)
     written = [out]
-    if model_name.endswith(".json") or model_name in arch.project_models():
-        source = Path(model_name) if model_name.endswith(".json") else arch.MODEL_CONFIG_DIR / f"{model_name}.json"
-        config_path = out.parent / f"{source.stem}.json"
-        if source.resolve() != config_path.resolve():
-            shutil.copyfile(source, config_path)
+    own = model_name.endswith(".json") or model_name in arch.project_models()
+    if own or model.logit_bias is not None:
+        # The architecture beside the weights: the project's own, or any with SigLIP's bias,
+        # which open_clip's config of the same name would not create.
+        stem = Path(model_name).stem if own else model_name
+        config = dict(arch.config(model_name))
+        if model.logit_bias is not None:
+            config["init_logit_bias"] = float(model.logit_bias.detach())
+            stem = stem if stem.lower().endswith("siglip") else f"{stem}-siglip"
+        config_path = out.parent / f"{stem}.json"
+        tmp = config_path.with_name(config_path.name + ".tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        tmp.replace(config_path)
         written.append(config_path)
     return written

@@ -52,6 +52,25 @@ def test_export_round_trip_through_open_clip(trained, tmp_path, suffix):
         torch.testing.assert_close(again.eval().encode_image(images), ours.encode_image(images))
 
 
+def test_siglip_export_round_trip_keeps_the_bias(tmp_path):
+    from multimodal.module import CLIPModule
+
+    torch.manual_seed(0)
+    ours = CLIPModule(model_name="tiny", loss="siglip").model.eval()
+    with torch.no_grad():
+        ours.logit_bias.fill_(-7.5)
+    written = export(ours, "tiny", tmp_path / "s.safetensors")
+    assert written[1].name == "tiny-siglip.json"
+    open_clip.add_model_config(written[1])
+    theirs = open_clip.create_model("tiny-siglip", pretrained=str(written[0])).eval()
+    assert theirs.logit_bias.item() == -7.5
+    images, tokens = probe_inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs.encode_image(images, normalize=True), ours.encode_image(images))
+    again, _ = load_model(written[0], "tiny")  # our loader sees the bias in the file
+    assert again.logit_bias.item() == -7.5
+
+
 def test_mismatched_architecture_is_a_user_error(trained, tmp_path):
     ckpt, module = trained
     export(module.model, "tiny", tmp_path / "m.safetensors")
