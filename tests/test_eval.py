@@ -160,11 +160,11 @@ def test_zeroshot_on_image_folder_and_on_shards_agree(trained, tmp_path):
     ckpt, _ = trained
     folder = colour_folder(tmp_path / "colours")
     with wds.TarWriter(str(tmp_path / "cls.tar"), encoder=False) as w:
-        for label, name in enumerate(COLOURS):
+        for label, name in enumerate(sorted(COLOURS)):  # ImageFolder labels: sorted folder names
             for i in range(4):
                 w.write({"__key__": f"{name}{i}", "jpg": (folder / name / f"{i}.jpg").read_bytes(),
                          "cls": str(label).encode()})
-    (tmp_path / "names.txt").write_text("\n".join(COLOURS) + "\n")
+    (tmp_path / "names.txt").write_text("\n".join(sorted(COLOURS)) + "\n")
     (tmp_path / "templates.txt").write_text("a {} shape\nsomething {}\n")
     common = ["--checkpoint", str(ckpt), "--classnames", str(tmp_path / "names.txt"), "--templates",
               str(tmp_path / "templates.txt")]

@@ -173,8 +173,9 @@ def eval_retrieval(argv: list[str]) -> int:
 def eval_zeroshot(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="multimodal eval zeroshot", description="Zero-shot classification.")
     add_checkpoint_args(parser)
-    parser.add_argument("--classnames", type=Path, help="class names, one a line, in label order "
-                                                         "(default for --images: the folder names)")
+    parser.add_argument("--classnames", type=Path,
+                        help="class names, one a line, in label order; for --images the sorted order of the "
+                             "class folders (default for --images: the folder names)")
     parser.add_argument("--templates", type=Path, default=None,
                         help="prompt templates with {} for the class name, one a line (default: a built-in set)")
     parser.add_argument("--shards", help="shards whose samples carry a class index (`cls` member)")
