@@ -11,7 +11,6 @@ Options for large models and batches: the CLIP or SigLIP loss, gradient-cached m
 """
 
 import math
-import time
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -23,8 +22,9 @@ from multimodal.errors import UserError
 from multimodal.eval.embed import collect
 from multimodal.eval.retrieval import retrieval_metrics
 from multimodal.loss import clip_loss, siglip_loss
-from multimodal.model import create_model
+from multimodal.model import CLIP, create_model
 from multimodal.optim import param_groups, warmup_cosine
+from multimodal.throughput import StepTimer, flops_per_sample, peak_tflops
 from multimodal.weights import load_weights
 
 MAX_LOGIT_SCALE = math.log(100)
@@ -51,6 +51,8 @@ class CLIPModule(pl.LightningModule):
         grad_checkpointing: bool = False,
         patch_dropout: float = 0.0,
         compile: bool = False,
+        count_flops: bool = True,
+        peak_tflops: float | None = None,
     ):
         """
         Args:
@@ -75,6 +77,9 @@ class CLIPModule(pl.LightningModule):
             grad_checkpointing: recompute both towers' activations in the backward pass.
             patch_dropout: fraction of image patches dropped in training (FLIP, arXiv:2212.00794).
             compile: `torch.compile` both towers (state dict names unchanged).
+            count_flops: count the model FLOPs per sample at the start of training, to log
+                `train/tflops_per_device` and `train/mfu`.
+            peak_tflops: the accelerator's peak TFLOP/s for `train/mfu` (default: looked up for known GPUs).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -82,23 +87,30 @@ class CLIPModule(pl.LightningModule):
             raise UserError(f"model.micro_batches must be 1 or more, got {micro_batches}.")
         if not 0.0 <= patch_dropout < 1.0:
             raise UserError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}.")
-        siglip = loss == "siglip"
-        self.model = create_model(model_name, init_logit_scale=math.log(10) if siglip else None,
-                                  init_logit_bias=-10.0 if siglip else None, patch_dropout=patch_dropout or None)
+        self.model = self._build_model()
         if pretrained:
             load_weights(self.model, pretrained, model_name)
-        if lock_image:
-            self.model.towers.lock_image_tower(unlocked_groups=lock_image_unlocked_groups)
-        if lock_text:
-            self.model.towers.lock_text_tower(unlocked_layers=lock_text_unlocked_layers)
         if grad_checkpointing:
             self.model.towers.set_grad_checkpointing(True)
         if compile:  # in place: the parameters keep their names in checkpoints and exports
             self.model.towers.visual.compile()
             self.model.towers.transformer.compile()
-        self._last_batch_start: float | None = None
+        self._timer = StepTimer()
+        self._flops_per_sample: float | None = None
         self.skipped_samples = 0
         self._val_outputs: list = []
+
+    def _build_model(self) -> CLIP:
+        """A fresh model with the configured loss scalars, patch dropout and locked towers."""
+        hp = self.hparams
+        siglip = hp.loss == "siglip"
+        model = create_model(hp.model_name, init_logit_scale=math.log(10) if siglip else None,
+                             init_logit_bias=-10.0 if siglip else None, patch_dropout=hp.patch_dropout or None)
+        if hp.lock_image:
+            model.towers.lock_image_tower(unlocked_groups=hp.lock_image_unlocked_groups)
+        if hp.lock_text:
+            model.towers.lock_text_tower(unlocked_layers=hp.lock_text_unlocked_layers)
+        return model
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -108,20 +120,42 @@ class CLIPModule(pl.LightningModule):
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_train_start(self) -> None:
+        self._timer = StepTimer(window=max(1, self.trainer.log_every_n_steps))
+        if self.hparams.count_flops:  # on a fresh copy: any strategy, compiled or sharded, counts the same
+            copy = self._build_model()
+            loss_fn = lambda i, t: self._loss(copy, i, t, gather=False)  # noqa: E731
+            self._flops_per_sample = flops_per_sample(copy, self.hparams.model_name, loss_fn)
+
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        now = time.perf_counter()
-        if self._last_batch_start is not None:
-            per_device = batch["image"].shape[0] / (now - self._last_batch_start)
-            self.log("train/samples_per_second_per_device", per_device)
-            self.log("train/samples_per_second", per_device * self.trainer.world_size, prog_bar=True)
-        self._last_batch_start = now
+        self._timer.start(batch["image"].shape[0])
+        rates = self._timer.rates()
+        if rates is None:
+            return
+        per_device, wait = rates
+        self.log("train/samples_per_second_per_device", per_device)
+        self.log("train/samples_per_second", per_device * self.trainer.world_size, prog_bar=True)
+        self.log("train/data_wait_fraction", wait)
+        if self._flops_per_sample:
+            achieved = self._flops_per_sample * per_device / 1e12
+            self.log("train/tflops_per_device", achieved)
+            peak = self.hparams.peak_tflops or peak_tflops(self.device)
+            if peak:
+                self.log("train/mfu", achieved / peak)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self._timer.end()
 
     def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor,
                          gather: bool = True) -> torch.Tensor:
         """The configured loss of unit features, with the model's temperature (and bias)."""
-        scale = self.model.logit_scale.exp()
+        return self._loss(self.model, image_features, text_features, gather)
+
+    def _loss(self, model: CLIP, image_features: torch.Tensor, text_features: torch.Tensor,
+              gather: bool) -> torch.Tensor:
+        scale = model.logit_scale.exp()
         if self.hparams.loss == "siglip":
-            return siglip_loss(image_features, text_features, scale, self.model.logit_bias, gather=gather)
+            return siglip_loss(image_features, text_features, scale, model.logit_bias, gather=gather)
         return clip_loss(image_features, text_features, scale, gather=gather)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
