@@ -120,6 +120,11 @@ class CLIPModule(pl.LightningModule):
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def on_fit_start(self) -> None:
+        if self.hparams.micro_batches > 1 and "FSDP" in type(self.trainer.strategy).__name__:
+            raise UserError("model.micro_batches needs whole parameters on every rank: use the ddp strategy "
+                            "(FSDP shards them), or set model.micro_batches to 1.")
+
     def on_train_start(self) -> None:
         self._timer = StepTimer(window=max(1, self.trainer.log_every_n_steps))
         if self.hparams.count_flops:  # on a fresh copy: any strategy, compiled or sharded, counts the same

@@ -80,6 +80,8 @@ BAD_INPUTS = {
 if not torch.cuda.is_available():
     BAD_INPUTS["gpu without a gpu"] = (lambda t: ["train", "--config", DEBUG, "--trainer.accelerator", "gpu"],
                                        "cannot run on this machine")
+    BAD_INPUTS["fsdp without a gpu"] = (lambda t: ["train", "--config", DEBUG, "--trainer.strategy", "fsdp",
+                                                   "--trainer.devices", "2"], "requires a GPU accelerator")
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS)

@@ -63,7 +63,7 @@ def _train_cli(argv: list[str]) -> TrainCLI:
             auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "multimodal train", "description": "Train a CLIP model on webdataset shards."},
         )
-    except MisconfigurationException as exc:
+    except (MisconfigurationException, ValueError) as exc:  # Lightning's verdicts on the trainer section
         raise UserError(f"The trainer settings cannot run on this machine ({exc}): "
                         "check trainer.accelerator, trainer.devices, trainer.precision and trainer.strategy.") from None
 
