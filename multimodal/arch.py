@@ -6,10 +6,15 @@ too. Resolving a name registers the file with open_clip, so that open_clip's own
 the towers, tokenizer and transforms for it exactly as they do for ViT-B-32.
 """
 
+from collections.abc import Callable
 from pathlib import Path
 
 import open_clip
+import torch
+import torchvision.transforms as T
 from open_clip.transform import PreprocessCfg, image_transform_v2
+from PIL import Image
+from torchvision.transforms import InterpolationMode
 
 from multimodal.errors import UserError
 
@@ -55,6 +60,30 @@ def transforms(name: str):
     """open_clip's (train, val) image transforms for `name`: PIL image -> normalised (3, H, W)."""
     cfg = PreprocessCfg(size=image_size(name))
     return image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, is_train=False)
+
+
+def train_pixels(name: str) -> Callable[[Image.Image], torch.Tensor]:
+    """The training crop of open_clip's train transform, stopping at uint8: PIL image -> (3, H, W) uint8.
+
+    The same RandomResizedCrop (scale 0.9-1, open_clip's interpolation) as `transforms(name)[0]`;
+    scaling to [0, 1] and normalising happen on the device (`normalize`), so that workers, pinned
+    memory and the host-to-device copy move a quarter of the bytes of float32 pixels.
+    """
+    cfg = PreprocessCfg(size=image_size(name))
+    interpolation = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[cfg.interpolation]
+    crop = T.RandomResizedCrop(cfg.size, scale=(0.9, 1.0), interpolation=interpolation)
+    return T.Compose([crop, T.PILToTensor()])
+
+
+def pixel_stats(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) of open_clip's normalisation for `name`, shaped (1, 3, 1, 1), on the CPU."""
+    cfg = PreprocessCfg(size=image_size(name))
+    return torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
+
+
+def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 pixels -> float32 normalised as open_clip's transforms do: (x / 255 - mean) / std."""
+    return (pixels.float() / 255 - mean) / std
 
 
 def tokenizer(name: str):

@@ -16,7 +16,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 
-from multimodal import distributed
+from multimodal import arch, distributed
 from multimodal.accumulate import cached_step
 from multimodal.errors import UserError
 from multimodal.eval.embed import collect
@@ -97,6 +97,7 @@ class CLIPModule(pl.LightningModule):
             self.model.towers.transformer.compile()
         self._timer = StepTimer()
         self._flops_per_sample: float | None = None
+        self._pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self.skipped_samples = 0
         self._val_outputs: list = []
 
@@ -119,6 +120,15 @@ class CLIPModule(pl.LightningModule):
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """Training pixels travel as uint8 (a quarter of float32's bytes); normalise them on the device."""
+        pixels = batch.get("image") if isinstance(batch, dict) else None
+        if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
+            if self._pixel_stats is None or self._pixel_stats[0].device != pixels.device:
+                self._pixel_stats = tuple(t.to(pixels.device) for t in arch.pixel_stats(self.hparams.model_name))
+            batch["image"] = arch.normalize(pixels, *self._pixel_stats)
+        return batch
 
     def on_fit_start(self) -> None:
         if self.hparams.micro_batches > 1 and "FSDP" in type(self.trainer.strategy).__name__:

@@ -135,3 +135,40 @@ def test_url_forms(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no .tar"):
         expand_urls(str(tmp_path / "empty"))
+
+
+def test_uint8_training_pixels_normalised_on_device_equal_open_clips_train_transform():
+    g = torch.Generator().manual_seed(0)
+    image = Image.fromarray(torch.randint(0, 256, (300, 420, 3), generator=g, dtype=torch.uint8).numpy())
+    train, _ = arch.transforms("ViT-B-32")
+    torch.manual_seed(7)
+    theirs = train(image)
+    torch.manual_seed(7)
+    pixels = arch.train_pixels("ViT-B-32")(image)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
+    torch.testing.assert_close(arch.normalize(pixels[None], *arch.pixel_stats("ViT-B-32"))[0], theirs)
+
+
+@pytest.mark.parametrize("size,min_side,expected", [
+    ((1600, 1200), 224, (400, 300)),  # 1/4 scale: 1/8 would be 150 px high, under 224
+    ((640, 480), 224, (320, 240)),
+    ((640, 480), 300, (640, 480)),  # 1/2 would be 240 px high: full size
+    ((1600, 1200), None, (1600, 1200)),
+])
+def test_large_jpegs_decode_at_the_smallest_scale_that_covers_the_crop(size, min_side, expected):
+    from multimodal.data.pipeline import decode_sample
+
+    image, captions, _ = decode_sample({"jpg": jpeg(size=size), "txt": b"a caption"}, min_side)
+    assert image.size == expected and captions == ["a caption"]
+    png = io.BytesIO()
+    Image.new("RGB", size, (1, 2, 3)).save(png, format="PNG")
+    assert decode_sample({"png": png.getvalue(), "txt": b"x"}, min_side)[0].size == size  # not a JPEG: whole
+
+
+def test_training_batches_carry_uint8_pixels(tmp_path):
+    from multimodal.data.datamodule import ShardDataModule
+
+    write_synthetic(tmp_path / "train", num_samples=64, shard_size=16)
+    data = ShardDataModule(str(tmp_path / "train"), batch_size=8, num_workers=0)
+    batch = next(iter(data.train_dataloader()))
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, 64, 64)

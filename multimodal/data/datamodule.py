@@ -90,9 +90,9 @@ class ShardDataModule(pl.LightningDataModule):
         if num_batches == 0:
             raise UserError(f"{total} training samples do not fill one global batch of {self.batch_size} x {world} "
                             "devices: lower data.batch_size.")
-        train_transform, _ = arch.transforms(self.model_name)
         stream = ImageTextStream(
-            urls, image_transform=train_transform, tokenizer=arch.tokenizer(self.model_name),
+            urls, image_transform=arch.train_pixels(self.model_name), tokenizer=arch.tokenizer(self.model_name),
+            draft_size=arch.image_size(self.model_name),
             batch_size=self.batch_size, num_batches=num_batches, position=StreamPosition(rank, world),
             shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, seed=self.seed,
         )

@@ -86,13 +86,20 @@ class BadSample(Exception):
     """A sample that cannot be used; its message is the kind of fault."""
 
 
-def decode_sample(raw: dict) -> tuple[Image.Image, list[str], dict]:
-    """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample."""
+def decode_sample(raw: dict, min_side: int | None = None) -> tuple[Image.Image, list[str], dict]:
+    """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample.
+
+    With `min_side`, a JPEG much larger than that is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
+    DCT scaling through PIL's draft mode), keeping both sides at least `min_side`: the decoder
+    produces no more pixels than the crop needs.
+    """
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
         raise BadSample("no image")
     try:
         with Image.open(io.BytesIO(raw[image_key])) as image:
+            if min_side and image.format == "JPEG":
+                image.draft("RGB", (min_side, min_side))
             rgb = image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadSample("bad image") from exc
@@ -164,14 +171,18 @@ class StreamPosition:
 class ImageTextStream(IterableDataset):
     """Full batches of {"image": (B, 3, H, W), "text": (B, L), "skipped": int} for one rank.
 
+    `image` is whatever `image_transform` makes of a PIL image: uint8 pixels in training
+    (`arch.train_pixels`), normalised on the device by the module. `draft_size`: see `decode_sample`.
+
     Yields exactly `num_batches` batches per epoch, split over the DataLoader's workers.
     """
 
     def __init__(self, urls: list[str], *, image_transform: Callable, tokenizer: Callable, batch_size: int,
                  num_batches: int, position: StreamPosition = StreamPosition(), shuffle_buffer: int = 1000,
-                 resampled: bool = False, seed: int = 0):
+                 resampled: bool = False, seed: int = 0, draft_size: int | None = None):
         super().__init__()
         self.urls, self.image_transform, self.tokenizer = urls, image_transform, tokenizer
+        self.draft_size = draft_size
         self.batch_size, self.num_batches, self.position = batch_size, num_batches, position
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
         self.epoch = -1  # advanced by every __iter__, in the worker's own copy (persistent workers)
@@ -204,7 +215,7 @@ class ImageTextStream(IterableDataset):
         images, texts, skipped, bad_in_a_row = [], [], 0, 0
         for raw in raw_samples:
             try:
-                image, captions, _ = decode_sample(raw)
+                image, captions, _ = decode_sample(raw, self.draft_size)
             except BadSample:
                 skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
                 if bad_in_a_row == MAX_BAD_IN_A_ROW:
