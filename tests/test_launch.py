@@ -1,6 +1,7 @@
 """Cluster launchers and recipes: torchrun and SLURM scripts run `multimodal train` unchanged
 (two CPU ranks here, SLURM through a stand-in srun), and the recipes parse with the batch they state."""
 
+import json
 import os
 import re
 import subprocess
@@ -89,3 +90,15 @@ def test_recipe_parses_and_states_its_global_batch(recipe, tmp_path):
     printed = yaml.safe_load(proc.stdout)
     assert printed["model"]["model_name"] == config["model"]["model_name"]
     assert printed["model"]["lr"] == config["model"]["lr"]
+
+
+def test_checkpoints_every_n_steps_keep_the_last_k(tmp_path):
+    """The recipes' checkpointing: every N steps, the K newest kept, plus last.ckpt."""
+    callback = json.dumps({"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                           "init_args": {"save_last": True, "every_n_train_steps": 2, "save_top_k": 2,
+                                         "monitor": "step", "mode": "max"}})
+    proc = run_cli("train", "--config", DEBUG, "--data.val_shards", "null", "--data.synthetic.val_samples", "0",
+                   "--trainer.max_steps", "10", "--trainer.callbacks", callback, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "runs" / "debug" / "version_0" / "checkpoints").iterdir())
+    assert names == ["epoch=0-step=10.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"]

@@ -1,0 +1,129 @@
+"""Benchmark: our data pipeline against open_clip's webdataset pipeline, images/s side by side.
+
+    python scripts/bench_data.py [--workers 2] [--batch-size 64] [--batches 40] [--data ../shared/data/coco-mini]
+
+Both read the same shards of full-size COCO JPEGs (about 640 x 480, written once into .bench/ with
+`write_coco` and no resizing), draw shards with replacement, shuffle, decode, crop to ViT-B-32's
+224 px with open_clip's train transform, tokenise one caption and batch, with the same batch size
+and DataLoader workers. Ours: `ImageTextStream` with JPEG draft-mode decoding and uint8 pixels; to
+be conservative the timing includes normalising them, which training does on the accelerator.
+Theirs: `open_clip_train.data.get_wds_dataset`, run in its own virtual environment (.venv-openclip,
+created on first use: open_clip_train's pipeline needs webdataset <= 0.2.86; with webdataset 1.0 it
+fails with KeyError 'fname'). Prints images/s of both and their ratio (ours / theirs).
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from multimodal import arch  # noqa: E402
+from multimodal.data.pipeline import ImageTextStream, expand_urls  # noqa: E402
+from multimodal.data.shards import write_coco  # noqa: E402
+
+MODEL = "ViT-B-32"
+REFERENCE_VENV = REPO / ".venv-openclip"
+REFERENCE_PACKAGES = ["torch==2.14.1", "torchvision==0.29.1", "open_clip_torch==3.3.0", "webdataset==0.2.86",
+                      "pandas", "braceexpand"]
+
+THEIRS = r"""
+import json, sys, time
+from argparse import Namespace
+import open_clip
+from open_clip_train.data import get_wds_dataset
+urls, batch_size, workers, batches = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+args = Namespace(train_data=urls, val_data=None, train_num_samples=batch_size * (batches + 5) * 4,
+                 dataset_resampled=True, train_data_upsampling_factors=None, seed=0, batch_size=batch_size,
+                 workers=workers, world_size=1, rank=0, distributed=False)
+preprocess = open_clip.image_transform(224, is_train=True)
+data = get_wds_dataset(args, preprocess, is_train=True, tokenizer=open_clip.get_tokenizer("ViT-B-32"))
+loader = iter(data.dataloader)
+for _ in range(3):  # workers start, shuffle buffers fill
+    next(loader)
+start = time.perf_counter()
+for _ in range(batches):
+    images, texts = next(loader)
+elapsed = time.perf_counter() - start
+print(json.dumps({"images_per_second": batches * batch_size / elapsed, "shape": list(images.shape)}))
+"""
+
+
+def shards(data: Path) -> str:
+    """Shards of the COCO subset at full resolution, written once; a '::'-joined spec of both splits."""
+    specs = []
+    for split in ("train2017", "val2017"):
+        out = REPO / ".bench" / f"coco-full-{split}"
+        if not (out / "sizes.json").is_file():
+            write_coco(data / "annotations" / f"captions_{split}.json", data / split, out, shard_size=20)
+        specs.append(str(out))
+    return "::".join(specs)
+
+
+def ours(spec: str, batch_size: int, workers: int, batches: int) -> float:
+    urls = expand_urls(spec)
+    stream = ImageTextStream(urls, image_transform=arch.train_pixels(MODEL), tokenizer=arch.tokenizer(MODEL),
+                             batch_size=batch_size, num_batches=batches + 3, shuffle_buffer=1000, resampled=True,
+                             draft_size=arch.image_size(MODEL))
+    loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None))
+    mean, std = arch.pixel_stats(MODEL)
+    for _ in range(3):
+        next(loader)
+    start = time.perf_counter()
+    for _ in range(batches):
+        batch = next(loader)
+        arch.normalize(batch["image"], mean, std)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+def reference_python() -> Path:
+    python = REFERENCE_VENV / "bin" / "python"
+    if not python.is_file():
+        print(f"Creating {REFERENCE_VENV} for open_clip_train's pipeline (a few minutes, once)...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(REFERENCE_VENV)], check=True)
+        subprocess.run([str(REFERENCE_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
+                        *REFERENCE_PACKAGES], check=True)
+    return python
+
+
+def theirs(spec: str, batch_size: int, workers: int, batches: int) -> float:
+    urls = "::".join(expand_urls(spec))
+    proc = subprocess.run([str(reference_python()), "-c", THEIRS, urls, str(batch_size), str(workers), str(batches)],
+                          capture_output=True, text=True, env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    if proc.returncode != 0:
+        sys.exit(f"open_clip's pipeline failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_second"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "coco-mini")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=2, help="alternate the two this many times, keep the best")
+    args = parser.parse_args()
+    if not (args.data / "annotations").is_dir():
+        sys.exit(f"{args.data} is not a COCO folder (annotations/, train2017/, val2017/).")
+    torch.set_num_threads(1)
+    spec = shards(args.data)
+    ours_best = theirs_best = 0.0
+    for _ in range(args.repeats):  # alternate, so that neither gets a quieter machine
+        ours_best = max(ours_best, ours(spec, args.batch_size, args.workers, args.batches))
+        theirs_best = max(theirs_best, theirs(spec, args.batch_size, args.workers, args.batches))
+    print(f"{args.batches} batches of {args.batch_size} full-size COCO JPEGs -> {MODEL} 224 px train crops, "
+          f"{args.workers} workers")
+    print(f"  ours      {ours_best:8.1f} images/s")
+    print(f"  open_clip {theirs_best:8.1f} images/s")
+    print(f"  ratio     {ours_best / theirs_best:8.2f}x (ours / open_clip)")
+
+
+if __name__ == "__main__":
+    main()
