@@ -9,9 +9,10 @@ the towers, tokenizer and transforms for it exactly as they do for ViT-B-32.
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import torch
-import torchvision.transforms as T
+import torchvision.transforms.v2 as T2
 from open_clip.transform import PreprocessCfg, image_transform_v2
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -63,16 +64,24 @@ def transforms(name: str):
 
 
 def train_pixels(name: str) -> Callable[[Image.Image], torch.Tensor]:
-    """The training crop of open_clip's train transform, stopping at uint8: PIL image -> (3, H, W) uint8.
+    """open_clip's training crop, stopping at uint8: PIL image -> (3, H, W) uint8.
 
-    The same RandomResizedCrop (scale 0.9-1, open_clip's interpolation) as `transforms(name)[0]`;
-    scaling to [0, 1] and normalising happen on the device (`normalize`), so that workers, pinned
-    memory and the host-to-device copy move a quarter of the bytes of float32 pixels.
+    The same RandomResizedCrop (scale 0.9-1, the same crop boxes for the same random state) as
+    `transforms(name)[0]`, but resampled by torch's antialiased uint8 kernels, which are several
+    times faster than PIL's and agree with them to a level or two in 255. Scaling to [0, 1] and
+    normalising happen on the device (`normalize`): workers, pinned memory and the host-to-device
+    copy move a quarter of the bytes of float32 pixels.
     """
     cfg = PreprocessCfg(size=image_size(name))
     interpolation = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[cfg.interpolation]
-    crop = T.RandomResizedCrop(cfg.size, scale=(0.9, 1.0), interpolation=interpolation)
-    return T.Compose([crop, T.PILToTensor()])
+    size = [cfg.size, cfg.size] if isinstance(cfg.size, int) else list(cfg.size)
+    crop = T2.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=interpolation, antialias=True)
+
+    def pixels(image: Image.Image) -> torch.Tensor:
+        array = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # writable: torch wants it so
+        return crop(torch.from_numpy(array).permute(2, 0, 1))
+
+    return pixels
 
 
 def pixel_stats(name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,7 +92,7 @@ def pixel_stats(name: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) uint8 pixels -> float32 normalised as open_clip's transforms do: (x / 255 - mean) / std."""
-    return (pixels.float() / 255 - mean) / std
+    return pixels.float().mul_(1 / (255 * std)).sub_(mean / std)  # in place: one pass, one allocation
 
 
 def tokenizer(name: str):

@@ -137,16 +137,24 @@ def test_url_forms(tmp_path):
         expand_urls(str(tmp_path / "empty"))
 
 
-def test_uint8_training_pixels_normalised_on_device_equal_open_clips_train_transform():
+def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_transform():
+    """Same crop box for the same random state; resampling agrees to a level or two in 255."""
     g = torch.Generator().manual_seed(0)
-    image = Image.fromarray(torch.randint(0, 256, (300, 420, 3), generator=g, dtype=torch.uint8).numpy())
+    noise = torch.randint(0, 256, (300, 420, 3), generator=g, dtype=torch.uint8)
+    smooth = torch.nn.functional.avg_pool2d(noise.permute(2, 0, 1)[None].float(), 9, 1, 4)[0]  # photo-like
+    image = Image.fromarray(smooth.permute(1, 2, 0).round().to(torch.uint8).numpy())
     train, _ = arch.transforms("ViT-B-32")
-    torch.manual_seed(7)
-    theirs = train(image)
-    torch.manual_seed(7)
-    pixels = arch.train_pixels("ViT-B-32")(image)
-    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
-    torch.testing.assert_close(arch.normalize(pixels[None], *arch.pixel_stats("ViT-B-32"))[0], theirs)
+    pixels_of = arch.train_pixels("ViT-B-32")
+    for seed in range(5):
+        torch.manual_seed(seed)
+        theirs = train(image)
+        torch.manual_seed(seed)
+        pixels = pixels_of(image)
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
+        ours = arch.normalize(pixels[None], *arch.pixel_stats("ViT-B-32"))[0]
+        level = 1 / (255 * 0.26)  # one uint8 level in normalised units
+        assert (ours - theirs).abs().mean() < 0.5 * level
+        assert (ours - theirs).abs().max() < 4 * level
 
 
 @pytest.mark.parametrize("size,min_side,expected", [
