@@ -44,13 +44,15 @@ class TrainCLI(LightningCLI):
 
 # Lightning's warnings about our deliberate choices: args passed from Python, two loggers sharing
 # one folder, __len__ on the IterableDataset (exact per rank by construction), no validation
-# shards (an empty val loader), and a deprecation inside Lightning itself.
+# shards (an empty val loader), a deprecation inside Lightning itself, and the module (not the
+# DataModule) normalising uint8 pixels on the device.
 QUIET = (
     ".*args parameter is intended to run from within Python.*",
     ".*Experiment logs directory .* exists and is not empty.*",
     ".*Your `IterableDataset` has `__len__` defined.*",
     ".*Total length of `list` across ranks is zero.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
+    ".*overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`.*",
 )
 
 
