@@ -11,8 +11,10 @@ Options for large models and batches: the CLIP or SigLIP loss, gradient-cached m
 """
 
 import math
+import random
 from typing import Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
@@ -28,6 +30,23 @@ from multimodal.throughput import StepTimer, flops_per_sample, peak_tflops
 from multimodal.weights import load_weights
 
 MAX_LOGIT_SCALE = math.log(100)
+
+
+def rng_states() -> dict:
+    """This process's random states, as plain values and tensors (checkpoints load with weights_only)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 class CLIPModule(pl.LightningModule):
@@ -98,6 +117,7 @@ class CLIPModule(pl.LightningModule):
         self._timer = StepTimer()
         self._flops_per_sample: float | None = None
         self._pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stream_progress: dict[int, tuple[int, int]] = {}  # worker -> (batches, samples consumed)
         self.skipped_samples = 0
         self._val_outputs: list = []
 
@@ -143,6 +163,11 @@ class CLIPModule(pl.LightningModule):
             self._flops_per_sample = flops_per_sample(copy, self.hparams.model_name, loss_fn)
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # The stream's position, for a mid-epoch resume: recorded as the batch starts, because a
+        # checkpoint callback saves in on_train_batch_end before the module's own hook runs.
+        if "worker" in batch:
+            batches = self._stream_progress.get(batch["worker"], (0, 0))[0]
+            self._stream_progress[batch["worker"]] = (batches + 1, int(batch["consumed"]))
         self._timer.start(batch["image"].shape[0])
         rates = self._timer.rates()
         if rates is None:
@@ -160,6 +185,29 @@ class CLIPModule(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._timer.end()
+
+    def on_train_epoch_start(self) -> None:
+        self._stream_progress = {}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Add every rank's stream position and random state (Lightning saves model, optimizer,
+        scheduler, scaler and loop progress). Runs on every rank, as checkpointing does."""
+        progress = distributed.all_gather_objects(self._stream_progress)
+        checkpoint["stream_position"] = {
+            "epoch": self.current_epoch, "global_step": self.global_step, "world_size": self.trainer.world_size,
+            "num_workers": max(1, getattr(self.trainer.datamodule, "num_workers", 0) or 0),
+            "ranks": [{int(w): list(p) for w, p in rank.items()} for rank in progress],
+        }
+        checkpoint["rng_states"] = distributed.all_gather_objects(rng_states())
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get("rng_states")
+        if states and len(states) == self.trainer.world_size:
+            set_rng_states(states[self.trainer.global_rank])
+        position = checkpoint.get("stream_position")
+        datamodule = self.trainer.datamodule if self.trainer else None
+        if position and hasattr(datamodule, "resume_from"):
+            datamodule.resume_from(position)
 
     def contrastive_loss(self, image_features: torch.Tensor, text_features: torch.Tensor,
                          gather: bool = True) -> torch.Tensor:

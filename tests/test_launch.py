@@ -93,12 +93,15 @@ def test_recipe_parses_and_states_its_global_batch(recipe, tmp_path):
 
 
 def test_checkpoints_every_n_steps_keep_the_last_k(tmp_path):
-    """The recipes' checkpointing: every N steps, the K newest kept, plus last.ckpt."""
-    callback = json.dumps({"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
-                           "init_args": {"save_last": True, "every_n_train_steps": 2, "save_top_k": 2,
-                                         "monitor": "step", "mode": "max"}})
+    """The recipes' checkpointing: every N steps, the K newest kept, plus last.ckpt, and epoch ends."""
+    recipe = yaml.safe_load((REPO / "configs" / "cluster" / "vit-b-32.yaml").read_text())
+    callbacks = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    callbacks[0]["init_args"].update(every_n_train_steps=6, save_top_k=2)
+    callbacks[1]["init_args"].update(save_top_k=2)
     proc = run_cli("train", "--config", DEBUG, "--data.val_shards", "null", "--data.synthetic.val_samples", "0",
-                   "--trainer.max_steps", "10", "--trainer.callbacks", callback, cwd=tmp_path)
+                   "--trainer.max_steps", "20", "--trainer.callbacks", json.dumps(callbacks), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "runs" / "debug" / "version_0" / "checkpoints").iterdir())
-    assert names == ["epoch=0-step=10.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"]
+    # the run stops at max_steps=20 inside epoch 1, which Lightning counts as that epoch's end
+    assert names == ["epoch=0-end.ckpt", "epoch=0-step=12.ckpt", "epoch=1-end.ckpt", "epoch=1-step=18.ckpt",
+                     "last.ckpt"]

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from multimodal import arch, demo
@@ -19,8 +20,10 @@ class TrainCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name", "data.model_name")
-        parser.add_argument("--ckpt_path", type=str | None, default=None,
-                            help="Resume training from this checkpoint (e.g. RUN_DIR/checkpoints/last.ckpt).")
+        parser.add_argument("--resume", type=str | None, default=None,
+                            help="Continue a run: its folder (runs/NAME/version_N: its last.ckpt, logging on in that "
+                                 "folder) or a checkpoint file. Mid-epoch, the data stream continues where it stopped.")
+        parser.add_argument("--ckpt_path", type=str | None, default=None, help="The checkpoint to resume from.")
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config.trainer
@@ -29,11 +32,15 @@ class TrainCLI(LightningCLI):
             trainer.precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
         # TensorBoard and CSV loggers each pick "the next free version" on their own and can
         # disagree; give them one version so config, checkpoints and both logs share a folder.
+        resumed_version = self._resume()
         loggers = self.config.trainer.logger
         if not isinstance(loggers, list) or not loggers:
             return
         first = loggers[0].init_args
-        if first.get("version") is None:
+        if resumed_version is not None and Path(first.save_dir) / (first.get("name") or "") == resumed_version[0]:
+            for logger in loggers:  # log on in the resumed run's folder
+                logger.init_args.version = resumed_version[1]
+        elif first.get("version") is None:
             root = Path(first.save_dir) / (first.get("name") or "")
             taken = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
             version = max(taken, default=-1) + 1
@@ -41,11 +48,26 @@ class TrainCLI(LightningCLI):
                 if logger.init_args.get("version") is None:
                     logger.init_args.version = version
 
+    def _resume(self) -> tuple[Path, int] | None:
+        """Turn --resume into ckpt_path; (logger root, version) when it names a run folder."""
+        if not self.config.get("resume"):
+            return None
+        path = Path(self.config.resume)
+        ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+        if not ckpt.is_file():
+            raise UserError(f"Nothing to resume at {path}: pass a run folder with checkpoints/last.ckpt, "
+                            "or a checkpoint file.")
+        self.config.ckpt_path = str(ckpt)
+        run = path if path.is_dir() else ckpt.parent.parent
+        match = re.fullmatch(r"version_(\d+)", run.name)
+        return (run.parent, int(match.group(1))) if match else None
+
 
 # Lightning's warnings about our deliberate choices: args passed from Python, two loggers sharing
 # one folder, __len__ on the IterableDataset (exact per rank by construction), no validation
 # shards (an empty val loader), a deprecation inside Lightning itself, and the module (not the
-# DataModule) normalising uint8 pixels on the device.
+# DataModule) normalising uint8 pixels on the device; and mid-epoch resume, which the stream
+# does position (ImageTextStream's `resume`), though not through Lightning's loader state.
 QUIET = (
     ".*args parameter is intended to run from within Python.*",
     ".*Experiment logs directory .* exists and is not empty.*",
@@ -53,6 +75,7 @@ QUIET = (
     ".*Total length of `list` across ranks is zero.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
     ".*overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`.*",
+    ".*resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.*",
 )
 
 
@@ -70,8 +93,25 @@ def _train_cli(argv: list[str]) -> TrainCLI:
                         "check trainer.accelerator, trainer.devices, trainer.precision and trainer.strategy.") from None
 
 
+def _keep_csv_metrics(trainer) -> None:
+    """Lightning's CSV writer deletes a folder's metrics.csv when it starts; a resumed run logging on
+    in its own folder keeps the rows written before the interruption, and their columns."""
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger) or trainer.global_rank != 0:
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        if path.is_file():
+            before = path.read_text()
+            writer = logger.experiment  # created now: this deletes the file
+            path.write_text(before)
+            header = before.splitlines()[0].split(",") if before else []
+            writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
+
+
 def train(argv: list[str]) -> int:
     cli = _train_cli(argv)
+    if cli.config.get("resume"):
+        _keep_csv_metrics(cli.trainer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
     return 0
 

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from multimodal import arch
-from multimodal.data.pipeline import ImageTextStream, StreamPosition, count_samples, expand_urls
+from multimodal.data.pipeline import ImageTextStream, StreamPosition, WorkerProgress, count_samples, expand_urls
 from multimodal.data.shards import MANIFEST, write_synthetic
 from multimodal.data.synthetic import SyntheticData
 from multimodal.errors import UserError
@@ -57,6 +57,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_shards, self.val_shards, self.model_name = train_shards, val_shards, model_name
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.resampled, self.num_samples, self.seed, self.synthetic = resampled, num_samples, seed, synthetic
+        self._resume: dict | None = None
         arch.resolve(model_name)
         if synthetic is None:  # fail before any work starts, not at the first batch
             expand_urls(train_shards)
@@ -74,6 +75,33 @@ class ShardDataModule(pl.LightningDataModule):
             if folder and count and not (Path(folder) / MANIFEST).is_file():
                 write_synthetic(Path(folder), count, s.shard_size, s.image_size, s.seed, first_index=first)
 
+    def resume_from(self, position: dict) -> None:
+        """The stream position saved in a checkpoint (CLIPModule.on_save_checkpoint), for the next train_dataloader."""
+        self._resume = position
+
+    def _resume_args(self, rank: int, world: int) -> dict:
+        """ImageTextStream arguments that continue the saved position, once.
+
+        Shards read in order: the epoch continues where it stopped, every worker skipping the samples
+        it had consumed, so nothing of the current pass is seen twice. Resampled: shards are drawn
+        afresh, with a seed that depends on the step, since an endless draw has no position.
+        """
+        epoch = self.trainer.current_epoch if self.trainer else 0
+        position, self._resume = self._resume, None
+        if position is None:
+            return {"first_epoch": epoch}
+        if self.resampled:
+            return {"first_epoch": epoch, "seed": hash((self.seed, position["global_step"])) % 2**31}
+        if position["epoch"] != epoch:  # saved at an epoch's end: the next epoch starts afresh
+            return {"first_epoch": epoch}
+        workers = max(1, self.num_workers)
+        ranks = position["ranks"]
+        if position["world_size"] != world or position["num_workers"] != workers:
+            raise UserError(f"The checkpoint stopped mid-epoch with {position['world_size']} devices x "
+                            f"{position['num_workers']} data workers: resume with the same (now {world} x {workers}), "
+                            "or from an end-of-epoch checkpoint.")
+        return {"first_epoch": epoch, "resume": {int(w): WorkerProgress(*p) for w, p in ranks[rank].items()}}
+
     def train_dataloader(self) -> DataLoader:
         urls = expand_urls(self.train_shards)
         world = self.trainer.world_size if self.trainer else 1
@@ -90,11 +118,12 @@ class ShardDataModule(pl.LightningDataModule):
         if num_batches == 0:
             raise UserError(f"{total} training samples do not fill one global batch of {self.batch_size} x {world} "
                             "devices: lower data.batch_size.")
+        resume = self._resume_args(rank, world)
         stream = ImageTextStream(
             urls, image_transform=arch.train_pixels(self.model_name), tokenizer=arch.tokenizer(self.model_name),
             draft_size=arch.image_size(self.model_name),
             batch_size=self.batch_size, num_batches=num_batches, position=StreamPosition(rank, world),
-            shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, **{"seed": self.seed, **resume},
         )
         return DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,

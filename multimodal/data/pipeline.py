@@ -168,8 +168,25 @@ class StreamPosition:
     world_size: int = 1
 
 
+@dataclass(frozen=True)
+class WorkerProgress:
+    """How far one worker got in an epoch: batches it yielded, and raw samples its batches consumed
+    (from the shuffle buffer, bad ones included). Enough to skip them without decoding on resume."""
+
+    batches: int = 0
+    consumed: int = 0
+
+
 class ImageTextStream(IterableDataset):
-    """Full batches of {"image": (B, 3, H, W), "text": (B, L), "skipped": int} for one rank.
+    """Full batches of {"image": (B, 3, H, W), "text": (B, L), "skipped": int, "keys": [B],
+    "worker": int, "consumed": int} for one rank.
+
+    `worker` and `consumed` (raw samples this worker's batches have consumed so far this epoch)
+    let a trainer record its position; `resume` (worker -> WorkerProgress) continues epoch
+    `first_epoch` from such a position: each worker replays its shard order and shuffle buffer
+    without decoding, skips the samples it had consumed, and yields only its remaining batches.
+    The shuffle buffer draws from its own generator, apart from caption choice, so that the replay
+    is exact.
 
     `image` is whatever `image_transform` makes of a PIL image: uint8 pixels in training
     (`arch.train_pixels`), normalised on the device by the module. `draft_size`: see `decode_sample`.
@@ -179,24 +196,27 @@ class ImageTextStream(IterableDataset):
 
     def __init__(self, urls: list[str], *, image_transform: Callable, tokenizer: Callable, batch_size: int,
                  num_batches: int, position: StreamPosition = StreamPosition(), shuffle_buffer: int = 1000,
-                 resampled: bool = False, seed: int = 0, draft_size: int | None = None):
+                 resampled: bool = False, seed: int = 0, draft_size: int | None = None, first_epoch: int = 0,
+                 resume: dict[int, WorkerProgress] | None = None):
         super().__init__()
         self.urls, self.image_transform, self.tokenizer = urls, image_transform, tokenizer
         self.draft_size = draft_size
         self.batch_size, self.num_batches, self.position = batch_size, num_batches, position
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
-        self.epoch = -1  # advanced by every __iter__, in the worker's own copy (persistent workers)
+        self.first_epoch, self.resume = first_epoch, resume or {}
+        self.epoch = first_epoch - 1  # advanced by every __iter__, in the worker's own copy (persistent workers)
 
     def __len__(self) -> int:
         return self.num_batches
 
-    def _shard_stream(self, worker: int, num_workers: int, read: list[int]) -> Iterator[dict]:
-        """Endless shard URLs for one worker; `read[0]` counts the samples read from them so far."""
+    def _passes(self, worker: int, num_workers: int) -> Iterator[Iterator[str]]:
+        """This worker's shard URLs, one iterator per pass over its shards (a fresh order each pass);
+        resampled: a single endless draw with replacement."""
         pos = self.position
         if self.resampled:
             rng = random.Random(hash((self.seed, self.epoch, pos.rank, worker)))
-            while True:
-                yield {"url": rng.choice(self.urls)}
+            yield (rng.choice(self.urls) for _ in iter(int, 1))
+            return
         slot, slots = pos.rank * num_workers + worker, pos.world_size * num_workers
         if len(self.urls) < slots:
             raise UserError(f"{len(self.urls)} shards cannot be split over {pos.world_size} ranks x {num_workers} "
@@ -205,15 +225,26 @@ class ImageTextStream(IterableDataset):
         while True:
             order = list(self.urls)
             random.Random(hash((self.seed, self.epoch, cycle))).shuffle(order)  # same on every rank
-            before = read[0]
-            yield from ({"url": u} for u in order[slot::slots])
-            if read[0] == before:  # a whole pass over our shards gave nothing: never loop forever
-                raise UserError(f"Shards {order[slot::slots][:3]} hold no readable image-text sample.")
+            yield iter(order[slot::slots])
             cycle += 1
 
-    def _batches(self, raw_samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
-        images, texts, skipped, bad_in_a_row = [], [], 0, 0
+    def _raw_samples(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict]:
+        """Raw samples, shuffled within each pass: the buffer drains at the end of a pass, so one
+        pass yields every sample of this worker's shards exactly once."""
+        for urls in self._passes(worker, num_workers):
+            read = [0]
+            raw = _counted(wds.tarfile_samples(({"url": u} for u in urls), handler=wds.warn_and_continue), read)
+            if self.shuffle_buffer > 1:
+                raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
+            yield from raw
+            if read[0] == 0:  # a whole pass over our shards gave nothing: never loop forever
+                raise UserError(f"The shards of worker {worker} on rank {self.position.rank} hold no readable "
+                                "image-text sample.")
+
+    def _batches(self, raw_samples: Iterator[dict], rng: random.Random, worker: int, consumed: int) -> Iterator[dict]:
+        images, texts, keys, skipped, bad_in_a_row = [], [], [], 0, 0
         for raw in raw_samples:
+            consumed += 1
             try:
                 image, captions, _ = decode_sample(raw, self.draft_size)
             except BadSample:
@@ -225,22 +256,24 @@ class ImageTextStream(IterableDataset):
             bad_in_a_row = 0
             images.append(self.image_transform(image))
             texts.append(self.tokenizer([rng.choice(captions)])[0])
+            keys.append(raw["__key__"])
             if len(images) == self.batch_size:
-                yield {"image": torch.stack(images), "text": torch.stack(texts), "skipped": skipped}
-                images, texts, skipped = [], [], 0
+                yield {"image": torch.stack(images), "text": torch.stack(texts), "skipped": skipped, "keys": keys,
+                       "worker": worker, "consumed": consumed}
+                images, texts, keys, skipped = [], [], [], 0
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         self.epoch += 1
         quota = self.num_batches // num_workers + (worker < self.num_batches % num_workers)
-        rng = random.Random(hash((self.seed, self.epoch, self.position.rank, worker)))
-        read = [0]
-        raw = wds.tarfile_samples(self._shard_stream(worker, num_workers, read), handler=wds.warn_and_continue)
-        raw = _counted(raw, read)
-        if self.shuffle_buffer > 1:
-            raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
-        yield from islice(self._batches(raw, rng), quota)
+        done = self.resume.get(worker, WorkerProgress()) if self.epoch == self.first_epoch else WorkerProgress()
+        seed = (self.seed, self.epoch, self.position.rank, worker)
+        raw = self._raw_samples(worker, num_workers, random.Random(hash(seed)))
+        for _ in islice(raw, done.consumed):  # resuming: what was already trained on, read but not decoded
+            pass
+        captions_rng = random.Random(hash((*seed, "captions", done.consumed)))
+        yield from islice(self._batches(raw, captions_rng, worker, done.consumed), max(0, quota - done.batches))
 
 
 def _counted(items: Iterator[dict], counter: list[int]) -> Iterator[dict]:
