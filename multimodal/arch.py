@@ -63,8 +63,8 @@ def transforms(name: str):
     return image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, is_train=False)
 
 
-def train_pixels(name: str) -> Callable[[Image.Image], torch.Tensor]:
-    """open_clip's training crop, stopping at uint8: PIL image -> (3, H, W) uint8.
+def train_pixels(name: str) -> Callable[[Image.Image | np.ndarray], torch.Tensor]:
+    """open_clip's training crop, stopping at uint8: PIL image or (H, W, 3) array -> (3, H, W) uint8.
 
     The same RandomResizedCrop (scale 0.9-1, the same crop boxes for the same random state) as
     `transforms(name)[0]`, but resampled by torch's antialiased uint8 kernels, which are several
@@ -77,9 +77,11 @@ def train_pixels(name: str) -> Callable[[Image.Image], torch.Tensor]:
     size = [cfg.size, cfg.size] if isinstance(cfg.size, int) else list(cfg.size)
     crop = T2.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=interpolation, antialias=True)
 
-    def pixels(image: Image.Image) -> torch.Tensor:
-        array = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # writable: torch wants it so
-        return crop(torch.from_numpy(array).permute(2, 0, 1))
+    def pixels(image: Image.Image | np.ndarray) -> torch.Tensor:
+        """A PIL image or an (H, W, 3) uint8 array (`pipeline.decode_jpeg_pixels`)."""
+        if isinstance(image, Image.Image):
+            image = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # writable: torch wants it so
+        return crop(torch.from_numpy(image).permute(2, 0, 1))
 
     return pixels
 

@@ -160,14 +160,16 @@ def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_trans
 @pytest.mark.parametrize("size,min_side,expected", [
     ((1600, 1200), 224, (400, 300)),  # 1/4 scale: 1/8 would be 150 px high, under 224
     ((640, 480), 224, (320, 240)),
-    ((640, 480), 300, (640, 480)),  # 1/2 would be 240 px high: full size
+    ((640, 480), 300, (400, 300)),  # libjpeg-turbo scales by n/8: 5/8 keeps 300 px
     ((1600, 1200), None, (1600, 1200)),
 ])
 def test_large_jpegs_decode_at_the_smallest_scale_that_covers_the_crop(size, min_side, expected):
+    """Draft decoding: the JPEG's DCT is scaled by n/8, the smallest n keeping both sides >= min_side."""
     from multimodal.data.pipeline import decode_sample
 
     image, captions, _ = decode_sample({"jpg": jpeg(size=size), "txt": b"a caption"}, min_side)
-    assert image.size == expected and captions == ["a caption"]
+    width_height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+    assert width_height == expected and captions == ["a caption"]
     png = io.BytesIO()
     Image.new("RGB", size, (1, 2, 3)).save(png, format="PNG")
     assert decode_sample({"png": png.getvalue(), "txt": b"x"}, min_side)[0].size == size  # not a JPEG: whole
@@ -180,3 +182,26 @@ def test_training_batches_carry_uint8_pixels(tmp_path):
     data = ShardDataModule(str(tmp_path / "train"), batch_size=8, num_workers=0)
     batch = next(iter(data.train_dataloader()))
     assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, 64, 64)
+
+
+def test_training_jpeg_decoding_equals_pils_pixels():
+    """The training path decodes JPEGs with libjpeg-turbo directly: the same pixels as PIL, as arrays."""
+    import numpy as np
+
+    from multimodal.data.pipeline import decode_sample
+
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randint(0, 256, (3, 240, 320), generator=g, dtype=torch.uint8)
+    smooth = torch.nn.functional.avg_pool2d(noise[None].float(), 5, 1, 2)[0].round().to(torch.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(smooth.permute(1, 2, 0).numpy()).save(buf, format="JPEG", quality=90)
+    raw = {"jpg": buf.getvalue(), "txt": b"x"}
+    array, _, _ = decode_sample(raw, min_side=224)
+    pil, _, _ = decode_sample(raw)
+    assert isinstance(array, np.ndarray) and array.dtype == np.uint8 and array.flags.writeable
+    assert np.abs(array.astype(int) - np.asarray(pil).astype(int)).max() <= 1
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (240, 240), (10, 20, 30, 0)).save(cmyk, format="JPEG")
+    image, _, _ = decode_sample({"jpg": cmyk.getvalue(), "txt": b"x"}, min_side=224)
+    reference = np.asarray(decode_sample({"jpg": cmyk.getvalue(), "txt": b"x"})[0]).astype(int)
+    assert image.shape == (240, 240, 3) and np.abs(np.asarray(image).astype(int) - reference).max() <= 2

@@ -107,3 +107,17 @@ def test_resume_a_run_folder_through_the_cli(tmp_path):
 
     missing = run_cli("train", "--config", config, "--resume", str(tmp_path / "nope"), cwd=tmp_path)
     assert missing.returncode == 2 and "Nothing to resume" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_random_states_round_trip_through_a_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    from multimodal.module import rng_states, set_rng_states
+
+    torch.save({"rng": rng_states()}, tmp_path / "s.pt")
+    drawn = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_states(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    again = (random.random(), np.random.rand(), torch.rand(3))
+    assert drawn[:2] == again[:2] and torch.equal(drawn[2], again[2])

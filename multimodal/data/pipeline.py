@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
+import simplejpeg
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
@@ -86,21 +88,35 @@ class BadSample(Exception):
     """A sample that cannot be used; its message is the kind of fault."""
 
 
-def decode_sample(raw: dict, min_side: int | None = None) -> tuple[Image.Image, list[str], dict]:
+def decode_jpeg_pixels(data: bytes, min_side: int) -> np.ndarray | None:
+    """A JPEG as (H, W, 3) uint8 RGB, straight from libjpeg-turbo (simplejpeg): no PIL image and no
+    extra copy. Decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) when that keeps both sides at least
+    `min_side`: the decoder produces no more pixels than the crop needs. None when not a JPEG it reads
+    (CMYK, progressive oddities, not a JPEG at all): the caller falls back to PIL."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_side, min_width=min_side)
+    except ValueError:
+        return None
+
+
+def decode_sample(raw: dict, min_side: int | None = None) -> tuple[Image.Image | np.ndarray, list[str], dict]:
     """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample.
 
-    With `min_side`, a JPEG much larger than that is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's
-    DCT scaling through PIL's draft mode), keeping both sides at least `min_side`: the decoder
-    produces no more pixels than the crop needs.
+    With `min_side` (training), JPEGs come back as (H, W, 3) uint8 arrays from `decode_jpeg_pixels`,
+    other images as PIL images drafted to no less than `min_side`; without it, always PIL images.
     """
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
         raise BadSample("no image")
+    pixels = decode_jpeg_pixels(raw[image_key], min_side) if min_side else None
     try:
-        with Image.open(io.BytesIO(raw[image_key])) as image:
-            if min_side and image.format == "JPEG":
-                image.draft("RGB", (min_side, min_side))
-            rgb = image.convert("RGB")
+        if pixels is None:
+            with Image.open(io.BytesIO(raw[image_key])) as image:
+                if min_side and image.format == "JPEG":
+                    image.draft("RGB", (min_side, min_side))
+                pixels = image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadSample("bad image") from exc
     captions: list = []
@@ -116,7 +132,7 @@ def decode_sample(raw: dict, min_side: int | None = None) -> tuple[Image.Image, 
     captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
     if not captions:
         raise BadSample("no caption")
-    return rgb, captions, record if isinstance(record, dict) else {}
+    return pixels, captions, record if isinstance(record, dict) else {}
 
 
 def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue
