@@ -120,6 +120,7 @@ class CLIPModule(pl.LightningModule):
         self._flops_per_sample: float | None = None
         self._pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stream_progress: dict[int, tuple[int, int]] = {}  # worker -> (batches, samples consumed)
+        self._val_scalars: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.skipped_samples = 0
         self._val_outputs: list = []
 
@@ -249,6 +250,11 @@ class CLIPModule(pl.LightningModule):
         """Embeds every image and caption of the held-out shards (`EmbedBatches` batches)."""
         images = self.model.encode_image(batch["images"]).float().cpu() if batch["images"] is not None else None
         texts = self.model.encode_text(batch["texts"]).float().cpu() if batch["texts"] is not None else None
+        # The loss's scalars as this step sees them: inside the strategy's forward, where an FSDP
+        # model holds whole parameters (outside it, a rank may hold none of logit_scale).
+        bias = self.model.logit_bias
+        self._val_scalars = (self.model.logit_scale.detach().exp().float().cpu(),
+                             bias.detach().float().cpu() if bias is not None else None)
         if batch["part"] < 0:  # padding (ShardDataModule.val_dataloader): towers run, results dropped
             return
         rows = {k: batch[k] for k in ("part", "image_rows", "text_rows")}  # keep no pixels or tokens
@@ -280,10 +286,13 @@ class CLIPModule(pl.LightningModule):
         image_features = emb.image_features[images]
         text_features = emb.text_features[[first[i] for i in images]]
         size = self.hparams.val_loss_batch_size
-        with torch.no_grad():
-            losses = [self.contrastive_loss(image_features[i:i + size].to(self.device),
-                                            text_features[i:i + size].to(self.device), gather=False).float()
-                      for i in range(0, len(images), size) if len(images[i:i + size]) > 1]
+        scale, bias = self._val_scalars
+        losses = []
+        for i in range(0, len(images), size):
+            if len(images[i:i + size]) > 1:
+                batch = (image_features[i:i + size], text_features[i:i + size])
+                losses.append(siglip_loss(*batch, scale, bias, gather=False) if self.hparams.loss == "siglip"
+                              else clip_loss(*batch, scale, gather=False))
         return torch.stack(losses).mean().item()
 
     def on_train_end(self) -> None:

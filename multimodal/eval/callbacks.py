@@ -2,11 +2,13 @@
 
 import warnings
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
@@ -58,6 +60,14 @@ class EmbeddingWriter(BasePredictionWriter):
         self.bar.close()
 
 
+def _whole_parameters(trainer: pl.Trainer):
+    """A context with whole parameters outside the training forward: FSDP keeps only shards between steps."""
+    wrapped = trainer.strategy.model
+    if isinstance(wrapped, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(wrapped, writeback=False)
+    return nullcontext()
+
+
 class ZeroShotCallback(pl.Callback):
     """Zero-shot classification after every validation: `val/zeroshot_top1`, `_top5`, `_mean_per_class_recall`.
 
@@ -88,7 +98,8 @@ class ZeroShotCallback(pl.Callback):
         name = pl_module.hparams.model_name
         samples = zeroshot.image_folder(Path(self.images))[1] if self.images else zeroshot.labelled_shards(self.shards)
         _, val_transform = arch.transforms(name)
-        with torch.autocast(pl_module.device.type, enabled=pl_module.device.type == "cuda", dtype=torch.bfloat16):
+        autocast = torch.autocast(pl_module.device.type, enabled=pl_module.device.type == "cuda", dtype=torch.bfloat16)
+        with _whole_parameters(trainer), autocast:
             result = zeroshot.evaluate(pl_module.model, arch.tokenizer(name), val_transform, self.classnames,
                                        self.templates, samples, self.batch_size, pl_module.device)
         for key in ("top1", "top5", "mean_per_class_recall"):
