@@ -246,6 +246,9 @@ class CLIPModule(pl.LightningModule):
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
+    def on_validation_start(self) -> None:
+        self._timer.pause()  # validation time is neither training nor waiting for training data
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Embeds every image and caption of the held-out shards (`EmbedBatches` batches)."""
         images = self.model.encode_image(batch["images"]).float().cpu() if batch["images"] is not None else None

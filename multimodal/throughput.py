@@ -78,6 +78,10 @@ class StepTimer:
     def end(self) -> None:
         self.last_end = time.perf_counter()
 
+    def pause(self) -> None:
+        """Leave out the time until the next start (validation, checkpointing between steps)."""
+        self.last_start = self.last_end = None
+
     def rates(self) -> tuple[float, float] | None:
         """(samples per second, data-wait fraction) over the window; None before two steps."""
         if not self.steps:

@@ -50,6 +50,22 @@ def test_step_timer_splits_step_time_into_compute_and_data_wait(monkeypatch):
     assert wait == pytest.approx(0.7)
 
 
+def test_step_timer_leaves_out_paused_time(monkeypatch):
+    clock = iter([0.0, 0.5, 1.0, 1.5, 100.0, 100.5, 101.0])  # a pause (validation) between 1.5 and 100
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
+    timer = StepTimer(window=10)
+    timer.start(10)
+    timer.end()
+    timer.start(10)
+    timer.end()
+    timer.pause()
+    timer.start(10)
+    timer.end()
+    timer.start(10)
+    samples_per_second, wait = timer.rates()
+    assert samples_per_second == pytest.approx(10.0) and wait == pytest.approx(0.5)
+
+
 def test_peak_is_unknown_off_gpu():
     assert throughput.peak_tflops(torch.device("cpu")) is None
 
