@@ -118,6 +118,7 @@ class CLIPModule(pl.LightningModule):
             self.model.towers.transformer.compile()
         self._timer = StepTimer()
         self._flops_per_sample: float | None = None
+        self._peak_tflops: float | None = None
         self._pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stream_progress: dict[int, tuple[int, int]] = {}  # worker -> (batches, samples consumed)
         self._val_scalars: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -160,6 +161,7 @@ class CLIPModule(pl.LightningModule):
 
     def on_train_start(self) -> None:
         self._timer = StepTimer(window=max(1, self.trainer.log_every_n_steps))
+        self._peak_tflops = self.hparams.peak_tflops or peak_tflops(self.device)  # once, not every step
         if self.hparams.count_flops:  # on a fresh copy: any strategy, compiled or sharded, counts the same
             copy = self._build_model()
             loss_fn = lambda i, t: self._loss(copy, i, t, gather=False)  # noqa: E731
@@ -182,9 +184,8 @@ class CLIPModule(pl.LightningModule):
         if self._flops_per_sample:
             achieved = self._flops_per_sample * per_device / 1e12
             self.log("train/tflops_per_device", achieved)
-            peak = self.hparams.peak_tflops or peak_tflops(self.device)
-            if peak:
-                self.log("train/mfu", achieved / peak)
+            if self._peak_tflops:
+                self.log("train/mfu", achieved / self._peak_tflops)
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
         self._timer.end()
@@ -219,9 +220,12 @@ class CLIPModule(pl.LightningModule):
 
     def _loss(self, model: CLIP, image_features: torch.Tensor, text_features: torch.Tensor,
               gather: bool) -> torch.Tensor:
-        scale = model.logit_scale.exp()
+        return self._loss_of(image_features, text_features, model.logit_scale.exp(), model.logit_bias, gather)
+
+    def _loss_of(self, image_features: torch.Tensor, text_features: torch.Tensor, scale: torch.Tensor,
+                 bias: torch.Tensor | None, gather: bool) -> torch.Tensor:
         if self.hparams.loss == "siglip":
-            return siglip_loss(image_features, text_features, scale, model.logit_bias, gather=gather)
+            return siglip_loss(image_features, text_features, scale, bias, gather=gather)
         return clip_loss(image_features, text_features, scale, gather=gather)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -290,12 +294,8 @@ class CLIPModule(pl.LightningModule):
         text_features = emb.text_features[[first[i] for i in images]]
         size = self.hparams.val_loss_batch_size
         scale, bias = self._val_scalars
-        losses = []
-        for i in range(0, len(images), size):
-            if len(images[i:i + size]) > 1:
-                batch = (image_features[i:i + size], text_features[i:i + size])
-                losses.append(siglip_loss(*batch, scale, bias, gather=False) if self.hparams.loss == "siglip"
-                              else clip_loss(*batch, scale, gather=False))
+        losses = [self._loss_of(image_features[i:i + size], text_features[i:i + size], scale, bias, gather=False)
+                  for i in range(0, len(images), size) if len(images[i:i + size]) > 1]
         return torch.stack(losses).mean().item()
 
     def on_train_end(self) -> None:

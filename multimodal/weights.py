@@ -75,6 +75,13 @@ def _has_logit_bias(path: Path) -> bool:
     return isinstance(state_dict, dict) and any(k.removeprefix("module.") == "logit_bias" for k in state_dict)
 
 
+def _load_towers(model: CLIP, state_dict: dict, path: Path, name: str) -> None:
+    try:
+        model.towers.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        raise _mismatch(path, name, exc) from None
+
+
 def load_weights(model: CLIP, checkpoint: str | Path, name: str) -> None:
     """Load a local checkpoint file's towers into `model` (of architecture `name`).
 
@@ -84,11 +91,7 @@ def load_weights(model: CLIP, checkpoint: str | Path, name: str) -> None:
     path = Path(checkpoint)
     _check_file(path)
     if path.suffix == ".ckpt":
-        state_dict, _ = _lightning_towers(path)
-        try:
-            model.towers.load_state_dict(state_dict, strict=True)
-        except RuntimeError as exc:
-            raise _mismatch(path, name, exc) from None
+        _load_towers(model, _lightning_towers(path)[0], path, name)
         return
     try:
         open_clip.load_checkpoint(model.towers, str(path), strict=True, weights_only=True)
@@ -108,12 +111,12 @@ def load_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[C
         model_name = model_name or hparams.get("model_name")
         if model_name is None:
             raise UserError(f"{path} does not name its architecture: pass --model.")
-        siglip = "logit_bias" in state_dict
-    else:
-        if model_name is None:
-            raise UserError(f"{path} is an open_clip state dict, which does not name its architecture: pass --model.")
-        siglip = _has_logit_bias(path)
-    model = create_model(model_name, init_logit_bias=0.0 if siglip else None)  # the bias value is loaded
+        model = create_model(model_name, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
+        _load_towers(model, state_dict, path, model_name)  # the checkpoint is read once
+        return model, model_name
+    if model_name is None:
+        raise UserError(f"{path} is an open_clip state dict, which does not name its architecture: pass --model.")
+    model = create_model(model_name, init_logit_bias=0.0 if _has_logit_bias(path) else None)  # value loaded next
     load_weights(model, path, model_name)
     return model, model_name
 

@@ -205,3 +205,13 @@ def test_training_jpeg_decoding_equals_pils_pixels():
     image, _, _ = decode_sample({"jpg": cmyk.getvalue(), "txt": b"x"}, min_side=224)
     reference = np.asarray(decode_sample({"jpg": cmyk.getvalue(), "txt": b"x"})[0]).astype(int)
     assert image.shape == (240, 240, 3) and np.abs(np.asarray(image).astype(int) - reference).max() <= 2
+
+
+def test_shards_without_a_single_sample_stop_with_one_sentence(tmp_path):
+    import tarfile
+
+    for i in range(2):
+        with tarfile.open(tmp_path / f"empty-{i}.tar", "w"):
+            pass  # a valid tar holding nothing
+    with pytest.raises(UserError, match="hold no readable image-text sample"):
+        next(iter(stream([str(p) for p in sorted(tmp_path.glob("*.tar"))], batch_size=2, num_batches=1)))

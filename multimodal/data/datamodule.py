@@ -95,12 +95,12 @@ class ShardDataModule(pl.LightningDataModule):
         if position["epoch"] != epoch:  # saved at an epoch's end: the next epoch starts afresh
             return {"first_epoch": epoch}
         workers = max(1, self.num_workers)
-        ranks = position["ranks"]
         if position["world_size"] != world or position["num_workers"] != workers:
             raise UserError(f"The checkpoint stopped mid-epoch with {position['world_size']} devices x "
                             f"{position['num_workers']} data workers: resume with the same (now {world} x {workers}), "
                             "or from an end-of-epoch checkpoint.")
-        return {"first_epoch": epoch, "resume": {int(w): WorkerProgress(*p) for w, p in ranks[rank].items()}}
+        done = position["ranks"][rank]
+        return {"first_epoch": epoch, "resume": {int(w): WorkerProgress(*p) for w, p in done.items()}}
 
     def train_dataloader(self) -> DataLoader:
         urls = expand_urls(self.train_shards)

@@ -248,12 +248,14 @@ class ImageTextStream(IterableDataset):
         """Raw samples, shuffled within each pass: the buffer drains at the end of a pass, so one
         pass yields every sample of this worker's shards exactly once."""
         for urls in self._passes(worker, num_workers):
-            read = [0]
-            raw = _counted(wds.tarfile_samples(({"url": u} for u in urls), handler=wds.warn_and_continue), read)
+            raw = wds.tarfile_samples(({"url": u} for u in urls), handler=wds.warn_and_continue)
             if self.shuffle_buffer > 1:
                 raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
-            yield from raw
-            if read[0] == 0:  # a whole pass over our shards gave nothing: never loop forever
+            empty = True
+            for sample in raw:
+                empty = False
+                yield sample
+            if empty:  # a whole pass over our shards gave nothing: never loop forever
                 raise UserError(f"The shards of worker {worker} on rank {self.position.rank} hold no readable "
                                 "image-text sample.")
 
@@ -290,9 +292,3 @@ class ImageTextStream(IterableDataset):
             pass
         captions_rng = random.Random(hash((*seed, "captions", done.consumed)))
         yield from islice(self._batches(raw, captions_rng, worker, done.consumed), max(0, quota - done.batches))
-
-
-def _counted(items: Iterator[dict], counter: list[int]) -> Iterator[dict]:
-    for item in items:
-        counter[0] += 1
-        yield item
