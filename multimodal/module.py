@@ -24,7 +24,7 @@ from multimodal.errors import UserError
 from multimodal.eval.embed import collect
 from multimodal.eval.retrieval import retrieval_metrics
 from multimodal.loss import clip_loss, siglip_loss
-from multimodal.model import CLIP, create_model
+from multimodal.model import CLIP, create_model, scalar_state
 from multimodal.optim import param_groups, warmup_cosine
 from multimodal.throughput import StepTimer, flops_per_sample, peak_tflops
 from multimodal.weights import load_weights
@@ -109,6 +109,8 @@ class CLIPModule(pl.LightningModule):
         if not 0.0 <= patch_dropout < 1.0:
             raise UserError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}.")
         self.model = self._build_model()
+        # as built: FSDP flattens parameters, and weight decay goes by the original shapes
+        self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}
         if pretrained:
             load_weights(self.model, pretrained, model_name)
         if grad_checkpointing:
@@ -139,7 +141,8 @@ class CLIPModule(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(param_groups(self.model, hp.weight_decay), lr=hp.lr, betas=hp.betas, eps=hp.eps)
+        groups = param_groups(self.model, hp.weight_decay, self._param_ndims)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas, eps=hp.eps)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
@@ -154,8 +157,18 @@ class CLIPModule(pl.LightningModule):
             batch["image"] = arch.normalize(pixels, *self._pixel_stats)
         return batch
 
+    def configure_model(self) -> None:
+        """Before the strategy wraps the model: FSDP needs the loss scalars as 1-element vectors
+        (checkpoints keep open_clip's 0-d shape: `on_save_checkpoint`)."""
+        if self._fsdp:
+            self.model.vectorise_scalars()
+
+    @property
+    def _fsdp(self) -> bool:
+        return self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__
+
     def on_fit_start(self) -> None:
-        if self.hparams.micro_batches > 1 and "FSDP" in type(self.trainer.strategy).__name__:
+        if self.hparams.micro_batches > 1 and self._fsdp:
             raise UserError("model.micro_batches needs whole parameters on every rank: use the ddp strategy "
                             "(FSDP shards them), or set model.micro_batches to 1.")
 
@@ -203,6 +216,7 @@ class CLIPModule(pl.LightningModule):
             "ranks": [{int(w): list(p) for w, p in rank.items()} for rank in progress],
         }
         checkpoint["rng_states"] = distributed.all_gather_objects(rng_states())
+        scalar_state(checkpoint.get("state_dict", {}))  # (1,) under FSDP: saved as open_clip's ()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         states = checkpoint.get("rng_states")
@@ -249,6 +263,14 @@ class CLIPModule(pl.LightningModule):
         super().optimizer_step(*args, **kwargs)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """`trainer.gradient_clip_val` by norm under FSDP too: the norm of the whole gradient is
+        computed over every rank's shard by FSDP itself (Lightning's FSDP precision refuses 'norm')."""
+        if self._fsdp and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_validation_start(self) -> None:
         self._timer.pause()  # validation time is neither training nor waiting for training data

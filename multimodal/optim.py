@@ -8,27 +8,41 @@ gains and the temperature toward zero for no regularisation benefit.
 import math
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 
 _NO_DECAY_NAMES = ("positional_embedding", "class_embedding", "logit_scale", "logit_bias")
 
 
-def decays(name: str, param: torch.Tensor) -> bool:
-    """Whether `param` (named `name` in its module) takes weight decay."""
-    if param.ndim < 2:  # biases, norm gains, class token, scalars
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def decays(name: str, ndim: int) -> bool:
+    """Whether a parameter named `name` in its module, of `ndim` dimensions, takes weight decay."""
+    if ndim < 2:  # biases, norm gains, class token, scalars
         return False
     return name.split(".")[-1] not in _NO_DECAY_NAMES
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed weight matrices and everything else, trainable params only."""
+def original_name(name: str) -> str:
+    """A parameter's name without the segments that FSDP, activation checkpointing or compile add."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def param_groups(model: nn.Module, weight_decay: float, ndims: dict[str, int] | None = None) -> list[dict]:
+    """Two AdamW groups: decayed weight matrices and everything else, trainable params only.
+
+    `ndims`: each parameter's dimensions as built, by name. FSDP flattens parameters into 1-d
+    shards, so a sharded model needs them to tell a weight matrix from a bias.
+    """
     named: Iterable[tuple[str, nn.Parameter]] = (
         (n, p) for n, p in model.named_parameters() if p.requires_grad
     )
     decay, no_decay = [], []
     for name, param in named:
-        (decay if decays(name, param) else no_decay).append(param)
+        ndim = ndims.get(original_name(name), param.ndim) if ndims else param.ndim
+        (decay if decays(name, ndim) else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

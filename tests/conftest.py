@@ -27,9 +27,9 @@ def flickr() -> Path:
     return FLICKR
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    """`python -m multimodal ARGS` in `cwd`, as a user would run it."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m multimodal ARGS` in `cwd`, as a user would run it (`env`: extra variables)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "multimodal", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 

@@ -1,6 +1,7 @@
 import math
 
 import pytest
+import torch
 
 from multimodal.model import create_model
 from multimodal.optim import param_groups, warmup_cosine
@@ -29,3 +30,29 @@ def test_warmup_then_cosine():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert lrs[110] == pytest.approx(0.1) and lrs[119] == pytest.approx(0.1)
+
+
+def test_flattened_parameters_decay_by_their_shapes_as_built():
+    """FSDP flattens every parameter to 1-d and prefixes wrapped modules' names: the groups must
+    still go by the shapes the model was built with."""
+    model = create_model("tiny")
+    ndims = {name: p.ndim for name, p in model.named_parameters()}
+    expected = param_groups(model, weight_decay=0.2)
+
+    class Flat(torch.nn.Module):  # what FSDP's named_parameters looks like, block by block
+        def __init__(self):
+            super().__init__()
+            for name, p in model.named_parameters():
+                wrapped = name.replace("resblocks.0.", "resblocks.0._fsdp_wrapped_module.")
+                self.register_parameter(wrapped.replace(".", "__"), torch.nn.Parameter(p.detach().flatten()))
+
+        def named_parameters(self, *args, **kwargs):
+            for name, p in super().named_parameters(*args, **kwargs):
+                yield name.replace("__", "."), p
+
+    flat = Flat()
+    assert not [p for p in flat.parameters() if p.ndim != 1]
+    decay, no_decay = param_groups(flat, weight_decay=0.2, ndims=ndims)
+    assert [p.numel() for p in decay["params"]] == [p.numel() for p in expected[0]["params"]]
+    assert [p.numel() for p in no_decay["params"]] == [p.numel() for p in expected[1]["params"]]
+    assert not param_groups(flat, weight_decay=0.2)[0]["params"]  # without them nothing would decay

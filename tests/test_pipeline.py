@@ -2,7 +2,10 @@
 
 import io
 import json
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,7 @@ from multimodal import arch
 from multimodal.data.pipeline import ImageTextStream, StreamPosition, count_samples, expand_urls, read_samples
 from multimodal.data.shards import write_synthetic
 from multimodal.errors import UserError
+from tests.conftest import REPO
 
 
 def jpeg(colour=(200, 30, 30), size=(24, 24)) -> bytes:
@@ -215,3 +219,16 @@ def test_shards_without_a_single_sample_stop_with_one_sentence(tmp_path):
             pass  # a valid tar holding nothing
     with pytest.raises(UserError, match="hold no readable image-text sample"):
         next(iter(stream([str(p) for p in sorted(tmp_path.glob("*.tar"))], batch_size=2, num_batches=1)))
+
+
+def test_the_stream_is_the_same_in_every_process(tmp_path):
+    """Shard order, shuffle buffer and caption choice do not depend on Python's per-process string
+    hashing (PYTHONHASHSEED): ranks, resumed runs and reruns see the same data."""
+    captions = [f"caption number {i}" for i in range(5)]
+    urls = [write_tar(tmp_path / f"{s}.tar", [good(f"{s}-{i}", captions) for i in range(6)]) for s in range(3)]
+    script = ("import sys, torch; from tests.test_pipeline import stream, batches; "
+              f"out = batches(stream({urls!r}, batch_size=3, num_batches=6, shuffle_buffer=4)); "
+              "print([b['keys'] for b in out], torch.stack([b['text'] for b in out]).sum(-1).tolist())")
+    runs = {subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    assert len(runs) == 1

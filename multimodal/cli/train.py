@@ -37,11 +37,11 @@ class TrainCLI(LightningCLI):
         if not isinstance(loggers, list) or not loggers:
             return
         first = loggers[0].init_args
-        if resumed_version is not None and Path(first.save_dir) / (first.get("name") or "") == resumed_version[0]:
+        root = (Path(first.save_dir) / (first.get("name") or "")).resolve()
+        if resumed_version is not None and root == resumed_version[0].resolve():
             for logger in loggers:  # log on in the resumed run's folder
                 logger.init_args.version = resumed_version[1]
         elif first.get("version") is None:
-            root = Path(first.save_dir) / (first.get("name") or "")
             taken = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
             version = max(taken, default=-1) + 1
             for logger in loggers:

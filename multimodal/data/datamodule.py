@@ -13,7 +13,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from multimodal import arch
-from multimodal.data.pipeline import ImageTextStream, StreamPosition, WorkerProgress, count_samples, expand_urls
+from multimodal.data.pipeline import (
+    ImageTextStream,
+    StreamPosition,
+    WorkerProgress,
+    count_samples,
+    expand_urls,
+    seeded,
+)
 from multimodal.data.shards import MANIFEST, write_synthetic
 from multimodal.data.synthetic import SyntheticData
 from multimodal.errors import UserError
@@ -91,7 +98,7 @@ class ShardDataModule(pl.LightningDataModule):
         if position is None:
             return {"first_epoch": epoch}
         if self.resampled:
-            return {"first_epoch": epoch, "seed": hash((self.seed, position["global_step"])) % 2**31}
+            return {"first_epoch": epoch, "seed": seeded(self.seed, position["global_step"]).getrandbits(31)}
         if position["epoch"] != epoch:  # saved at an epoch's end: the next epoch starts afresh
             return {"first_epoch": epoch}
         workers = max(1, self.num_workers)

@@ -193,6 +193,11 @@ class WorkerProgress:
     consumed: int = 0
 
 
+def seeded(*parts: int | str) -> random.Random:
+    """A generator seeded by `parts`, the same in every process: Python's `hash` of a string
+    differs between processes (PYTHONHASHSEED), a string seed does not (it goes through SHA-512)."""
+    return random.Random(":".join(map(str, parts)))
+
 class ImageTextStream(IterableDataset):
     """Full batches of {"image": (B, 3, H, W), "text": (B, L), "skipped": int, "keys": [B],
     "worker": int, "consumed": int} for one rank.
@@ -230,7 +235,7 @@ class ImageTextStream(IterableDataset):
         resampled: a single endless draw with replacement."""
         pos = self.position
         if self.resampled:
-            rng = random.Random(hash((self.seed, self.epoch, pos.rank, worker)))
+            rng = seeded(self.seed, self.epoch, pos.rank, worker, "resampled")
             yield (rng.choice(self.urls) for _ in iter(int, 1))
             return
         slot, slots = pos.rank * num_workers + worker, pos.world_size * num_workers
@@ -240,7 +245,7 @@ class ImageTextStream(IterableDataset):
         cycle = 0
         while True:
             order = list(self.urls)
-            random.Random(hash((self.seed, self.epoch, cycle))).shuffle(order)  # same on every rank
+            seeded(self.seed, self.epoch, cycle, "shards").shuffle(order)  # same on every rank
             yield iter(order[slot::slots])
             cycle += 1
 
@@ -287,8 +292,8 @@ class ImageTextStream(IterableDataset):
         quota = self.num_batches // num_workers + (worker < self.num_batches % num_workers)
         done = self.resume.get(worker, WorkerProgress()) if self.epoch == self.first_epoch else WorkerProgress()
         seed = (self.seed, self.epoch, self.position.rank, worker)
-        raw = self._raw_samples(worker, num_workers, random.Random(hash(seed)))
+        raw = self._raw_samples(worker, num_workers, seeded(*seed, "buffer"))
         for _ in islice(raw, done.consumed):  # resuming: what was already trained on, read but not decoded
             pass
-        captions_rng = random.Random(hash((*seed, "captions", done.consumed)))
+        captions_rng = seeded(*seed, "captions", done.consumed)
         yield from islice(self._batches(raw, captions_rng, worker, done.consumed), max(0, quota - done.batches))
