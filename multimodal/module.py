@@ -12,6 +12,8 @@ Options for large models and batches: the CLIP or SigLIP loss, gradient-cached m
 
 import math
 import random
+import sys
+from collections import Counter
 from typing import Literal
 
 import numpy as np
@@ -20,6 +22,8 @@ import torch
 
 from multimodal import arch, distributed
 from multimodal.accumulate import cached_step
+from multimodal.data.faults import bad_sample_count, describe
+from multimodal.distributed import sum_over_ranks
 from multimodal.errors import UserError
 from multimodal.eval.embed import collect
 from multimodal.eval.retrieval import retrieval_metrics
@@ -30,6 +34,7 @@ from multimodal.throughput import StepTimer, flops_per_sample, peak_tflops
 from multimodal.weights import load_weights
 
 MAX_LOGIT_SCALE = math.log(100)
+MIN_SAMPLES_FOR_BAD_FRACTION = 1000  # no verdict on the bad fraction of fewer samples
 
 
 def rng_states() -> dict:
@@ -74,6 +79,7 @@ class CLIPModule(pl.LightningModule):
         compile: bool = False,
         count_flops: bool = True,
         peak_tflops: float | None = None,
+        max_nonfinite_steps: int = 5,
     ):
         """
         Args:
@@ -101,11 +107,15 @@ class CLIPModule(pl.LightningModule):
             count_flops: count the model FLOPs per sample at the start of training, to log
                 `train/tflops_per_device` and `train/mfu`.
             peak_tflops: the accelerator's peak TFLOP/s for `train/mfu` (default: looked up for known GPUs).
+            max_nonfinite_steps: a step whose loss is NaN or infinite on any rank is skipped (no update)
+                and counted; this many in a row stop the run.
         """
         super().__init__()
         self.save_hyperparameters()
         if micro_batches < 1:
             raise UserError(f"model.micro_batches must be 1 or more, got {micro_batches}.")
+        if max_nonfinite_steps < 1:
+            raise UserError(f"model.max_nonfinite_steps must be 1 or more, got {max_nonfinite_steps}.")
         if not 0.0 <= patch_dropout < 1.0:
             raise UserError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}.")
         self.model = self._build_model()
@@ -124,7 +134,11 @@ class CLIPModule(pl.LightningModule):
         self._pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stream_progress: dict[int, tuple[int, int]] = {}  # worker -> (batches, samples consumed)
         self._val_scalars: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.skipped_samples = 0
+        self.bad_data: Counter = Counter()  # this rank's skipped samples and shard faults, by kind
+        self.samples_read = 0  # this rank's raw training samples, good and bad
+        self.nonfinite_steps = 0
+        self._nonfinite_in_a_row = 0
+        self._skip_update = False
         self._val_outputs: list = []
 
     def _build_model(self) -> CLIP:
@@ -250,17 +264,58 @@ class CLIPModule(pl.LightningModule):
         else:
             loss = surrogate = self.contrastive_loss(self.model.encode_image(batch["image"]),
                                                      self.model.encode_text(batch["text"]))
-        self.skipped_samples += int(batch["skipped"])
+        self._skip_update = not self._healthy(batch, loss)
+        if self._skip_update:  # a zero loss on every parameter: a backward of zeros that DDP and FSDP
+            # can reduce like any other; optimizer_step then leaves the optimizer alone
+            trainable = [p.view(-1)[0] for p in self.model.parameters() if p.requires_grad]
+            return torch.stack(trainable).sum() * 0.0
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", self.model.logit_scale.detach().exp())
         if self.model.logit_bias is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach())
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
-        self.log("train/skipped_samples", float(self.skipped_samples))
         return surrogate
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def _healthy(self, batch: dict, loss: torch.Tensor) -> bool:
+        """Count the batch's bad data and check the loss, agreed over all ranks in one all-reduce:
+        every rank skips the same steps and stops at the same one. False: skip this step."""
+        self.bad_data.update(batch.get("bad", {}))
+        self.samples_read += int(batch.get("read", batch["image"].shape[0]))
+        nonfinite, bad, read = sum_over_ranks(
+            [float(not torch.isfinite(loss.detach()).all()), bad_sample_count(self.bad_data), self.samples_read],
+            self.device)
+        self.log("train/bad_samples", bad)
+        self.log("train/bad_fraction", bad / max(read, 1.0))
+        for kind, count in self.bad_data.items():
+            self.log(f"train/bad/{kind.replace(' ', '_')}", float(count))  # this rank's; all ranks at the end
+        limit = getattr(self.trainer.datamodule, "max_bad_fraction", None) if self._trainer else None
+        if limit is not None and read >= MIN_SAMPLES_FOR_BAD_FRACTION and bad > limit * read:
+            raise UserError(f"{int(bad)} of the {int(read)} training samples read so far were bad ({bad / read:.1%}, "
+                            f"more than data.max_bad_fraction = {limit}): check the shards "
+                            f"({describe(self.bad_data)} on rank {self.global_rank}).")
+        if not nonfinite:
+            self._nonfinite_in_a_row = 0
+            return True
+        self.nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
+        if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
+            precision = self.trainer.precision if self._trainer else "?"
+            raise UserError(f"The loss was NaN or infinite for {self._nonfinite_in_a_row} steps in a row, the last at "
+                            f"step {self.global_step}: lower model.lr (now {self.hparams.lr}) or lengthen "
+                            f"model.warmup_steps, or use trainer.precision bf16-mixed or 32-true (now {precision}).")
+        return False
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """The training step and backward (the closure) first; then the update, unless the step's loss
+        was not finite on some rank: no update and no optimizer state change (Lightning still counts
+        the step, and the learning-rate schedule moves on)."""
+        if optimizer_closure is None:
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        loss = optimizer_closure()
+        if self._skip_update:
+            return None
+        optimizer.step(closure=lambda: loss)
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
@@ -321,5 +376,15 @@ class CLIPModule(pl.LightningModule):
         return torch.stack(losses).mean().item()
 
     def on_train_end(self) -> None:
-        if self.skipped_samples:
-            print(f"Skipped {self.skipped_samples} undecodable samples on rank {self.global_rank}.")
+        """The run's bad data and skipped steps, over all ranks, on rank 0's stderr."""
+        totals: Counter = Counter()
+        for counts in distributed.all_gather_objects(dict(self.bad_data)):
+            totals.update(counts)
+        read = sum(distributed.all_gather_objects(self.samples_read))
+        if self.global_rank == 0 and (totals or self.nonfinite_steps):
+            bad = bad_sample_count(totals)
+            lines = [f"Bad data: skipped {bad} of {read} training samples read ({bad / max(read, 1):.2%})"
+                     + (f": {describe(totals)}." if totals else ".")]
+            if self.nonfinite_steps:
+                lines.append(f"Skipped {self.nonfinite_steps} steps whose loss was NaN or infinite.")
+            print("\n".join(lines), file=sys.stderr)

@@ -21,7 +21,7 @@ from multimodal.cli.evaluate import embed, evaluate, export
 from multimodal.cli.shards import write_shards
 from multimodal.cli.tools import plot, search
 from multimodal.cli.train import run_demo, train
-from multimodal.errors import UserError
+from multimodal.errors import UserError, message
 
 COMMANDS = {"train": train, "shards": write_shards, "demo": run_demo, "export": export, "embed": embed,
             "eval": evaluate, "search": search, "plot": plot}
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {message(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

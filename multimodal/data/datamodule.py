@@ -40,6 +40,8 @@ class ShardDataModule(pl.LightningDataModule):
         num_samples: int | None = None,
         seed: int = 0,
         synthetic: SyntheticData | None = None,
+        max_bad_fraction: float = 0.1,
+        max_image_pixels: int | None = 89_478_485,
     ):
         """
         Args:
@@ -54,6 +56,10 @@ class ShardDataModule(pl.LightningDataModule):
             num_samples: samples per epoch; read from the shards' sizes.json when not given.
             seed: seed of shard order, shuffle buffer and caption choice.
             synthetic: write this many synthetic scenes into the train/val shard folders if absent.
+            max_bad_fraction: stop the run when more than this fraction of the training samples read
+                (over all ranks, from the first 1,000 on) was skipped as bad: broken images, missing captions.
+            max_image_pixels: skip images that declare more pixels than this, unread (decompression bombs);
+                the default is PIL's warning threshold. null: no limit.
         """
         super().__init__()
         for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
@@ -61,6 +67,9 @@ class ShardDataModule(pl.LightningDataModule):
                 raise UserError(f"data.{name} must be a positive integer, got {value}.")
         if num_workers < 0:
             raise UserError(f"data.num_workers must be 0 or more, got {num_workers}.")
+        if not 0.0 <= max_bad_fraction <= 1.0:
+            raise UserError(f"data.max_bad_fraction must be between 0 and 1, got {max_bad_fraction}.")
+        self.max_bad_fraction, self.max_image_pixels = max_bad_fraction, max_image_pixels
         self.train_shards, self.val_shards, self.model_name = train_shards, val_shards, model_name
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.resampled, self.num_samples, self.seed, self.synthetic = resampled, num_samples, seed, synthetic
@@ -130,7 +139,8 @@ class ShardDataModule(pl.LightningDataModule):
             urls, image_transform=arch.train_pixels(self.model_name), tokenizer=arch.tokenizer(self.model_name),
             draft_size=arch.image_size(self.model_name),
             batch_size=self.batch_size, num_batches=num_batches, position=StreamPosition(rank, world),
-            shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, **{"seed": self.seed, **resume},
+            shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, max_image_pixels=self.max_image_pixels,
+            **{"seed": self.seed, **resume},
         )
         return DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,

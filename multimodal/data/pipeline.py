@@ -18,6 +18,7 @@ import glob
 import io
 import json
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
@@ -31,12 +32,14 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from multimodal.data.faults import BadSample, FaultCounter, bad_sample_count
 from multimodal.data.shards import MANIFEST
 from multimodal.errors import UserError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 MAX_BAD_IN_A_ROW = 10_000
+MAX_IMAGE_PIXELS = 89_478_485  # PIL's warning threshold: 1/4 GiB of 24-bit pixels
 
 
 def expand_urls(spec: str) -> list[str]:
@@ -84,15 +87,30 @@ def count_samples(urls: list[str]) -> int | None:
     return total
 
 
-class BadSample(Exception):
-    """A sample that cannot be used; its message is the kind of fault."""
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image's header, decoding no pixels; None when no decoder knows it."""
+    if data.startswith(b"\xff\xd8"):
+        try:
+            height, width, *_ = simplejpeg.decode_jpeg_header(data)
+            return width, height
+        except ValueError:
+            pass  # a JPEG libjpeg-turbo's header reader refuses: PIL may still read it
+    try:
+        with warnings.catch_warnings():  # our own limit applies, not PIL's warning threshold
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+    except Image.DecompressionBombError:
+        return (Image.MAX_IMAGE_PIXELS or 0) * 2 + 1, 1  # over PIL's hard limit: oversized either way
+    except (OSError, ValueError, SyntaxError):
+        return None
 
 
 def decode_jpeg_pixels(data: bytes, min_side: int) -> np.ndarray | None:
     """A JPEG as (H, W, 3) uint8 RGB, straight from libjpeg-turbo (simplejpeg): no PIL image and no
     extra copy. Decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) when that keeps both sides at least
     `min_side`: the decoder produces no more pixels than the crop needs. None when not a JPEG it reads
-    (CMYK, progressive oddities, not a JPEG at all): the caller falls back to PIL."""
+    (CMYK, progressive oddities, truncated, not a JPEG at all): the caller falls back to PIL."""
     if not data.startswith(b"\xff\xd8"):
         return None
     try:
@@ -101,38 +119,68 @@ def decode_jpeg_pixels(data: bytes, min_side: int) -> np.ndarray | None:
         return None
 
 
-def decode_sample(raw: dict, min_side: int | None = None) -> tuple[Image.Image | np.ndarray, list[str], dict]:
-    """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample.
+def decode_sample(raw: dict, min_side: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS
+                  ) -> tuple[Image.Image | np.ndarray, list[str], dict]:
+    """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample with its kind.
 
-    With `min_side` (training), JPEGs come back as (H, W, 3) uint8 arrays from `decode_jpeg_pixels`,
-    other images as PIL images drafted to no less than `min_side`; without it, always PIL images.
+    The image's size is read from its header first: one of more than `max_pixels` pixels is refused
+    before any decoding (a small file can declare 20,000 x 20,000 pixels). With `min_side`
+    (training), JPEGs come back as (H, W, 3) uint8 arrays from `decode_jpeg_pixels`, other images as
+    PIL images drafted to no less than `min_side`; without it, always PIL images.
     """
     image_key = next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None:
         raise BadSample("no image")
-    pixels = decode_jpeg_pixels(raw[image_key], min_side) if min_side else None
+    data = raw[image_key]
+    if not data:
+        raise BadSample("empty image")
+    size = image_size(data)
+    if size is None:
+        raise BadSample("not an image")
+    if max_pixels and size[0] * size[1] > max_pixels:
+        raise BadSample("oversized image")
+    captions = _captions(raw)
+    pixels = decode_jpeg_pixels(data, min_side) if min_side else None
     try:
         if pixels is None:
-            with Image.open(io.BytesIO(raw[image_key])) as image:
-                if min_side and image.format == "JPEG":
-                    image.draft("RGB", (min_side, min_side))
-                pixels = image.convert("RGB")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                with Image.open(io.BytesIO(data)) as image:
+                    if min_side and image.format == "JPEG":
+                        image.draft("RGB", (min_side, min_side))
+                    pixels = image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise BadSample("bad image") from exc
-    captions: list = []
+        raise BadSample("truncated image" if "truncat" in str(exc).lower() else "corrupt image") from exc
+    return pixels, *captions
+
+
+def _captions(raw: dict) -> tuple[list[str], dict]:
+    """(captions, json record): json `captions` first, else the txt member; raises BadSample."""
+    if "json" not in raw and "txt" not in raw:
+        raise BadSample("no caption")
     record: dict = {}
+    captions: list = []
     if "json" in raw:
         try:
             record = json.loads(raw["json"])
-            captions = record.get("captions") or []
-        except (ValueError, AttributeError):
-            record, captions = {}, []
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            if "txt" not in raw:
+                raise BadSample("unreadable caption")
+            record = {}
+        captions = record.get("captions") or []
+        if isinstance(captions, str):
+            captions = [captions]
     if not captions and "txt" in raw:
-        captions = [raw["txt"].decode("utf-8", errors="replace")]
+        try:
+            captions = [raw["txt"].decode("utf-8")]
+        except UnicodeDecodeError:
+            raise BadSample("unreadable caption") from None
     captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
     if not captions:
-        raise BadSample("no caption")
-    return pixels, captions, record if isinstance(record, dict) else {}
+        raise BadSample("empty caption")
+    return captions, record
 
 
 def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue
@@ -198,9 +246,14 @@ def seeded(*parts: int | str) -> random.Random:
     differs between processes (PYTHONHASHSEED), a string seed does not (it goes through SHA-512)."""
     return random.Random(":".join(map(str, parts)))
 
+
 class ImageTextStream(IterableDataset):
-    """Full batches of {"image": (B, 3, H, W), "text": (B, L), "skipped": int, "keys": [B],
-    "worker": int, "consumed": int} for one rank.
+    """Full batches of {"image": (B, 3, H, W), "text": (B, L), "keys": [B], "bad": {kind: count},
+    "skipped": int, "read": int, "worker": int, "consumed": int} for one rank.
+
+    `bad` counts the samples skipped and shard faults met since the previous batch, by kind
+    (`multimodal.data.faults`); `skipped` is its number of bad samples, `read` the raw samples
+    read for this batch, good and bad.
 
     `worker` and `consumed` (raw samples this worker's batches have consumed so far this epoch)
     let a trainer record its position; `resume` (worker -> WorkerProgress) continues epoch
@@ -218,10 +271,11 @@ class ImageTextStream(IterableDataset):
     def __init__(self, urls: list[str], *, image_transform: Callable, tokenizer: Callable, batch_size: int,
                  num_batches: int, position: StreamPosition = StreamPosition(), shuffle_buffer: int = 1000,
                  resampled: bool = False, seed: int = 0, draft_size: int | None = None, first_epoch: int = 0,
-                 resume: dict[int, WorkerProgress] | None = None):
+                 resume: dict[int, WorkerProgress] | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS):
         super().__init__()
         self.urls, self.image_transform, self.tokenizer = urls, image_transform, tokenizer
-        self.draft_size = draft_size
+        self.draft_size, self.max_image_pixels = draft_size, max_image_pixels
+        self.faults = FaultCounter()
         self.batch_size, self.num_batches, self.position = batch_size, num_batches, position
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
         self.first_epoch, self.resume = first_epoch, resume or {}
@@ -253,7 +307,7 @@ class ImageTextStream(IterableDataset):
         """Raw samples, shuffled within each pass: the buffer drains at the end of a pass, so one
         pass yields every sample of this worker's shards exactly once."""
         for urls in self._passes(worker, num_workers):
-            raw = wds.tarfile_samples(({"url": u} for u in urls), handler=wds.warn_and_continue)
+            raw = wds.tarfile_samples(({"url": u} for u in urls), handler=self.faults.shard_fault)
             if self.shuffle_buffer > 1:
                 raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
             empty = True
@@ -265,25 +319,27 @@ class ImageTextStream(IterableDataset):
                                 "image-text sample.")
 
     def _batches(self, raw_samples: Iterator[dict], rng: random.Random, worker: int, consumed: int) -> Iterator[dict]:
-        images, texts, keys, skipped, bad_in_a_row = [], [], [], 0, 0
+        images, texts, keys, read, bad_in_a_row = [], [], [], 0, 0
         for raw in raw_samples:
-            consumed += 1
+            consumed, read = consumed + 1, read + 1
             try:
-                image, captions, _ = decode_sample(raw, self.draft_size)
-            except BadSample:
-                skipped, bad_in_a_row = skipped + 1, bad_in_a_row + 1
+                image, captions, _ = decode_sample(raw, self.draft_size, self.max_image_pixels)
+            except BadSample as bad:
+                self.faults.add(bad.kind, raw.get("__url__"), raw.get("__key__"))
+                bad_in_a_row += 1
                 if bad_in_a_row == MAX_BAD_IN_A_ROW:
                     raise UserError(f"{MAX_BAD_IN_A_ROW} samples in a row in {raw.get('__url__')} could not be "
-                                    "decoded: check that the shards hold images with captions.") from None
+                                    "used: check that the shards hold images with captions.") from None
                 continue
             bad_in_a_row = 0
             images.append(self.image_transform(image))
             texts.append(self.tokenizer([rng.choice(captions)])[0])
             keys.append(raw["__key__"])
             if len(images) == self.batch_size:
-                yield {"image": torch.stack(images), "text": torch.stack(texts), "skipped": skipped, "keys": keys,
-                       "worker": worker, "consumed": consumed}
-                images, texts, keys, skipped = [], [], [], 0
+                bad = self.faults.take()
+                yield {"image": torch.stack(images), "text": torch.stack(texts), "keys": keys, "bad": bad,
+                       "skipped": bad_sample_count(bad), "read": read, "worker": worker, "consumed": consumed}
+                images, texts, keys, read = [], [], [], 0
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -295,5 +351,6 @@ class ImageTextStream(IterableDataset):
         raw = self._raw_samples(worker, num_workers, seeded(*seed, "buffer"))
         for _ in islice(raw, done.consumed):  # resuming: what was already trained on, read but not decoded
             pass
+        self.faults = FaultCounter(f"rank {self.position.rank}, worker {worker}")  # faults replayed: counted before
         captions_rng = seeded(*seed, "captions", done.consumed)
         yield from islice(self._batches(raw, captions_rng, worker, done.consumed), max(0, quota - done.batches))
