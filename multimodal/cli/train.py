@@ -5,11 +5,14 @@ import warnings
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentError
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from multimodal import arch, demo
+from multimodal.checkpoint import AtomicCheckpointIO, check_loadable
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.errors import UserError
 from multimodal.module import CLIPModule
@@ -24,6 +27,9 @@ class TrainCLI(LightningCLI):
                             help="Continue a run: its folder (runs/NAME/version_N: its last.ckpt, logging on in that "
                                  "folder) or a checkpoint file. Mid-epoch, the data stream continues where it stopped.")
         parser.add_argument("--ckpt_path", type=str | None, default=None, help="The checkpoint to resume from.")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="Allow a run to write into an existing, non-empty run folder given by a logger's "
+                                 "version (never needed with --resume, nor with the default: a new version_N).")
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config.trainer
@@ -33,6 +39,8 @@ class TrainCLI(LightningCLI):
         # TensorBoard and CSV loggers each pick "the next free version" on their own and can
         # disagree; give them one version so config, checkpoints and both logs share a folder.
         resumed_version = self._resume()
+        if self.config.get("ckpt_path") and not self.config.get("resume"):
+            check_loadable(self.config.ckpt_path)
         loggers = self.config.trainer.logger
         if not isinstance(loggers, list) or not loggers:
             return
@@ -47,6 +55,13 @@ class TrainCLI(LightningCLI):
             for logger in loggers:
                 if logger.init_args.get("version") is None:
                     logger.init_args.version = version
+        else:  # a folder named by the config: never written into by a new run unless asked
+            version = first.version
+            folder = root / (version if isinstance(version, str) else f"version_{version}")
+            if folder.is_dir() and any(folder.iterdir()) and not self.config.get("ckpt_path") \
+                    and not self.config.get("overwrite"):
+                raise UserError(f"The run folder {folder} already holds a run: pass --resume {folder} to continue "
+                                "it, --overwrite to write into it anyway, or leave the logger's version unset.")
 
     def _resume(self) -> tuple[Path, int] | None:
         """Turn --resume into ckpt_path; (logger root, version) when it names a run folder."""
@@ -57,6 +72,7 @@ class TrainCLI(LightningCLI):
         if not ckpt.is_file():
             raise UserError(f"Nothing to resume at {path}: pass a run folder with checkpoints/last.ckpt, "
                             "or a checkpoint file.")
+        check_loadable(ckpt)
         self.config.ckpt_path = str(ckpt)
         run = path if path.is_dir() else ckpt.parent.parent
         match = re.fullmatch(r"version_(\d+)", run.name)
@@ -86,11 +102,29 @@ def _train_cli(argv: list[str]) -> TrainCLI:
         return TrainCLI(
             CLIPModule, ShardDataModule, run=False, args=argv, seed_everything_default=0,
             auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
-            parser_kwargs={"prog": "multimodal train", "description": "Train a CLIP model on webdataset shards."},
+            parser_kwargs={"prog": "multimodal train", "description": "Train a CLIP model on webdataset shards.",
+                           "exit_on_error": False},
         )
+    except ArgumentError as exc:  # jsonargparse's verdicts on the config: several lines, made one sentence
+        raise UserError(_config_error(str(exc))) from None
     except (MisconfigurationException, ValueError) as exc:  # Lightning's verdicts on the trainer section
         raise UserError(f"The trainer settings cannot run on this machine ({exc}): "
                         "check trainer.accelerator, trainer.devices, trainer.precision and trainer.strategy.") from None
+
+
+def _config_error(message: str) -> str:
+    """One sentence from jsonargparse's message: the key, the value given, and where to look."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    key = re.match(r'Parser key "([^"]+)":\s*(.*)', lines[0]) if lines else None
+    if key is None:
+        return f"{lines[0] if lines else message}: see `multimodal train --help` for the options."
+    given = next((line.split(":", 1)[1].strip() for line in reversed(lines)
+                  if line.startswith(("Given value:", "Got value:")) or "Got value:" in line), None)
+    detail = key.group(2) or (lines[1] if len(lines) > 1 else "")
+    if given is not None:
+        return (f"{key.group(1)} cannot be {given!r}: give it a value of the type `multimodal train --help` "
+                "lists for it.")
+    return f"{key.group(1)}: {detail.rstrip('.')}; see `multimodal train --help`."
 
 
 def _keep_csv_metrics(trainer) -> None:
@@ -108,17 +142,26 @@ def _keep_csv_metrics(trainer) -> None:
             writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
 
 
+def _atomic_checkpoints(trainer) -> None:
+    """Checkpoints written atomically and loaded weights-only (multimodal.checkpoint), unless the
+    config chose its own checkpoint IO plugin."""
+    if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+
+
 def train(argv: list[str]) -> int:
     cli = _train_cli(argv)
     if cli.config.get("resume"):
         _keep_csv_metrics(cli.trainer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    _atomic_checkpoints(cli.trainer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
     return 0
 
 
 def run_demo(argv: list[str]) -> int:
     cli = _train_cli(["--config", str(arch.CONFIG_DIR / "demo.yaml"), *argv])
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path)
+    _atomic_checkpoints(cli.trainer)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
     if cli.trainer.is_global_zero:
         data = cli.datamodule
         demo.report(cli.model.model.cpu(), data.model_name, data.val_shards, Path(cli.trainer.log_dir))

@@ -259,8 +259,8 @@ class ImageTextStream(IterableDataset):
     let a trainer record its position; `resume` (worker -> WorkerProgress) continues epoch
     `first_epoch` from such a position: each worker replays its shard order and shuffle buffer
     without decoding, skips the samples it had consumed, and yields only its remaining batches.
-    The shuffle buffer draws from its own generator, apart from caption choice, so that the replay
-    is exact.
+    The shuffle buffer draws from its own generator; each sample's crop and caption from a seed of
+    (seed, epoch, rank, worker, its position in the stream): the replay, and the pixels, are exact.
 
     `image` is whatever `image_transform` makes of a PIL image: uint8 pixels in training
     (`arch.train_pixels`), normalised on the device by the module. `draft_size`: see `decode_sample`.
@@ -318,7 +318,7 @@ class ImageTextStream(IterableDataset):
                 raise UserError(f"The shards of worker {worker} on rank {self.position.rank} hold no readable "
                                 "image-text sample.")
 
-    def _batches(self, raw_samples: Iterator[dict], rng: random.Random, worker: int, consumed: int) -> Iterator[dict]:
+    def _batches(self, raw_samples: Iterator[dict], worker: int, consumed: int) -> Iterator[dict]:
         images, texts, keys, read, bad_in_a_row = [], [], [], 0, 0
         for raw in raw_samples:
             consumed, read = consumed + 1, read + 1
@@ -332,8 +332,13 @@ class ImageTextStream(IterableDataset):
                                     "used: check that the shards hold images with captions.") from None
                 continue
             bad_in_a_row = 0
-            images.append(self.image_transform(image))
-            texts.append(self.tokenizer([rng.choice(captions)])[0])
+            # crop and caption drawn from the sample's own seed: the same whatever came before it,
+            # so a resumed run that skips what it had read without decoding it gets the same pixels
+            rng = seeded(self.seed, self.epoch, self.position.rank, worker, consumed)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(rng.getrandbits(63))
+                images.append(self.image_transform(image))
+            texts.append(self.tokenizer([captions[rng.randrange(len(captions))]])[0])
             keys.append(raw["__key__"])
             if len(images) == self.batch_size:
                 bad = self.faults.take()
@@ -352,5 +357,4 @@ class ImageTextStream(IterableDataset):
         for _ in islice(raw, done.consumed):  # resuming: what was already trained on, read but not decoded
             pass
         self.faults = FaultCounter(f"rank {self.position.rank}, worker {worker}")  # faults replayed: counted before
-        captions_rng = seeded(*seed, "captions", done.consumed)
-        yield from islice(self._batches(raw, captions_rng, worker, done.consumed), max(0, quota - done.batches))
+        yield from islice(self._batches(raw, worker, done.consumed), max(0, quota - done.batches))

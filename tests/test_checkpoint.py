@@ -1,0 +1,127 @@
+"""Checkpoints survive SIGKILL at any moment, resume exactly, and are never unpickled as code."""
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from multimodal.checkpoint import atomic_torch_save
+from tests.conftest import REPO, run_cli
+
+DEBUG = str(REPO / "configs" / "debug.yaml")
+EVERY_2_STEPS = json.dumps([{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+                             "init_args": {"save_last": True, "every_n_train_steps": 2, "save_top_k": 1}}])
+TRAIN = ["train", "--config", DEBUG, "--trainer.max_steps", "40", "--trainer.log_every_n_steps", "1",
+         "--trainer.callbacks", EVERY_2_STEPS, "--data.synthetic.train_samples", "1024"]
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    target = tmp_path / "last.ckpt"
+    atomic_torch_save({"step": 1, "w": torch.ones(3)}, target)
+
+    def torn_save(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError):
+        atomic_torch_save({"step": 2}, target)
+    assert torch.load(target, weights_only=True)["step"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+
+def weights(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_killed_at_random_moments_and_resumed_equals_an_uninterrupted_run(tmp_path):
+    """SIGKILL to the whole process group (trainer and data workers) three times at random moments
+    after the first checkpoint; each time last.ckpt loads and --resume continues. The final weights,
+    temperature included, equal those of the same run never interrupted."""
+    clean = tmp_path / "clean"
+    clean.mkdir()
+    proc = run_cli(*TRAIN, cwd=clean)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    run = killed / "runs" / "debug" / "version_0"
+    last = run / "checkpoints" / "last.ckpt"
+    rng = random.Random(0)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    steps_at_kill = []
+    for attempt in range(3):
+        args = TRAIN + (["--resume", str(run)] if attempt else [])
+        before = torch.load(last, weights_only=True)["global_step"] if last.exists() else -1
+        child = subprocess.Popen([sys.executable, "-m", "multimodal", *args], cwd=killed, env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and child.poll() is None:  # until a checkpoint newer than the last kill's
+            if last.exists() and torch.load(last, weights_only=True)["global_step"] > before:
+                break
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 1.5))
+        assert child.poll() is None, "the run finished before it could be killed"
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+        steps_at_kill.append(torch.load(last, weights_only=True)["global_step"])  # loadable after every kill
+    assert steps_at_kill == sorted(steps_at_kill) and steps_at_kill[-1] < 40
+    proc = run_cli(*TRAIN, "--resume", str(run), cwd=killed)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    final, reference = weights(last), weights(clean / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == 40
+    for key, value in reference.items():
+        torch.testing.assert_close(final[key], value, rtol=0, atol=1e-6, msg=key)
+    losses = [row.split(",") for row in (run / "metrics.csv").read_text().splitlines()]
+    column = losses[0].index("train/loss")
+    steps = {int(row[1]) for row in losses[1:] if row[column]}
+    assert set(range(40)) <= steps  # the loss curve has every step, before and after the kills
+
+
+class Payload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.mark.parametrize("command", ["resume", "pretrained", "export"])
+def test_a_checkpoint_carrying_code_is_refused_unrun(tmp_path, command):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.ckpt"
+    with open(evil, "wb") as f:
+        torch.save({"state_dict": {}, "hyper_parameters": {"model_name": "tiny"}, "x": Payload(marker)}, f)
+    args = {"resume": ["train", "--config", DEBUG, "--resume", str(evil)],
+            "pretrained": ["train", "--config", DEBUG, "--model.pretrained", str(evil)],
+            "export": ["export", "--checkpoint", str(evil), "--out", str(tmp_path / "m.safetensors")]}[command]
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(Payload(marker)))  # the payload is live: unpickling it creates the file
+    assert marker.exists()
+
+
+def test_a_new_run_never_writes_into_an_existing_run_folder(tmp_path):
+    (tmp_path / "runs" / "debug" / "mine").mkdir(parents=True)
+    (tmp_path / "runs" / "debug" / "mine" / "notes.txt").write_text("keep me")
+    args = ["train", "--config", DEBUG, "--trainer.max_steps", "2", "--data.synthetic.train_samples", "128",
+            "--trainer.logger", json.dumps([{"class_path": "pytorch_lightning.loggers.CSVLogger",
+                                             "init_args": {"save_dir": "runs", "name": "debug", "version": "mine"}}])]
+    proc = run_cli(*args, cwd=tmp_path)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "runs" / "debug" / "mine").iterdir()) == ["notes.txt"]
+    proc = run_cli(*args, "--overwrite", "true", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "runs" / "debug" / "mine" / "notes.txt").read_text() == "keep me"
