@@ -48,6 +48,11 @@ def test_debug_config_on_real_coco_shards_in_bf16(coco_mini, tmp_path):
     assert (tmp_path / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
+def export_over_a_file(tmp_path: Path) -> list[str]:
+    (tmp_path / "model.safetensors").write_bytes(b"weights a user keeps")
+    return ["export", "--checkpoint", DEBUG, "--out", str(tmp_path / "model.safetensors")]
+
+
 def bad_coco(tmp_path: Path) -> list[str]:
     (tmp_path / "bad.json").write_text('{"images": []}')
     return ["shards", "coco", "--captions", str(tmp_path / "bad.json"), "--images", str(tmp_path), "--out",
@@ -68,6 +73,7 @@ BAD_INPUTS = {
     "too few shards for the workers": (lambda t: ["train", "--config", DEBUG, "--data.num_workers", "8"],
                                        "4 shards cannot be split over 1 ranks x 8 workers"),
     "coco json without keys": (bad_coco, "lacks the COCO keys"),
+    "export over an existing file": (export_over_a_file, "already exists: pass --overwrite"),
     "unknown config key": (lambda t: ["train", "--config", DEBUG, "--model.nope", "3"],
                            "unrecognized arguments: --model.nope"),
     "value of the wrong type": (lambda t: ["train", "--config", DEBUG, "--model.lr", "fast"],

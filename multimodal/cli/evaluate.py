@@ -31,7 +31,10 @@ def export(argv: list[str]) -> int:
                                      description="Write trained towers as an open_clip state dict.")
     add_checkpoint_args(parser)
     parser.add_argument("--out", type=Path, required=True, help="output file: .safetensors (default) or .pt")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.overwrite:
+        raise UserError(f"{args.out} already exists: pass --overwrite to replace it, or choose another --out.")
     model, name = weights.load_model(args.checkpoint, args.model)
     written = weights.export(model, name, args.out)
     for path in written:
