@@ -64,12 +64,14 @@ def test_killed_at_random_moments_and_resumed_equals_an_uninterrupted_run(tmp_pa
         before = torch.load(last, weights_only=True)["global_step"] if last.exists() else -1
         child = subprocess.Popen([sys.executable, "-m", "multimodal", *args], cwd=killed, env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 120
-        while time.time() < deadline and child.poll() is None:  # until a checkpoint newer than the last kill's
-            if last.exists() and torch.load(last, weights_only=True)["global_step"] > before:
+        # a random moment: 1-6 steps past the last kill's checkpoint, then a random part of a step
+        # (training, saving or validating), so that three kills leave the 40 steps unfinished
+        target, deadline = before + rng.randint(1, 6), time.time() + 120
+        while time.time() < deadline and child.poll() is None:
+            if last.exists() and torch.load(last, weights_only=True)["global_step"] >= target:
                 break
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 1.5))
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0.0, 0.3))
         assert child.poll() is None, "the run finished before it could be killed"
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
