@@ -257,3 +257,16 @@ def test_a_data_worker_error_is_one_sentence(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 10000 samples in a row") and "Caught" not in last, last
+
+
+@pytest.mark.parametrize("exc, kind", [
+    (FileNotFoundError(2, "No such file or directory"), "missing shard"),
+    (tarfile.ReadError("empty file"), "missing shard"),  # a 404 or a failed pipe: gave nothing
+    (OSError("(['curl', '-f', 'http://host/x.tar'],): exit 22 (read)"), "missing shard"),  # curl -f on a 404
+    (tarfile.ReadError("unexpected end of data"), "truncated shard"),
+    (ValueError("something else"), "unreadable shard"),
+])
+def test_shard_faults_are_named_whichever_way_webdataset_reports_them(exc, kind):
+    from multimodal.data.faults import shard_fault_kind
+
+    assert shard_fault_kind(exc) == kind

@@ -7,6 +7,7 @@ fraction of samples is bad, and prints the totals at the end.
 """
 
 import logging
+import re
 import tarfile
 from collections import Counter
 
@@ -43,9 +44,11 @@ class BadSample(Exception):
 def shard_fault_kind(exc: BaseException) -> str:
     """The SHARD_KINDS entry of an exception raised while opening or reading a tar shard."""
     text = f"{type(exc).__name__}: {exc}".lower()
-    if isinstance(exc, FileNotFoundError) or any(
+    if isinstance(exc, FileNotFoundError) or re.search(r"\bexit \d+", text) or any(
             s in text for s in ("no such file", "not found", "empty file", "exit status", "could not resolve")):
-        return "missing shard"  # nothing came: a local file that is gone, a URL that answers 404
+        # nothing came: a local file that is gone, a URL that answers 404 (curl's "exit 22"), a
+        # pipe: command that failed; webdataset reports the last as an empty file or an exit status
+        return "missing shard"
     if isinstance(exc, (tarfile.ReadError, EOFError)) or any(s in text for s in ("unexpected end", "truncated")):
         return "truncated shard"
     return "unreadable shard"
