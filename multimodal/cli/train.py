@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from multimodal import arch, demo
