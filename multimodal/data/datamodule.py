@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 
 from multimodal import arch
 from multimodal.data.pipeline import (
+    MAX_IMAGE_PIXELS,
     ImageTextStream,
     StreamPosition,
     WorkerProgress,
@@ -41,7 +42,7 @@ class ShardDataModule(pl.LightningDataModule):
         seed: int = 0,
         synthetic: SyntheticData | None = None,
         max_bad_fraction: float = 0.1,
-        max_image_pixels: int | None = 89_478_485,
+        max_image_pixels: int | None = MAX_IMAGE_PIXELS,
     ):
         """
         Args:
