@@ -6,17 +6,13 @@ too. Resolving a name registers the file with open_clip, so that open_clip's own
 the towers, tokenizer and transforms for it exactly as they do for ViT-B-32.
 """
 
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import torch
-import torchvision.transforms.v2 as T2
 from open_clip.transform import PreprocessCfg, image_transform_v2
-from PIL import Image
-from torchvision.transforms import InterpolationMode
 
+from multimodal.data.pixels import EvalTransform, TrainCrop
 from multimodal.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (editable install)
@@ -63,38 +59,27 @@ def transforms(name: str):
     return image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, is_train=False)
 
 
-def train_pixels(name: str) -> Callable[[Image.Image | np.ndarray], torch.Tensor]:
-    """open_clip's training crop, stopping at uint8: PIL image or (H, W, 3) array -> (3, H, W) uint8.
-
-    The same RandomResizedCrop (scale 0.9-1, the same crop boxes for the same random state) as
-    `transforms(name)[0]`, but resampled by torch's antialiased uint8 kernels, which are several
-    times faster than PIL's and agree with them to a level or two in 255. Scaling to [0, 1] and
-    normalising happen on the device (`normalize`): workers, pinned memory and the host-to-device
-    copy move a quarter of the bytes of float32 pixels.
-    """
+def train_crop(name: str) -> TrainCrop:
+    """open_clip's training crop for `name` (RandomResizedCrop, scale 0.9-1, its interpolation), as
+    boxes and uint8 resampling (`multimodal.data.pixels`): same boxes for the same random state as
+    `transforms(name)[0]`, resampled by torch's antialiased uint8 kernels (several times faster than
+    PIL's, within a level or two in 255), normalised later on the device."""
     cfg = PreprocessCfg(size=image_size(name))
-    interpolation = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR}[cfg.interpolation]
-    size = [cfg.size, cfg.size] if isinstance(cfg.size, int) else list(cfg.size)
-    crop = T2.RandomResizedCrop(size, scale=(0.9, 1.0), interpolation=interpolation, antialias=True)
+    return TrainCrop(image_size(name), mode=cfg.interpolation)
 
-    def pixels(image: Image.Image | np.ndarray) -> torch.Tensor:
-        """A PIL image or an (H, W, 3) uint8 array (`pipeline.decode_jpeg_pixels`)."""
-        if isinstance(image, Image.Image):
-            image = np.array(image if image.mode == "RGB" else image.convert("RGB"))  # writable: torch wants it so
-        return crop(torch.from_numpy(image).permute(2, 0, 1))
 
-    return pixels
+def eval_transform(name: str) -> EvalTransform:
+    """open_clip's eval transform for `name` (shorter side resized, centre crop, normalised), split into
+    uint8 pixels for the loader and normalisation on the device (`multimodal.data.pixels`). Within a
+    level or two in 255 of `transforms(name)[1]` on the same image; from DCT-scaled JPEGs, a few more."""
+    cfg = PreprocessCfg(size=image_size(name))
+    return EvalTransform(image_size(name), tuple(cfg.mean), tuple(cfg.std), mode=cfg.interpolation)
 
 
 def pixel_stats(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, std) of open_clip's normalisation for `name`, shaped (1, 3, 1, 1), on the CPU."""
     cfg = PreprocessCfg(size=image_size(name))
     return torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
-
-
-def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 pixels -> float32 normalised as open_clip's transforms do: (x / 255 - mean) / std."""
-    return pixels.float().mul_(1 / (255 * std)).sub_(mean / std)  # in place: one pass, one allocation
 
 
 def tokenizer(name: str):

@@ -61,8 +61,17 @@ def all_gather_objects(obj) -> list:
     return out
 
 
+def max_over_ranks_(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, in place, as its element-wise maximum over all ranks. Nothing is read on the host:
+    under NCCL the reduction is queued on the GPU stream like any kernel, so a step need not wait."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def sum_over_ranks(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sums of `values` over all ranks (the values themselves in one process)."""
+    """Element-wise sums of `values` over all ranks (the values themselves in one process). Reads
+    the result on the host: a synchronisation point, for logging steps only."""
     if not is_distributed():
         return list(values)
     tensor = torch.tensor(values, dtype=torch.float64, device=device)

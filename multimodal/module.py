@@ -12,29 +12,26 @@ Options for large models and batches: the CLIP or SigLIP loss, gradient-cached m
 
 import math
 import random
-import sys
-from collections import Counter
 from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from multimodal import arch, distributed
+from multimodal import distributed
 from multimodal.accumulate import cached_step
-from multimodal.data.faults import bad_sample_count, describe
-from multimodal.distributed import sum_over_ranks
+from multimodal.distributed import max_over_ranks_
 from multimodal.errors import UserError
 from multimodal.eval.embed import collect
 from multimodal.eval.retrieval import retrieval_metrics
 from multimodal.loss import clip_loss, siglip_loss
 from multimodal.model import CLIP, create_model, scalar_state
+from multimodal.monitor import Throughput, TrainingHealth, is_logging_step
 from multimodal.optim import param_groups, warmup_cosine
-from multimodal.throughput import StepTimer, flops_per_sample, peak_tflops
+from multimodal.throughput import flops_per_sample
 from multimodal.weights import load_weights
 
 MAX_LOGIT_SCALE = math.log(100)
-MIN_SAMPLES_FOR_BAD_FRACTION = 1000  # no verdict on the bad fraction of fewer samples
 
 
 def rng_states() -> dict:
@@ -128,17 +125,9 @@ class CLIPModule(pl.LightningModule):
         if compile:  # in place: the parameters keep their names in checkpoints and exports
             self.model.towers.visual.compile()
             self.model.towers.transformer.compile()
-        self._timer = StepTimer()
-        self._flops_per_sample: float | None = None
-        self._peak_tflops: float | None = None
-        self._pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._stream_progress: dict[int, tuple[int, int]] = {}  # worker -> (batches, samples consumed)
         self._val_scalars: tuple[torch.Tensor, torch.Tensor | None] | None = None
-        self.bad_data: Counter = Counter()  # this rank's skipped samples and shard faults, by kind
-        self.samples_read = 0  # this rank's raw training samples, good and bad
-        self.nonfinite_steps = 0
-        self._nonfinite_in_a_row = 0
-        self._skip_update = False
+        self.nonfinite: torch.Tensor | None = None  # the last training step's flag: 1.0 when its loss was not finite
         self._val_outputs: list = []
 
     def _build_model(self) -> CLIP:
@@ -156,20 +145,15 @@ class CLIPModule(pl.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay, self._param_ndims)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas, eps=hp.eps)
+        # Fused AdamW (CPU and CUDA): one kernel per step instead of several per parameter, and it skips a
+        # non-finite step on the device (`optimizer_step`). Not under fp16 AMP, whose scaler unscales
+        # gradients before clipping, which Lightning allows only for an optimizer that does not.
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=hp.betas, eps=hp.eps, fused=scaler is None)
         total = int(self.trainer.estimated_stepping_batches)
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: warmup_cosine(step, hp.warmup_steps, total, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """Training pixels travel as uint8 (a quarter of float32's bytes); normalise them on the device."""
-        pixels = batch.get("image") if isinstance(batch, dict) else None
-        if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
-            if self._pixel_stats is None or self._pixel_stats[0].device != pixels.device:
-                self._pixel_stats = tuple(t.to(pixels.device) for t in arch.pixel_stats(self.hparams.model_name))
-            batch["image"] = arch.normalize(pixels, *self._pixel_stats)
-        return batch
 
     def configure_model(self) -> None:
         """Before the strategy wraps the model: FSDP needs the loss scalars as 1-element vectors
@@ -186,13 +170,18 @@ class CLIPModule(pl.LightningModule):
             raise UserError("model.micro_batches needs whole parameters on every rank: use the ddp strategy "
                             "(FSDP shards them), or set model.micro_batches to 1.")
 
-    def on_train_start(self) -> None:
-        self._timer = StepTimer(window=max(1, self.trainer.log_every_n_steps))
-        self._peak_tflops = self.hparams.peak_tflops or peak_tflops(self.device)  # once, not every step
-        if self.hparams.count_flops:  # on a fresh copy: any strategy, compiled or sharded, counts the same
-            copy = self._build_model()
-            loss_fn = lambda i, t: self._loss(copy, i, t, gather=False)  # noqa: E731
-            self._flops_per_sample = flops_per_sample(copy, self.hparams.model_name, loss_fn)
+    def configure_callbacks(self) -> list[pl.Callback]:
+        """Throughput and MFU, bad data and non-finite steps: logged and checked by callbacks
+        (`multimodal.monitor`) that read device values only on logging steps."""
+        hp = self.hparams
+        return [Throughput(hp.count_flops, hp.peak_tflops, warmup_steps=3 if hp.compile else 1),
+                TrainingHealth(hp.max_nonfinite_steps)]
+
+    def flops_per_sample(self) -> float:
+        """Model FLOPs of one training sample, counted on a fresh copy: any strategy, compiled or
+        sharded, counts the same."""
+        copy = self._build_model()
+        return flops_per_sample(copy, self.hparams.model_name, lambda i, t: self._loss(copy, i, t, gather=False))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # The stream's position, for a mid-epoch resume: recorded as the batch starts, because a
@@ -200,22 +189,6 @@ class CLIPModule(pl.LightningModule):
         if "worker" in batch:
             batches = self._stream_progress.get(batch["worker"], (0, 0))[0]
             self._stream_progress[batch["worker"]] = (batches + 1, int(batch["consumed"]))
-        self._timer.start(batch["image"].shape[0])
-        rates = self._timer.rates()
-        if rates is None:
-            return
-        per_device, wait = rates
-        self.log("train/samples_per_second_per_device", per_device)
-        self.log("train/samples_per_second", per_device * self.trainer.world_size, prog_bar=True)
-        self.log("train/data_wait_fraction", wait)
-        if self._flops_per_sample:
-            achieved = self._flops_per_sample * per_device / 1e12
-            self.log("train/tflops_per_device", achieved)
-            if self._peak_tflops:
-                self.log("train/mfu", achieved / self._peak_tflops)
-
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        self._timer.end()
 
     def on_train_epoch_start(self) -> None:
         self._stream_progress = {}
@@ -264,71 +237,53 @@ class CLIPModule(pl.LightningModule):
         else:
             loss = surrogate = self.contrastive_loss(self.model.encode_image(batch["image"]),
                                                      self.model.encode_text(batch["text"]))
-        self._skip_update = not self._healthy(batch, loss)
-        if self._skip_update:  # a zero loss on every parameter: a backward of zeros that DDP and FSDP
-            # can reduce like any other; optimizer_step then leaves the optimizer alone
-            trainable = [p.view(-1)[0] for p in self.model.parameters() if p.requires_grad]
-            return torch.stack(trainable).sum() * 0.0
-        self.log("train/loss", loss, prog_bar=True)
+        # 1.0 when the loss of any rank is NaN or infinite: every rank then skips the update, on the
+        # device (`optimizer_step`); `TrainingHealth` counts such steps. Nothing is read on the host.
+        self.nonfinite = max_over_ranks_(torch.isfinite(loss.detach()).logical_not().float())
+        self.log("train/loss", loss.detach())  # not prog_bar: Lightning would read it every step
         self.log("train/logit_scale", self.model.logit_scale.detach().exp())
         if self.model.logit_bias is not None:
             self.log("train/logit_bias", self.model.logit_bias.detach())
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        if is_logging_step(self.trainer, before_step=True):  # a Python number becomes a device tensor: a copy
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         return surrogate
 
-    def _healthy(self, batch: dict, loss: torch.Tensor) -> bool:
-        """Count the batch's bad data and check the loss, agreed over all ranks in one all-reduce:
-        every rank skips the same steps and stops at the same one. False: skip this step."""
-        self.bad_data.update(batch.get("bad", {}))
-        self.samples_read += int(batch.get("read", batch["image"].shape[0]))
-        nonfinite, bad, read = sum_over_ranks(
-            [float(not torch.isfinite(loss.detach()).all()), bad_sample_count(self.bad_data), self.samples_read],
-            self.device)
-        self.log("train/bad_samples", bad)
-        self.log("train/bad_fraction", bad / max(read, 1.0))
-        for kind, count in self.bad_data.items():
-            self.log(f"train/bad/{kind.replace(' ', '_')}", float(count))  # this rank's; all ranks at the end
-        limit = getattr(self.trainer.datamodule, "max_bad_fraction", None) if self._trainer else None
-        if limit is not None and read >= MIN_SAMPLES_FOR_BAD_FRACTION and bad > limit * read:
-            raise UserError(f"{int(bad)} of the {int(read)} training samples read so far were bad ({bad / read:.1%}, "
-                            f"more than data.max_bad_fraction = {limit}): check the shards "
-                            f"({describe(self.bad_data)} on rank {self.global_rank}).")
-        if not nonfinite:
-            self._nonfinite_in_a_row = 0
-            return True
-        self.nonfinite_steps += 1
-        self._nonfinite_in_a_row += 1
-        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
-        if self._nonfinite_in_a_row >= self.hparams.max_nonfinite_steps:
-            precision = self.trainer.precision if self._trainer else "?"
-            raise UserError(f"The loss was NaN or infinite for {self._nonfinite_in_a_row} steps in a row, the last at "
-                            f"step {self.global_step}: lower model.lr (now {self.hparams.lr}) or lengthen "
-                            f"model.warmup_steps, or use trainer.precision bf16-mixed or 32-true (now {precision}).")
-        return False
-
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
-        """The training step and backward (the closure) first; then the update, unless the step's loss
-        was not finite on some rank: no update and no optimizer state change (Lightning still counts
-        the step, and the learning-rate schedule moves on)."""
+        """The training step and backward (the closure), then the update. A step whose loss was not
+        finite on some rank changes no weight and no optimizer state: fused AdamW takes the flag as
+        its `found_inf` and skips on the device, as under a gradient scaler (Lightning still counts
+        the step, and the learning-rate schedule moves on). Under fp16 AMP the scaler does the same
+        from the gradients, which a non-finite loss makes non-finite."""
         if optimizer_closure is None:
             return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         loss = optimizer_closure()
-        if self._skip_update:
-            return None
-        optimizer.step(closure=lambda: loss)
+        adamw, fused = optimizer.optimizer, optimizer.optimizer.defaults["fused"]
+        if fused:
+            adamw.found_inf = self.nonfinite
+        try:
+            optimizer.step(closure=lambda: loss)
+        finally:
+            if fused:
+                del adamw.found_inf
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """`trainer.gradient_clip_val` by norm under FSDP too: the norm of the whole gradient is
-        computed over every rank's shard by FSDP itself (Lightning's FSDP precision refuses 'norm')."""
-        if self._fsdp and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        """`trainer.gradient_clip_val` under FSDP and with fused AdamW too. FSDP: the norm of the whole
+        gradient is computed over every rank's shard by FSDP itself (Lightning's FSDP precision refuses
+        'norm'). Fused AdamW: Lightning's AMP plugin refuses to clip for any optimizer that could unscale
+        gradients itself, even under bf16, where there is no scaler; the gradients here are unscaled."""
+        if not gradient_clip_val:
             return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-    def on_validation_start(self) -> None:
-        self._timer.pause()  # validation time is neither training nor waiting for training data
+        by_norm = gradient_clip_algorithm in (None, "norm")
+        if self._fsdp and by_norm:
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+        elif optimizer.defaults["fused"]:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            clip = torch.nn.utils.clip_grad_norm_ if by_norm else torch.nn.utils.clip_grad_value_
+            clip(params, gradient_clip_val)
+        else:
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Embeds every image and caption of the held-out shards (`EmbedBatches` batches)."""
@@ -374,17 +329,3 @@ class CLIPModule(pl.LightningModule):
         losses = [self._loss_of(image_features[i:i + size], text_features[i:i + size], scale, bias, gather=False)
                   for i in range(0, len(images), size) if len(images[i:i + size]) > 1]
         return torch.stack(losses).mean().item()
-
-    def on_train_end(self) -> None:
-        """The run's bad data and skipped steps, over all ranks, on rank 0's stderr."""
-        totals: Counter = Counter()
-        for counts in distributed.all_gather_objects(dict(self.bad_data)):
-            totals.update(counts)
-        read = sum(distributed.all_gather_objects(self.samples_read))
-        if self.global_rank == 0 and (totals or self.nonfinite_steps):
-            bad = bad_sample_count(totals)
-            lines = [f"Bad data: skipped {bad} of {read} training samples read ({bad / max(read, 1):.2%})"
-                     + (f": {describe(totals)}." if totals else ".")]
-            if self.nonfinite_steps:
-                lines.append(f"Skipped {self.nonfinite_steps} steps whose loss was NaN or infinite.")
-            print("\n".join(lines), file=sys.stderr)

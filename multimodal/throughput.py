@@ -62,17 +62,25 @@ def flops_per_sample(model: CLIP, model_name: str, loss_fn: Callable[[torch.Tens
 
 class StepTimer:
     """Sliding-window means over the last `window` steps: samples/s and the fraction of time spent waiting
-    for data (from the end of one step to the start of the next, when the loader hands over a batch)."""
+    for data (from the end of one step to the start of the next, when the loader hands over a batch).
 
-    def __init__(self, window: int = 50):
+    The first `warmup` steps are left out: the first step of a run allocates memory and, under
+    `torch.compile`, compiles the towers for minutes, which is not the run's pace.
+    """
+
+    def __init__(self, window: int = 50, warmup: int = 0):
         self.steps: deque[tuple[float, float, int]] = deque(maxlen=window)  # (step time, wait, samples)
         self.last_start: float | None = None
         self.last_end: float | None = None
+        self.to_skip = warmup
 
     def start(self, samples: int) -> None:
         now = time.perf_counter()
         if self.last_start is not None and self.last_end is not None:
-            self.steps.append((now - self.last_start, now - self.last_end, self.pending))
+            if self.to_skip > 0:
+                self.to_skip -= 1
+            else:
+                self.steps.append((now - self.last_start, now - self.last_end, self.pending))
         self.last_start, self.pending = now, samples
 
     def end(self) -> None:

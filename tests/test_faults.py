@@ -16,9 +16,9 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from multimodal.data import pipeline
+from multimodal.data import decode
+from multimodal.data.decode import decode_sample
 from multimodal.data.faults import SAMPLE_KINDS, BadSample
-from multimodal.data.pipeline import decode_sample
 from multimodal.data.shards import MANIFEST, write_synthetic
 from tests.conftest import REPO, run_cli
 from tests.test_pipeline import batches, stream, write_tar
@@ -75,7 +75,7 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
     def decoding(*args, **kwargs):
         raise AssertionError("the bomb was decoded")
 
-    monkeypatch.setattr(pipeline, "decode_jpeg_pixels", decoding)
+    monkeypatch.setattr(decode, "decode_jpeg_pixels", decoding)
     monkeypatch.setattr(Image.Image, "convert", decoding)
     with pytest.raises(BadSample, match="oversized image"):
         decode_sample(BROKEN["oversized image"](), min_side=64)
@@ -181,7 +181,7 @@ def test_too_many_bad_samples_stop_the_run_with_one_sentence(tmp_path):
     assert (tmp_path / "shards" / MANIFEST).is_file()  # the shards are left as they were
 
 
-def fit(tmp_path, callbacks, max_steps=8, **module_args):
+def fit(tmp_path, callbacks, max_steps=8, log_every_n_steps=50, **module_args):
     import pytorch_lightning as pl
 
     from multimodal.data.datamodule import ShardDataModule
@@ -192,9 +192,9 @@ def fit(tmp_path, callbacks, max_steps=8, **module_args):
     module = CLIPModule("tiny", lr=1e-3, warmup_steps=1, **module_args)
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
-                         default_root_dir=tmp_path)
+                         default_root_dir=tmp_path, log_every_n_steps=log_every_n_steps)
     trainer.fit(module, datamodule=ShardDataModule(str(tmp_path / "data"), batch_size=8, num_workers=0))
-    return module
+    return module, trainer
 
 
 def test_a_nonfinite_loss_skips_its_step_and_training_goes_on(tmp_path):
@@ -211,8 +211,11 @@ def test_a_nonfinite_loss_skips_its_step_and_training_goes_on(tmp_path):
             self.seen.setdefault(trainer.global_step, []).append([p.detach().clone() for p in module.parameters()])
 
     weights = Weights()
-    module = fit(tmp_path, [weights, PoisonBatches([3, 4])])
-    assert module.nonfinite_steps == 2 and module.global_step == 8
+    from multimodal.monitor import TrainingHealth
+
+    module, trainer = fit(tmp_path, [weights, PoisonBatches([3, 4])])
+    health = next(c for c in trainer.callbacks if isinstance(c, TrainingHealth))
+    assert health.nonfinite_steps == 2 and module.global_step == 8
     at = {step: seen[0] for step, seen in weights.seen.items()}
     same = lambda a, b: all(torch.equal(x, y) for x, y in zip(at[a], at[b]))  # noqa: E731
     assert same(3, 5)  # steps 3 and 4 (Lightning counts them) changed nothing
@@ -220,12 +223,25 @@ def test_a_nonfinite_loss_skips_its_step_and_training_goes_on(tmp_path):
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
-def test_nonfinite_losses_in_a_row_stop_with_the_step_and_a_hint(tmp_path):
+@pytest.mark.parametrize("log_every, stopped_at", [(1, 5), (4, 8), (50, 10)])
+def test_nonfinite_losses_in_a_row_stop_with_the_step_and_a_hint(tmp_path, log_every, stopped_at):
+    """Counted on the device, read on logging steps: the run stops at the first logging step after the
+    third NaN step in a row (or at its end), naming the step at which the limit was reached."""
+    import pytorch_lightning as pl
+
     from multimodal.errors import UserError
     from tests.scripts.poison import PoisonBatches
 
+    steps = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            steps.append(trainer.global_step)
+
     with pytest.raises(UserError, match=r"NaN or infinite for 3 steps in a row, the last at step 4: lower model.lr"):
-        fit(tmp_path, [PoisonBatches(range(2, 100))], max_nonfinite_steps=3)
+        fit(tmp_path, [PoisonBatches(range(2, 100)), Steps()], max_steps=10, max_nonfinite_steps=3,
+            log_every_n_steps=log_every)
+    assert steps[-1] == stopped_at
 
 
 def test_two_ranks_on_uneven_shards_finish_and_agree_to_skip_a_nonfinite_step(tmp_path):

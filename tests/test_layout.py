@@ -5,7 +5,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "multimodal"
-LIGHTNING_USERS = {"module.py", "checkpoint.py", "cli/train.py", "data/datamodule.py", "eval/callbacks.py"}
+LIGHTNING_USERS = {"module.py", "monitor.py", "checkpoint.py", "cli/train.py", "data/datamodule.py",
+                   "eval/callbacks.py"}
 TORCH_ONLY = {"loss.py": {"multimodal.distributed"}, "distributed.py": set(), "optim.py": set()}
 
 

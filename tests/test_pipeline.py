@@ -39,8 +39,7 @@ def good(key: str, captions=("a red square",)) -> dict:
 
 
 def stream(urls, *, batch_size=4, num_batches=3, rank=0, world=1, shuffle_buffer=0, **kw) -> ImageTextStream:
-    train, _ = arch.transforms("tiny")
-    return ImageTextStream(urls, image_transform=train, tokenizer=arch.tokenizer("tiny"), batch_size=batch_size,
+    return ImageTextStream(urls, crop=arch.train_crop("tiny"), tokenizer=arch.tokenizer("tiny"), batch_size=batch_size,
                            num_batches=num_batches, position=StreamPosition(rank, world),
                            shuffle_buffer=shuffle_buffer, **kw)
 
@@ -143,19 +142,21 @@ def test_url_forms(tmp_path):
 
 def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_transform():
     """Same crop box for the same random state; resampling agrees to a level or two in 255."""
+    from multimodal.data.pixels import normalize
+
     g = torch.Generator().manual_seed(0)
     noise = torch.randint(0, 256, (300, 420, 3), generator=g, dtype=torch.uint8)
     smooth = torch.nn.functional.avg_pool2d(noise.permute(2, 0, 1)[None].float(), 9, 1, 4)[0]  # photo-like
     image = Image.fromarray(smooth.permute(1, 2, 0).round().to(torch.uint8).numpy())
     train, _ = arch.transforms("ViT-B-32")
-    pixels_of = arch.train_pixels("ViT-B-32")
+    crop = arch.train_crop("ViT-B-32")
     for seed in range(5):
         torch.manual_seed(seed)
         theirs = train(image)
         torch.manual_seed(seed)
-        pixels = pixels_of(image)
+        pixels = crop.pixels(image, crop.box(*image.size))
         assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
-        ours = arch.normalize(pixels[None], *arch.pixel_stats("ViT-B-32"))[0]
+        ours = normalize(pixels[None], *arch.pixel_stats("ViT-B-32"))[0]
         level = 1 / (255 * 0.26)  # one uint8 level in normalised units
         assert (ours - theirs).abs().mean() < 0.5 * level
         assert (ours - theirs).abs().max() < 4 * level
@@ -169,7 +170,7 @@ def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_trans
 ])
 def test_large_jpegs_decode_at_the_smallest_scale_that_covers_the_crop(size, min_side, expected):
     """Draft decoding: the JPEG's DCT is scaled by n/8, the smallest n keeping both sides >= min_side."""
-    from multimodal.data.pipeline import decode_sample
+    from multimodal.data.decode import decode_sample
 
     image, captions, _ = decode_sample({"jpg": jpeg(size=size), "txt": b"a caption"}, min_side)
     width_height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
@@ -192,7 +193,7 @@ def test_training_jpeg_decoding_equals_pils_pixels():
     """The training path decodes JPEGs with libjpeg-turbo directly: the same pixels as PIL, as arrays."""
     import numpy as np
 
-    from multimodal.data.pipeline import decode_sample
+    from multimodal.data.decode import decode_sample
 
     g = torch.Generator().manual_seed(1)
     noise = torch.randint(0, 256, (3, 240, 320), generator=g, dtype=torch.uint8)
@@ -232,3 +233,32 @@ def test_the_stream_is_the_same_in_every_process(tmp_path):
     runs = {subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(runs) == 1
+
+
+def test_a_pass_yields_its_first_batch_long_before_its_shuffle_buffer_is_full(tmp_path, monkeypatch):
+    """A 5,000-sample buffer starts yielding after SHUFFLE_INITIAL samples, and grows as it goes: the
+    first batch of every pass (epoch) costs about a thousand samples read, and one batch decoded."""
+    from multimodal.data import pipeline
+
+    urls = [write_tar(tmp_path / f"s{i}.tar", [good(f"{i}_{j}") for j in range(1500)]) for i in range(4)]
+    read, decoded, before_first_batch = [0], [0], []
+    tarfile_samples, decode_image = wds.tarfile_samples, pipeline.decode_image
+
+    def counted_samples(*args, **kwargs):
+        for sample in tarfile_samples(*args, **kwargs):
+            read[0] += 1
+            yield sample
+
+    def counted_decode(*args, **kwargs):
+        decoded[0] += 1
+        return decode_image(*args, **kwargs)
+
+    monkeypatch.setattr(wds, "tarfile_samples", counted_samples)
+    monkeypatch.setattr(pipeline, "decode_image", counted_decode)
+    ds = stream(urls, batch_size=16, num_batches=2, shuffle_buffer=5000)
+    for _epoch in range(2):
+        read[0] = decoded[0] = 0
+        next(iter(ds))
+        before_first_batch.append((read[0], decoded[0]))
+    for samples_read, samples_decoded in before_first_batch:
+        assert samples_read <= pipeline.SHUFFLE_INITIAL + 2 * 16 and samples_decoded == 16

@@ -91,11 +91,11 @@ def embed(argv: list[str]) -> int:
     print(f"{source.num_parts() - len(todo)} of {source.num_parts()} parts already done; embedding {len(todo)}.")
     if not todo:
         return 0
-    _, val_transform = arch.transforms(name)
+    preprocess = arch.eval_transform(name)
     tokenizer = arch.tokenizer(name)
 
     def make_dataset(rank: int, world: int) -> EmbedBatches:
-        return EmbedBatches(source, todo[rank::world], val_transform, tokenizer, args.batch_size)
+        return EmbedBatches(source, todo[rank::world], preprocess, tokenizer, args.batch_size)
 
     sizes = [source.part_size(p) for p in todo[0::args.devices]]
     total = sum(sizes) if all(s is not None for s in sizes) else None
@@ -105,7 +105,7 @@ def embed(argv: list[str]) -> int:
         precision="bf16-mixed" if gpu else "32-true", logger=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[EmbeddingWriter(writer, total, "img" if source.has_images else "text")],
     )
-    trainer.predict(EmbedModule(model, make_dataset, args.num_workers), return_predictions=False)
+    trainer.predict(EmbedModule(model, make_dataset, args.num_workers, preprocess), return_predictions=False)
     if trainer.is_global_zero:
         print(f"Wrote {args.out} ({len(todo)} parts on {trainer.world_size} device(s)).")
     return 0
@@ -191,7 +191,7 @@ def eval_zeroshot(argv: list[str]) -> int:
         raise UserError("Pass either --shards or --images.")
     templates = zeroshot.read_templates(args.templates)
     if args.images:
-        folders, samples = zeroshot.image_folder(args.images)
+        folders, _ = zeroshot.image_folder(args.images)
         classnames = zeroshot.read_lines(args.classnames, "Class names") if args.classnames else \
             [f.replace("_", " ") for f in folders]
         if len(classnames) != len(folders):
@@ -201,12 +201,13 @@ def eval_zeroshot(argv: list[str]) -> int:
         if args.classnames is None:
             raise UserError("--shards needs --classnames, the names of the class indices in label order.")
         classnames = zeroshot.read_lines(args.classnames, "Class names")
-        samples = zeroshot.labelled_shards(args.shards)
     model, name = weights.load_model(args.checkpoint, args.model)
-    _, val_transform = arch.transforms(name)
+    size = arch.image_size(name)  # JPEGs decoded no larger than the model needs
+    samples = zeroshot.image_folder(args.images, size)[1] if args.images else \
+        zeroshot.labelled_shards(args.shards, size)
     device = default_device()
     with autocast(device):
-        result = zeroshot.evaluate(model, arch.tokenizer(name), val_transform, classnames, templates,
+        result = zeroshot.evaluate(model, arch.tokenizer(name), arch.eval_transform(name), classnames, templates,
                                    tqdm(samples, unit="img", desc="classifying", mininterval=1.0),
                                    args.batch_size, device)
     print(f"Zero-shot classification of {result['num_images']} images into {len(classnames)} classes "

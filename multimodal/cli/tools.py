@@ -46,7 +46,7 @@ def search(argv: list[str]) -> int:
             if not args.image.is_file():
                 raise UserError(f"Query image {args.image} does not exist.")
             with Image.open(args.image) as image:
-                query = model.encode_image(arch.transforms(name)[1](image.convert("RGB"))[None])[0]
+                query = model.encode_image(arch.eval_transform(name)(image)[None])[0]
     if query.shape[0] != candidates.shape[1]:
         raise UserError(f"The model gives {query.shape[0]}-d embeddings but {args.index} holds "
                         f"{candidates.shape[1]}-d ones: pass the --checkpoint the folder was made with.")

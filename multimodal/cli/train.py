@@ -4,8 +4,10 @@ import re
 import warnings
 from pathlib import Path
 
+import pytorch_lightning as pl
 import torch
 from jsonargparse import ArgumentError
+from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.cli import LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
@@ -16,6 +18,7 @@ from multimodal.checkpoint import AtomicCheckpointIO, check_loadable
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.errors import UserError
 from multimodal.module import CLIPModule
+from multimodal.monitor import RunProgressBar
 
 
 class TrainCLI(LightningCLI):
@@ -63,6 +66,13 @@ class TrainCLI(LightningCLI):
                 raise UserError(f"The run folder {folder} already holds a run: pass --resume {folder} to continue "
                                 "it, --overwrite to write into it anyway, or leave the logger's version unset.")
 
+    def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
+        """Our progress bar (`RunProgressBar`) unless the config turns bars off or brings its own."""
+        chosen = config.get("callbacks") or []
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
+            callbacks = [*callbacks, RunProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
     def _resume(self) -> tuple[Path, int] | None:
         """Turn --resume into ckpt_path; (logger root, version) when it names a run folder."""
         if not self.config.get("resume"):
@@ -81,8 +91,7 @@ class TrainCLI(LightningCLI):
 
 # Lightning's warnings about our deliberate choices: args passed from Python, two loggers sharing
 # one folder, __len__ on the IterableDataset (exact per rank by construction), no validation
-# shards (an empty val loader), a deprecation inside Lightning itself, and the module (not the
-# DataModule) normalising uint8 pixels on the device; and mid-epoch resume, which the stream
+# shards (an empty val loader), a deprecation inside Lightning itself; and mid-epoch resume, which the stream
 # does position (ImageTextStream's `resume`), though not through Lightning's loader state.
 QUIET = (
     ".*args parameter is intended to run from within Python.*",
@@ -90,7 +99,6 @@ QUIET = (
     ".*Your `IterableDataset` has `__len__` defined.*",
     ".*Total length of `list` across ranks is zero.*",
     ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
-    ".*overridden `on_after_batch_transfer` in `LightningModule` but have passed in a `LightningDataModule`.*",
     ".*resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.*",
 )
 

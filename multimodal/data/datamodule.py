@@ -7,14 +7,15 @@ first (once per node, skipped when they are already there).
 
 import math
 from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
 from multimodal import arch
+from multimodal.data.decode import MAX_IMAGE_PIXELS
 from multimodal.data.pipeline import (
-    MAX_IMAGE_PIXELS,
     ImageTextStream,
     StreamPosition,
     WorkerProgress,
@@ -22,6 +23,7 @@ from multimodal.data.pipeline import (
     expand_urls,
     seeded,
 )
+from multimodal.data.pixels import finish_batch, normalize
 from multimodal.data.shards import MANIFEST, write_synthetic
 from multimodal.data.synthetic import SyntheticData
 from multimodal.errors import UserError
@@ -43,6 +45,7 @@ class ShardDataModule(pl.LightningDataModule):
         synthetic: SyntheticData | None = None,
         max_bad_fraction: float = 0.1,
         max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+        decode: Literal["auto", "cpu", "gpu"] = "auto",
     ):
         """
         Args:
@@ -61,6 +64,9 @@ class ShardDataModule(pl.LightningDataModule):
                 (over all ranks, from the first 1,000 on) was skipped as bad: broken images, missing captions.
             max_image_pixels: skip images that declare more pixels than this, unread (decompression bombs);
                 the default is PIL's warning threshold. null: no limit.
+            decode: where training JPEGs are decoded: `cpu` in the DataLoader workers; `gpu` on the training
+                device, the batch's JPEGs together (nvJPEG on CUDA; on a CPU run, the main process), the
+                workers only reading them and drawing their crop boxes; `auto`: `gpu` when training on CUDA.
         """
         super().__init__()
         for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
@@ -74,6 +80,9 @@ class ShardDataModule(pl.LightningDataModule):
         self.train_shards, self.val_shards, self.model_name = train_shards, val_shards, model_name
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.resampled, self.num_samples, self.seed, self.synthetic = resampled, num_samples, seed, synthetic
+        self.decode = decode
+        self.crop = arch.train_crop(model_name)
+        self._pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
         self._resume: dict | None = None
         arch.resolve(model_name)
         if synthetic is None:  # fail before any work starts, not at the first batch
@@ -137,8 +146,7 @@ class ShardDataModule(pl.LightningDataModule):
                             "devices: lower data.batch_size.")
         resume = self._resume_args(rank, world)
         stream = ImageTextStream(
-            urls, image_transform=arch.train_pixels(self.model_name), tokenizer=arch.tokenizer(self.model_name),
-            draft_size=arch.image_size(self.model_name),
+            urls, crop=self.crop, tokenizer=arch.tokenizer(self.model_name), decode_on_device=self._decode_on_device(),
             batch_size=self.batch_size, num_batches=num_batches, position=StreamPosition(rank, world),
             shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, max_image_pixels=self.max_image_pixels,
             **{"seed": self.seed, **resume},
@@ -147,6 +155,36 @@ class ShardDataModule(pl.LightningDataModule):
             stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers > 0 else None,
         )
+
+    def _decode_on_device(self) -> bool:
+        if self.decode == "auto":
+            return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+        return self.decode == "gpu"
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        """As Lightning moves a batch, except the JPEG bytes to decode on the device: its decoder reads them
+        from host memory (`pixels.finish_batch`)."""
+        jpeg = batch.pop("jpeg", None) if isinstance(batch, dict) else None
+        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
+        if jpeg is not None:
+            batch["jpeg"] = jpeg
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """On the device: JPEGs decoded (`data.decode: gpu`), then uint8 pixels normalised (training
+        `image`, validation `images`): uint8 travels as a quarter of float32's bytes."""
+        if not isinstance(batch, dict):
+            return batch
+        if "jpeg" in batch:
+            batch = finish_batch(batch, self.crop, self.trainer.strategy.root_device if self.trainer else
+                                 batch["text"].device)
+        for key in ("image", "images"):
+            pixels = batch.get(key)
+            if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
+                if self._pixel_stats is None or self._pixel_stats[0].device != pixels.device:
+                    self._pixel_stats = tuple(t.to(pixels.device) for t in arch.pixel_stats(self.model_name))
+                batch[key] = normalize(pixels, *self._pixel_stats)
+        return batch
 
     def val_dataloader(self) -> "EvenBatches | list":
         """Every held-out image with all its captions, once; rank r takes every W-th shard.
@@ -168,12 +206,12 @@ class ShardDataModule(pl.LightningDataModule):
         batches_of = [sum(max(1, math.ceil((sizes[p] or 0) / self.batch_size)) for p in range(r, len(sizes), world))
                       for r in range(world)]
         parts = list(range(source.num_parts()))[rank::world]
-        _, val_transform = arch.transforms(self.model_name)
         tokenizer = arch.tokenizer(self.model_name)
-        batches = EmbedBatches(source, parts, val_transform, tokenizer, self.batch_size)
+        batches = EmbedBatches(source, parts, arch.eval_transform(self.model_name), tokenizer, self.batch_size)
         loader = DataLoader(batches, batch_size=None, num_workers=min(self.num_workers, len(parts)))
         size = arch.image_size(self.model_name)
-        padding = {"part": -1, "last": True, "images": torch.zeros(1, 3, size, size), "image_rows": [],
+        padding = {"part": -1, "last": True, "images": torch.zeros(1, 3, size, size, dtype=torch.uint8),
+                   "image_rows": [],
                    "texts": tokenizer([""]), "text_rows": []}
         return EvenBatches(loader, max(batches_of), padding)
 

@@ -18,28 +18,30 @@ import glob
 import io
 import json
 import random
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 import torch
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from multimodal.data.decode import IMAGE_KEYS, MAX_IMAGE_PIXELS, decode_image, decode_sample, image_size, read_sample
 from multimodal.data.faults import BadSample, FaultCounter, bad_sample_count
+from multimodal.data.pixels import TrainCrop, decodable_on_device, pack
 from multimodal.data.shards import MANIFEST
 from multimodal.errors import UserError
 
-IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 MAX_BAD_IN_A_ROW = 10_000
-MAX_IMAGE_PIXELS = 89_478_485  # PIL's warning threshold: 1/4 GiB of 24-bit pixels
+# A pass starts yielding once its shuffle buffer holds this many samples, and the buffer grows to its
+# full size as it goes (open_clip's _SAMPLE_SHUFFLE_INITIAL): a full 5,000-sample buffer of
+# full-size JPEGs costs seconds at every epoch boundary before the first batch.
+SHUFFLE_INITIAL = 1000
 
 
 def expand_urls(spec: str) -> list[str]:
@@ -87,127 +89,34 @@ def count_samples(urls: list[str]) -> int | None:
     return total
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from an image's header, decoding no pixels; None when no decoder knows it."""
-    if data.startswith(b"\xff\xd8"):
-        try:
-            height, width, *_ = simplejpeg.decode_jpeg_header(data)
-            return width, height
-        except ValueError:
-            pass  # a JPEG libjpeg-turbo's header reader refuses: PIL may still read it
-    try:
-        with warnings.catch_warnings():  # our own limit applies, not PIL's warning threshold
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-    except Image.DecompressionBombError:
-        return (Image.MAX_IMAGE_PIXELS or 0) * 2 + 1, 1  # over PIL's hard limit: oversized either way
-    except (OSError, ValueError, SyntaxError):
-        return None
-
-
-def decode_jpeg_pixels(data: bytes, min_side: int) -> np.ndarray | None:
-    """A JPEG as (H, W, 3) uint8 RGB, straight from libjpeg-turbo (simplejpeg): no PIL image and no
-    extra copy. Decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) when that keeps both sides at least
-    `min_side`: the decoder produces no more pixels than the crop needs. None when not a JPEG it reads
-    (CMYK, progressive oddities, truncated, not a JPEG at all): the caller falls back to PIL."""
-    if not data.startswith(b"\xff\xd8"):
-        return None
-    try:
-        return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_side, min_width=min_side)
-    except ValueError:
-        return None
-
-
-def decode_sample(raw: dict, min_side: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS
-                  ) -> tuple[Image.Image | np.ndarray, list[str], dict]:
-    """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample with its kind.
-
-    The image's size is read from its header first: one of more than `max_pixels` pixels is refused
-    before any decoding (a small file can declare 20,000 x 20,000 pixels). With `min_side`
-    (training), JPEGs come back as (H, W, 3) uint8 arrays from `decode_jpeg_pixels`, other images as
-    PIL images drafted to no less than `min_side`; without it, always PIL images.
-    """
-    image_key = next((k for k in IMAGE_KEYS if k in raw), None)
-    if image_key is None:
-        raise BadSample("no image")
-    data = raw[image_key]
-    if not data:
-        raise BadSample("empty image")
-    size = image_size(data)
-    if size is None:
-        raise BadSample("not an image")
-    if max_pixels and size[0] * size[1] > max_pixels:
-        raise BadSample("oversized image")
-    captions = _captions(raw)
-    pixels = decode_jpeg_pixels(data, min_side) if min_side else None
-    try:
-        if pixels is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                with Image.open(io.BytesIO(data)) as image:
-                    if min_side and image.format == "JPEG":
-                        image.draft("RGB", (min_side, min_side))
-                    pixels = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise BadSample("truncated image" if "truncat" in str(exc).lower() else "corrupt image") from exc
-    return pixels, *captions
-
-
-def _captions(raw: dict) -> tuple[list[str], dict]:
-    """(captions, json record): json `captions` first, else the txt member; raises BadSample."""
-    if "json" not in raw and "txt" not in raw:
-        raise BadSample("no caption")
-    record: dict = {}
-    captions: list = []
-    if "json" in raw:
-        try:
-            record = json.loads(raw["json"])
-        except ValueError:
-            record = None
-        if not isinstance(record, dict):
-            if "txt" not in raw:
-                raise BadSample("unreadable caption")
-            record = {}
-        captions = record.get("captions") or []
-        if isinstance(captions, str):
-            captions = [captions]
-    if not captions and "txt" in raw:
-        try:
-            captions = [raw["txt"].decode("utf-8")]
-        except UnicodeDecodeError:
-            raise BadSample("unreadable caption") from None
-    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
-    if not captions:
-        raise BadSample("empty caption")
-    return captions, record
-
-
-def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue
-                 ) -> Iterator[tuple[str, Image.Image, list[str], dict]]:
-    """(key, image, captions, json record) for every decodable sample of `urls`, in order, once."""
+def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue,
+                 min_side: int | None = None) -> Iterator[tuple[str, Image.Image | np.ndarray, list[str], dict]]:
+    """(key, image, captions, json record) for every decodable sample of `urls`, in order, once.
+    `min_side`: decode JPEGs to arrays at the smallest DCT scale keeping both sides >= it (`decode_image`)."""
     for raw in wds.tarfile_samples(({"url": u} for u in urls), handler=on_error):
         try:
-            image, captions, record = decode_sample(raw)
+            image, captions, record = decode_sample(raw, min_side)
         except BadSample:
             continue
         yield raw["__key__"], image, captions, record
 
 
-def read_labelled(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue
-                  ) -> Iterator[tuple[str, Image.Image, int]]:
+def read_labelled(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue,
+                  min_side: int | None = None) -> Iterator[tuple[str, Image.Image | np.ndarray, int]]:
     """(key, image, class index) for every sample of `urls` with a decodable image and `cls` member."""
     for raw in wds.tarfile_samples(({"url": u} for u in urls), handler=on_error):
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None or "cls" not in raw:
             continue
+        size = image_size(raw[image_key])
+        if size is None or size[0] * size[1] > MAX_IMAGE_PIXELS:
+            continue
         try:
             label = int(raw["cls"].decode("utf-8").strip())
-            with Image.open(io.BytesIO(raw[image_key])) as image:
-                rgb = image.convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            image = decode_image(raw[image_key], min_side)
+        except (ValueError, BadSample):
             continue
-        yield raw["__key__"], rgb, label
+        yield raw["__key__"], image, label
 
 
 def fetch_images(url: str, keys: set[str]) -> dict[str, Image.Image]:
@@ -247,16 +156,27 @@ def seeded(*parts: int | str) -> random.Random:
     return random.Random(":".join(map(str, parts)))
 
 
-def _with_seed(seed: int, transform: Callable, image):
-    """`transform(image)` with the CPU generator seeded by `seed`, its state restored afterwards
+def _with_seed(seed: int, draw: Callable, *args):
+    """`draw(*args)` with the CPU generator seeded by `seed`, its state restored afterwards
     (about 4 us: `torch.manual_seed` would take some 250 us, and `fork_rng` as much)."""
     generator = torch.default_generator
     state = generator.get_state()
     generator.manual_seed(seed)
     try:
-        return transform(image)
+        return draw(*args)
     finally:
         generator.set_state(state)
+
+
+@dataclass
+class _Ready:
+    """One training sample on its way into a batch: its pixels, or its JPEG bytes and crop box for the device."""
+
+    key: str
+    tokens: torch.Tensor
+    pixels: torch.Tensor | None = None
+    jpeg: bytes | None = None
+    box: tuple[int, int, int, int] | None = None
 
 
 class ImageTextStream(IterableDataset):
@@ -274,19 +194,23 @@ class ImageTextStream(IterableDataset):
     The shuffle buffer draws from its own generator; each sample's crop and caption from a seed of
     (seed, epoch, rank, worker, its position in the stream): the replay, and the pixels, are exact.
 
-    `image` is whatever `image_transform` makes of a PIL image: uint8 pixels in training
-    (`arch.train_pixels`), normalised on the device by the module. `draft_size`: see `decode_sample`.
+    `image` holds (3, S, S) uint8 pixels of `crop` (`multimodal.data.pixels`), normalised on the
+    device by the DataModule. With `decode_on_device`, the JPEGs that the device can decode are not
+    decoded here: the batch carries their bytes ("jpeg", one uint8 tensor, cut by "jpeg_lengths") and
+    crop boxes ("jpeg_boxes"), and they come first in "text" and "keys"; `image` holds the others'
+    pixels (`pixels.finish_batch` puts them together on the device).
 
     Yields exactly `num_batches` batches per epoch, split over the DataLoader's workers.
     """
 
-    def __init__(self, urls: list[str], *, image_transform: Callable, tokenizer: Callable, batch_size: int,
+    def __init__(self, urls: list[str], *, crop: TrainCrop, tokenizer: Callable, batch_size: int,
                  num_batches: int, position: StreamPosition = StreamPosition(), shuffle_buffer: int = 1000,
-                 resampled: bool = False, seed: int = 0, draft_size: int | None = None, first_epoch: int = 0,
-                 resume: dict[int, WorkerProgress] | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS):
+                 resampled: bool = False, seed: int = 0, first_epoch: int = 0,
+                 resume: dict[int, WorkerProgress] | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS,
+                 decode_on_device: bool = False):
         super().__init__()
-        self.urls, self.image_transform, self.tokenizer = urls, image_transform, tokenizer
-        self.draft_size, self.max_image_pixels = draft_size, max_image_pixels
+        self.urls, self.crop, self.tokenizer = urls, crop, tokenizer
+        self.max_image_pixels, self.decode_on_device = max_image_pixels, decode_on_device
         self.faults = FaultCounter()
         self.batch_size, self.num_batches, self.position = batch_size, num_batches, position
         self.shuffle_buffer, self.resampled, self.seed = shuffle_buffer, resampled, seed
@@ -321,7 +245,7 @@ class ImageTextStream(IterableDataset):
         for urls in self._passes(worker, num_workers):
             raw = wds.tarfile_samples(({"url": u} for u in urls), handler=self.faults.shard_fault)
             if self.shuffle_buffer > 1:
-                raw = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
+                raw = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, SHUFFLE_INITIAL), rng=rng)(raw)
             empty = True
             for sample in raw:
                 empty = False
@@ -330,12 +254,38 @@ class ImageTextStream(IterableDataset):
                 raise UserError(f"The shards of worker {worker} on rank {self.position.rank} hold no readable "
                                 "image-text sample.")
 
+    def _ready(self, raw: dict, worker: int, consumed: int) -> _Ready:
+        """One raw sample made ready for a batch; raises BadSample. Its crop box and caption come from
+        its own seed: the same whatever came before it, so a resumed run that skips what it had read
+        without decoding it gets the same pixels, and the worker and device paths the same boxes."""
+        sample = read_sample(raw, self.max_image_pixels)
+        rng = seeded(self.seed, self.epoch, self.position.rank, worker, consumed)
+        box = _with_seed(rng.getrandbits(63), self.crop.box, *sample.size)
+        tokens = self.tokenizer([sample.captions[rng.randrange(len(sample.captions))]])[0]
+        if self.decode_on_device and decodable_on_device(sample.data, sample.jpeg_colourspace):
+            return _Ready(raw["__key__"], tokens, jpeg=sample.data, box=box)
+        image = decode_image(sample.data, min_side=self.crop.size)
+        return _Ready(raw["__key__"], tokens, pixels=self.crop.pixels(image, box, sample.size))
+
+    def _batch(self, ready: list[_Ready]) -> dict:
+        on_device = [r for r in ready if r.jpeg is not None]
+        here = [r for r in ready if r.jpeg is None]
+        ordered = on_device + here
+        size = self.crop.size
+        batch = {"image": torch.stack([r.pixels for r in here]) if here else torch.empty(0, 3, size, size,
+                                                                                          dtype=torch.uint8),
+                 "text": torch.stack([r.tokens for r in ordered]), "keys": [r.key for r in ordered]}
+        if self.decode_on_device:
+            batch["jpeg"], batch["jpeg_lengths"] = pack([r.jpeg for r in on_device])
+            batch["jpeg_boxes"] = [r.box for r in on_device]
+        return batch
+
     def _batches(self, raw_samples: Iterator[dict], worker: int, consumed: int) -> Iterator[dict]:
-        images, texts, keys, read, bad_in_a_row = [], [], [], 0, 0
+        ready, read, bad_in_a_row = [], 0, 0
         for raw in raw_samples:
             consumed, read = consumed + 1, read + 1
             try:
-                image, captions, _ = decode_sample(raw, self.draft_size, self.max_image_pixels)
+                ready.append(self._ready(raw, worker, consumed))
             except BadSample as bad:
                 self.faults.add(bad.kind, raw.get("__url__"), raw.get("__key__"))
                 bad_in_a_row += 1
@@ -344,17 +294,11 @@ class ImageTextStream(IterableDataset):
                                     "used: check that the shards hold images with captions.") from None
                 continue
             bad_in_a_row = 0
-            # crop and caption drawn from the sample's own seed: the same whatever came before it,
-            # so a resumed run that skips what it had read without decoding it gets the same pixels
-            rng = seeded(self.seed, self.epoch, self.position.rank, worker, consumed)
-            images.append(_with_seed(rng.getrandbits(63), self.image_transform, image))
-            texts.append(self.tokenizer([captions[rng.randrange(len(captions))]])[0])
-            keys.append(raw["__key__"])
-            if len(images) == self.batch_size:
+            if len(ready) == self.batch_size:
                 bad = self.faults.take()
-                yield {"image": torch.stack(images), "text": torch.stack(texts), "keys": keys, "bad": bad,
-                       "skipped": bad_sample_count(bad), "read": read, "worker": worker, "consumed": consumed}
-                images, texts, keys, read = [], [], [], 0
+                yield {**self._batch(ready), "bad": bad, "skipped": bad_sample_count(bad), "read": read,
+                       "worker": worker, "consumed": consumed}
+                ready, read = [], 0
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from multimodal import arch
+from multimodal.data.pixels import EvalTransform
 from multimodal.errors import UserError
 from multimodal.eval import zeroshot
 from multimodal.eval.embed import PartWriter
@@ -20,19 +21,24 @@ from multimodal.model import CLIP
 
 
 class EmbedModule(pl.LightningModule):
-    """Encodes the batches of `EmbedBatches`; rank r takes the parts `make_dataset(r, world)` gives."""
+    """Encodes the batches of `EmbedBatches`; rank r takes the parts `make_dataset(r, world)` gives.
+    Their uint8 images are normalised on the device (`preprocess`)."""
 
-    def __init__(self, model: CLIP, make_dataset: Callable[[int, int], IterableDataset], num_workers: int):
+    def __init__(self, model: CLIP, make_dataset: Callable[[int, int], IterableDataset], num_workers: int,
+                 preprocess: EvalTransform):
         super().__init__()
         self.model = model.eval()
-        self.make_dataset, self.num_workers = make_dataset, num_workers
+        self.make_dataset, self.num_workers, self.preprocess = make_dataset, num_workers, preprocess
 
     def predict_dataloader(self) -> DataLoader:
         dataset = self.make_dataset(self.trainer.global_rank, self.trainer.world_size)
-        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers)
+        return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
 
     def predict_step(self, batch: dict, batch_idx: int):
-        images = self.model.encode_image(batch["images"]).float().cpu() if batch["images"] is not None else None
+        images = batch["images"]
+        if images is not None:
+            images = self.model.encode_image(self.preprocess.normalize(images)).float().cpu()
         texts = self.model.encode_text(batch["texts"]).float().cpu() if batch["texts"] is not None else None
         return images, texts
 
@@ -96,11 +102,13 @@ class ZeroShotCallback(pl.Callback):
         if trainer.sanity_checking:
             return
         name = pl_module.hparams.model_name
-        samples = zeroshot.image_folder(Path(self.images))[1] if self.images else zeroshot.labelled_shards(self.shards)
-        _, val_transform = arch.transforms(name)
+        size = arch.image_size(name)
+        samples = zeroshot.image_folder(Path(self.images), size)[1] if self.images else \
+            zeroshot.labelled_shards(self.shards, size)
+        preprocess = arch.eval_transform(name)
         autocast = torch.autocast(pl_module.device.type, enabled=pl_module.device.type == "cuda", dtype=torch.bfloat16)
         with _whole_parameters(trainer), autocast:
-            result = zeroshot.evaluate(pl_module.model, arch.tokenizer(name), val_transform, self.classnames,
+            result = zeroshot.evaluate(pl_module.model, arch.tokenizer(name), preprocess, self.classnames,
                                        self.templates, samples, self.batch_size, pl_module.device)
         for key in ("top1", "top5", "mean_per_class_recall"):
             pl_module.log(f"val/zeroshot_{key}", result[key], sync_dist=True)

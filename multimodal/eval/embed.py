@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from multimodal import arch
 from multimodal.data.pipeline import count_samples
+from multimodal.data.pixels import EvalTransform
 from multimodal.errors import UserError
 from multimodal.eval.sources import EmbedBatches, ShardSource
 from multimodal.model import CLIP
@@ -42,10 +43,15 @@ class Embeddings:
 
 
 @torch.no_grad()
-def encode_batch(model: CLIP, batch: dict, device: torch.device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(image_features, text_features) of one batch, float32 on the CPU (None where absent)."""
-    images = model.encode_image(batch["images"].to(device)).float().cpu() if batch["images"] is not None else None
-    texts = model.encode_text(batch["texts"].to(device)).float().cpu() if batch["texts"] is not None else None
+def encode_batch(model: CLIP, batch: dict, preprocess: EvalTransform, device: torch.device
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(image_features, text_features) of one `EmbedBatches` batch, float32 on the CPU (None where
+    absent); its uint8 images are normalised on `device`."""
+    images, texts = batch["images"], batch["texts"]
+    if images is not None:
+        images = model.encode_image(preprocess.normalize(images.to(device, non_blocking=True))).float().cpu()
+    if texts is not None:
+        texts = model.encode_text(texts.to(device, non_blocking=True)).float().cpu()
     return images, texts
 
 
@@ -176,20 +182,22 @@ def autocast(device: torch.device):
 
 
 def embed_shards(model: CLIP, model_name: str, spec: str, batch_size: int = 256, num_workers: int = 0,
-                 device: torch.device | None = None, progress: bool = True) -> Embeddings:
-    """Every image and caption of the shards `spec`, in one process, batched as `multimodal embed` batches."""
+                 device: torch.device | None = None, progress: bool = True,
+                 preprocess: EvalTransform | None = None) -> Embeddings:
+    """Every image and caption of the shards `spec`, in one process, batched as `multimodal embed` batches.
+    `preprocess`: the model's eval transform (`arch.eval_transform`) unless given."""
     source = ShardSource(spec)
-    _, val_transform = arch.transforms(model_name)
-    dataset = EmbedBatches(source, list(range(source.num_parts())), val_transform, arch.tokenizer(model_name),
+    preprocess = preprocess or arch.eval_transform(model_name)
+    dataset = EmbedBatches(source, list(range(source.num_parts())), preprocess, arch.tokenizer(model_name),
                            batch_size)
     device = device or default_device()
     model = model.eval().to(device)
     bar = tqdm(total=count_samples(source.urls), unit="img", desc="embedding", mininterval=1.0, disable=not progress)
 
     def outputs():
-        for batch in DataLoader(dataset, batch_size=None, num_workers=num_workers):
+        for batch in DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda"):
             with autocast(device):
-                image_features, text_features = encode_batch(model, batch, device)
+                image_features, text_features = encode_batch(model, batch, preprocess, device)
             bar.update(len(batch["image_rows"]))
             yield batch, image_features, text_features
 

@@ -11,22 +11,41 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
+from multimodal.data.decode import MAX_IMAGE_PIXELS, decode_image, image_size
+from multimodal.data.faults import BadSample
 from multimodal.data.pipeline import count_samples, expand_urls, read_samples
+from multimodal.data.pixels import EvalTransform
 from multimodal.errors import UserError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 
-@dataclass
+@dataclass(eq=False)  # items are compared by identity: an array's == is element-wise
 class Item:
-    image: Image.Image | None  # None for a text-only item
+    image: Image.Image | np.ndarray | None  # None for a text-only item
     image_row: dict  # what the image index records: key, file_name, ...
     texts: list[str] = field(default_factory=list)
     text_rows: list[dict] = field(default_factory=list)
+
+
+def read_image_file(path: Path, min_side: int | None = None) -> Image.Image | np.ndarray | None:
+    """An image file as `decode.decode_image` gives it, or None, with a line saying why it was skipped:
+    unreadable, or more than MAX_IMAGE_PIXELS pixels declared (refused before decoding)."""
+    try:
+        data = path.read_bytes()
+        size = image_size(data)
+        if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+            print(f"skipping {path}: {size[0]} x {size[1]} pixels, more than {MAX_IMAGE_PIXELS:,}")
+            return None
+        return decode_image(data, min_side)
+    except (OSError, BadSample):
+        print(f"skipping unreadable image {path}")
+        return None
 
 
 class Source:
@@ -41,7 +60,9 @@ class Source:
     def part_size(self, part: int) -> int | None:
         return None
 
-    def items(self, part: int) -> Iterator[Item]:
+    def items(self, part: int, min_side: int | None = None) -> Iterator[Item]:
+        """The items of `part`; `min_side`: JPEGs may be decoded at a reduced DCT scale that keeps both
+        sides at least this (`decode.decode_image`), as (H, W, 3) uint8 arrays."""
         raise NotImplementedError
 
 
@@ -55,9 +76,9 @@ class ShardSource(Source):
     def part_size(self, part: int) -> int | None:
         return count_samples([self.urls[part]])
 
-    def items(self, part: int) -> Iterator[Item]:
+    def items(self, part: int, min_side: int | None = None) -> Iterator[Item]:
         url = self.urls[part]
-        for key, image, captions, record in read_samples([url]):
+        for key, image, captions, record in read_samples([url], min_side=min_side):
             row = {"key": key, "url": url, **({"file_name": record["file_name"]} if "file_name" in record else {})}
             yield Item(image, row, captions, [{"key": key, "caption": c} for c in captions])
 
@@ -79,16 +100,11 @@ class ImageFolderSource(Source):
     def part_size(self, part: int) -> int:
         return len(self.files[part * self.size:(part + 1) * self.size])
 
-    def items(self, part: int) -> Iterator[Item]:
+    def items(self, part: int, min_side: int | None = None) -> Iterator[Item]:
         for path in self.files[part * self.size:(part + 1) * self.size]:
-            name = path.relative_to(self.folder).as_posix()
-            try:
-                with Image.open(path) as image:
-                    rgb = image.convert("RGB")
-            except (OSError, ValueError, Image.DecompressionBombError):
-                print(f"skipping unreadable image {path}")
-                continue
-            yield Item(rgb, {"key": name, "file_name": str(path)})
+            image = read_image_file(path, min_side)
+            if image is not None:
+                yield Item(image, {"key": path.relative_to(self.folder).as_posix(), "file_name": str(path)})
 
 
 class TextFileSource(Source):
@@ -109,7 +125,7 @@ class TextFileSource(Source):
     def part_size(self, part: int) -> int:
         return len(self.lines[part * self.size:(part + 1) * self.size])
 
-    def items(self, part: int) -> Iterator[Item]:
+    def items(self, part: int, min_side: int | None = None) -> Iterator[Item]:
         first = part * self.size
         for i, line in enumerate(self.lines[first:first + self.size], start=first):
             yield Item(None, {}, [line], [{"key": f"{i:09d}", "caption": line}])
@@ -118,15 +134,16 @@ class TextFileSource(Source):
 class EmbedBatches(IterableDataset):
     """Batches of up to `batch_size` items of the given parts, split over DataLoader workers.
 
-    A batch: {"part", "last", "images": (n, 3, H, W) or None, "image_rows": [n dicts],
-    "texts": (m, L) or None, "text_rows": [m dicts]}.
+    A batch: {"part", "last", "images": (n, 3, H, W) uint8 or None, "image_rows": [n dicts],
+    "texts": (m, L) or None, "text_rows": [m dicts]}. The images are `preprocess.pixels` of images
+    decoded no larger than it needs; the consumer normalises them on its device (`preprocess.normalize`).
     """
 
-    def __init__(self, source: Source, parts: list[int], image_transform: Callable, tokenizer: Callable,
+    def __init__(self, source: Source, parts: list[int], preprocess: EvalTransform, tokenizer: Callable,
                  batch_size: int):
         super().__init__()
         self.source, self.parts = source, parts
-        self.image_transform, self.tokenizer, self.batch_size = image_transform, tokenizer, batch_size
+        self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
 
     def _batch(self, part: int, items: list[Item], last: bool) -> dict:
         with_image = [i for i in items if i.image is not None]
@@ -137,7 +154,7 @@ class EmbedBatches(IterableDataset):
         texts = [t for i in items for t in i.texts]
         return {
             "part": part, "last": last,
-            "images": torch.stack([self.image_transform(i.image) for i in with_image]) if with_image else None,
+            "images": torch.stack([self.preprocess.pixels(i.image) for i in with_image]) if with_image else None,
             "image_rows": [i.image_row for i in with_image],
             "texts": self.tokenizer(texts) if texts else None,
             "text_rows": text_rows,
@@ -148,7 +165,7 @@ class EmbedBatches(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         for part in self.parts[worker::num_workers]:
             pending: list[Item] = []
-            for item in self.source.items(part):
+            for item in self.source.items(part, min_side=self.preprocess.size):
                 if len(pending) == self.batch_size:
                     yield self._batch(part, pending, last=False)
                     pending = []

@@ -8,13 +8,15 @@ Each class's weight is the normalised mean of the normalised text embeddings of 
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from multimodal.data.pipeline import expand_urls, read_labelled
+from multimodal.data.pixels import EvalTransform
 from multimodal.errors import UserError
-from multimodal.eval.sources import IMAGE_SUFFIXES
+from multimodal.eval.sources import IMAGE_SUFFIXES, read_image_file
 from multimodal.model import CLIP
 
 # The project's own short prompt set. For the standard 80 ImageNet prompts, pass them as a file.
@@ -74,8 +76,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
     }
 
 
-def image_folder(folder: Path) -> tuple[list[str], Iterator[tuple[Image.Image, int]]]:
-    """ImageFolder layout: (sorted class folder names, (image, label) pairs)."""
+def image_folder(folder: Path, min_side: int | None = None
+                 ) -> tuple[list[str], Iterator[tuple[Image.Image | np.ndarray, int]]]:
+    """ImageFolder layout: (sorted class folder names, (image, label) pairs); `min_side`: see `decode_image`.
+    Unreadable images and ones of more than MAX_IMAGE_PIXELS pixels are skipped, with a line saying so."""
     if not folder.is_dir():
         raise UserError(f"Image folder {folder} does not exist.")
     classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
@@ -85,21 +89,20 @@ def image_folder(folder: Path) -> tuple[list[str], Iterator[tuple[Image.Image, i
     def items():
         for label, name in enumerate(classes):
             for path in sorted((folder / name).rglob("*")):
-                if path.suffix.lower() in IMAGE_SUFFIXES:
-                    with Image.open(path) as image:
-                        yield image.convert("RGB"), label
+                if path.suffix.lower() in IMAGE_SUFFIXES and (image := read_image_file(path, min_side)) is not None:
+                    yield image, label
 
     return classes, items()
 
 
-def labelled_shards(spec: str) -> Iterator[tuple[Image.Image, int]]:
-    for _, image, label in read_labelled(expand_urls(spec)):
+def labelled_shards(spec: str, min_side: int | None = None) -> Iterator[tuple[Image.Image | np.ndarray, int]]:
+    for _, image, label in read_labelled(expand_urls(spec), min_side=min_side):
         yield image, label
 
 
 @torch.no_grad()
-def evaluate(model: CLIP, tokenizer: Callable, image_transform: Callable, classnames: list[str],
-             templates: list[str], samples: Iterator[tuple[Image.Image, int]], batch_size: int = 128,
+def evaluate(model: CLIP, tokenizer: Callable, preprocess: EvalTransform, classnames: list[str],
+             templates: list[str], samples: Iterator[tuple[Image.Image | np.ndarray, int]], batch_size: int = 128,
              device: torch.device | str = "cpu") -> dict[str, float]:
     model = model.eval().to(device)
     weights = classifier(model, tokenizer, classnames, templates, device)
@@ -107,7 +110,7 @@ def evaluate(model: CLIP, tokenizer: Callable, image_transform: Callable, classn
 
     def flush():
         if images:
-            features = model.encode_image(torch.stack(images).to(device)).float()
+            features = model.encode_image(preprocess.normalize(torch.stack(images).to(device))).float()
             logits.append((features @ weights.T).cpu())
             labels.extend(batch_labels)
             images.clear()
@@ -116,7 +119,7 @@ def evaluate(model: CLIP, tokenizer: Callable, image_transform: Callable, classn
     for image, label in samples:
         if not 0 <= label < len(classnames):
             raise UserError(f"A sample has class {label}, outside the {len(classnames)} class names given.")
-        images.append(image_transform(image))
+        images.append(preprocess.pixels(image))
         batch_labels.append(label)
         if len(images) == batch_size:
             flush()

@@ -1,0 +1,202 @@
+"""Pixels for the model: crop boxes, resampling to its input size, and decoding JPEGs on the device.
+
+Training (open_clip's RandomResizedCrop, scale 0.9-1, bicubic): each sample's box is drawn in the
+pixels of the full-size image, whose size its header gives, exactly as RandomResizedCrop draws it on
+a full-size PIL image. Two places turn the JPEG bytes and the box into (3, S, S) uint8 pixels:
+
+- a DataLoader worker (`data.decode: cpu`): libjpeg-turbo decodes at the smallest DCT scale n/8
+  that keeps both sides at least S (`pipeline.decode_jpeg_pixels`), the box is scaled with it, and
+  torch's antialiased bicubic kernel resamples the crop;
+- the training device (`data.decode: gpu`): the worker sends the bytes and the box; the batch's JPEGs
+  are decoded together by `torchvision.io.decode_jpeg(device=...)` (nvJPEG on CUDA, libjpeg-turbo on
+  the CPU) at full size, and each is cropped with its box and resampled by the same kernel there.
+
+The two agree to within the resolution the worker decoded at (tests/test_decode.py states the
+tolerance). Evaluation (open_clip's eval transform: shorter side resized to S, bicubic, centre crop)
+is `EvalTransform`, from DCT-scaled pixels too. Normalisation always happens on the device
+(`normalize`): uint8 pixels are a quarter of float32's bytes in workers, pinned memory and copies.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from multimodal.data.decode import decode_image
+from multimodal.data.faults import BadSample
+from multimodal.errors import UserError
+
+Box = tuple[int, int, int, int]  # (top, left, height, width), in pixels of the image it applies to
+JPEG_COLOURS_ON_DEVICE = ("YCbCr", "Gray")  # CMYK and YCCK JPEGs are decoded by the workers
+
+
+@dataclass(frozen=True)
+class TrainCrop:
+    """open_clip's training crop (RandomResizedCrop) to `size` x `size`, as boxes and resampling."""
+
+    size: int
+    mode: str = "bicubic"
+    scale: tuple[float, float] = (0.9, 1.0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    def box(self, width: int, height: int) -> Box:
+        """A random box of a `width` x `height` image, drawn from torch's CPU generator by
+        torchvision's own RandomResizedCrop.get_params: the box open_clip's transform would crop."""
+        shape = torch.empty(()).expand(3, height, width)  # get_params reads only the size
+        return tuple(T.RandomResizedCrop.get_params(shape, list(self.scale), list(self.ratio)))
+
+    def pixels(self, image: "np.ndarray | Image.Image | torch.Tensor", box: Box,
+               full_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """(3, size, size) uint8: `box` of the full-size image, cut from `image` and resampled.
+
+        `image` is (H, W, 3) uint8 (an array or a PIL image) or (3, H, W) uint8 on any device. When it
+        was decoded smaller than the full image (`full_size`, (width, height)), the box is scaled too.
+        """
+        if isinstance(image, Image.Image):
+            image = np.array(image.convert("RGB") if image.mode != "RGB" else image)
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(image).permute(2, 0, 1)  # arrays from our decoders are writable
+        if full_size is not None:
+            box = scale_box(box, full_size, (image.shape[2], image.shape[1]))
+        top, left, height, width = box
+        return resize(image[:, top:top + height, left:left + width], (self.size, self.size), self.mode)
+
+
+def scale_box(box: Box, full_size: tuple[int, int], decoded_size: tuple[int, int]) -> Box:
+    """`box` of a full_size (width, height) image in the pixels of the same image decoded at decoded_size."""
+    (full_w, full_h), (w, h) = full_size, decoded_size
+    top, left, height, width = box
+    fy, fx = h / full_h, w / full_w
+    # each edge rounded on its own: no edge moves by more than half a decoded pixel
+    top, bottom = min(round(top * fy), h - 1), min(round((top + height) * fy), h)
+    left, right = min(round(left * fx), w - 1), min(round((left + width) * fx), w)
+    return top, left, max(1, bottom - top), max(1, right - left)
+
+
+def resize(pixels: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -> torch.Tensor:
+    """(3, h, w) uint8 -> (3, H, W) uint8, antialiased. torch resamples uint8 natively on the CPU
+    (as torchvision's transforms do); elsewhere it goes through float32 and is rounded back."""
+    if pixels.device.type == "cpu":
+        return F.interpolate(pixels[None], size=size, mode=mode, antialias=True)[0]
+    out = F.interpolate(pixels[None].float(), size=size, mode=mode, antialias=True)[0]
+    return out.round_().clamp_(0, 255).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class EvalTransform:
+    """open_clip's eval transform in two halves: `pixels` (shorter side resized to `size`, bicubic,
+    centre crop: torchvision's Resize and CenterCrop arithmetic) up to uint8, on the CPU, in the loader's
+    workers; `normalize` on the device where the batch is encoded. `__call__` does both, for one image."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    mode: str = "bicubic"
+
+    def pixels(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
+        """(3, size, size) uint8 from (H, W, 3) uint8 (an array or a PIL image), decoded at any size
+        whose shorter side is at least `size` (`decode.decode_image(data, min_side=size)`)."""
+        if isinstance(image, Image.Image):
+            image = np.array(image.convert("RGB") if image.mode != "RGB" else image)
+        pixels = torch.from_numpy(image).permute(2, 0, 1)
+        h, w = pixels.shape[1:]
+        new_long = int(self.size * max(h, w) / min(h, w))
+        new_h, new_w = (self.size, new_long) if h <= w else (new_long, self.size)
+        pixels = resize(pixels, (new_h, new_w), self.mode)
+        top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
+        return pixels[:, top:top + self.size, left:left + self.size]
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) uint8 -> float32 normalised, on the pixels' device."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
+        return normalize(pixels, mean, std)
+
+    def __call__(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
+        return self.normalize(self.pixels(image)[None])[0]
+
+
+def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) uint8 pixels -> float32 normalised as open_clip's transforms do: (x / 255 - mean) / std."""
+    return pixels.float().mul_(1 / (255 * std)).sub_(mean / std)  # in place: one pass, one allocation
+
+
+def decodable_on_device(data: bytes, colourspace: str) -> bool:
+    """Whether a JPEG goes to the device decoder: colours it decodes, and whole (ends with its EOI
+    marker; a cut file goes to the worker's decoder, which names it a truncated image)."""
+    return colourspace in JPEG_COLOURS_ON_DEVICE and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
+
+
+def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
+    """JPEG bytes (1-D uint8 CPU tensors) -> (3, H, W) uint8 RGB images on `device`, decoded together
+    (nvJPEG's batched decoder on CUDA). An image that cannot be decoded comes back as its exception."""
+    if not jpegs:
+        return []
+    try:
+        return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device))
+    except RuntimeError:  # one bad image fails the whole call: find it, decode the others
+        out: list[torch.Tensor | Exception] = []
+        for data in jpegs:
+            try:
+                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
+            except RuntimeError as exc:
+                out.append(exc)
+        return out
+
+
+def pack(datas: list[bytes]) -> tuple[torch.Tensor, list[int]]:
+    """Byte strings as one uint8 tensor and their lengths: a worker hands a tensor over through
+    shared memory, where a list of bytes objects would be pickled through a pipe."""
+    lengths = [len(d) for d in datas]
+    packed = torch.empty(sum(lengths), dtype=torch.uint8)
+    view, start = packed.numpy(), 0
+    for data in datas:
+        view[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
+        start += len(data)
+    return packed, lengths
+
+
+def unpack(packed: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
+    """The byte strings of `pack` as 1-D uint8 views of `packed`."""
+    starts = np.cumsum([0, *lengths]).tolist()
+    return [packed[start:start + n] for start, n in zip(starts, lengths)]
+
+
+def finish_batch(batch: dict, crop: TrainCrop, device: torch.device) -> dict:
+    """The batch's JPEGs (`ImageTextStream` with `decode_on_device`) decoded together on `device`,
+    cropped with their boxes and resampled there, put before the worker-decoded pixels in `image`.
+
+    A JPEG the device's decoder refuses is decoded again on the CPU (PIL). One that fails there too is a
+    bad sample of its kind, counted in `batch["bad"]`, and a copy of another sample of the batch (image,
+    caption and key) takes its place: every rank keeps the batch size that the gathered loss needs.
+    """
+    jpegs = unpack(batch.pop("jpeg"), batch.pop("jpeg_lengths"))
+    boxes = batch.pop("jpeg_boxes")
+    pixels: list[torch.Tensor | None] = []
+    bad: dict[str, int] = {}
+    for data, image, box in zip(jpegs, decode_jpegs(jpegs, device), boxes):
+        try:
+            if isinstance(image, Exception):
+                image = decode_image(data.numpy().tobytes())  # a full-size PIL image, or BadSample
+            pixels.append(crop.pixels(image, box).to(device, non_blocking=True))
+        except BadSample as exc:
+            bad[exc.kind] = bad.get(exc.kind, 0) + 1
+            pixels.append(None)
+    worker_pixels = list(batch["image"].unbind())
+    good = [i for i, p in enumerate(pixels + worker_pixels) if p is not None]
+    if bad:
+        if not good:
+            raise UserError("No image of a whole training batch could be decoded: check the shards.")
+        for i in (i for i, p in enumerate(pixels) if p is None):
+            copy = good[i % len(good)]
+            pixels[i] = (pixels + worker_pixels)[copy]
+            batch["text"][i] = batch["text"][copy]
+            batch["keys"][i] = batch["keys"][copy]
+        batch["bad"] = {**batch.get("bad", {}), **{k: batch.get("bad", {}).get(k, 0) + n for k, n in bad.items()}}
+        batch["skipped"] = batch.get("skipped", 0) + sum(bad.values())
+    batch["image"] = torch.cat([torch.stack(pixels), batch["image"]]) if pixels else batch["image"]
+    return batch

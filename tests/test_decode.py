@@ -1,0 +1,198 @@
+"""JPEGs decoded on the training device (`data.decode: gpu`) against the workers' path (`cpu`).
+
+The same crop boxes, pixels within a stated tolerance, bad images counted by kind, and a training
+run through Lightning. Without a GPU the device path runs in the main process on the CPU, through
+the same code (`pixels.finish_batch` with torchvision's `decode_jpeg`).
+
+Tolerance: the workers decode at libjpeg-turbo's smallest DCT scale n/8 covering the crop, the device
+at full size. On 60 COCO photos at 224 px the two differ by 3.0 levels in 255 on average (99th
+percentile 28); the DCT scaling alone accounts for 2.4 (p99 22), the rounding of the box to the
+scaled image for the rest. Full-size decodes by PIL and by torchvision are identical.
+"""
+
+import io
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+
+from multimodal import arch
+from multimodal.data.datamodule import ShardDataModule
+from multimodal.data.pipeline import ImageTextStream
+from multimodal.data.pixels import TrainCrop, finish_batch
+from multimodal.data.shards import MANIFEST
+from multimodal.module import CLIPModule
+from tests.test_pipeline import batches, write_tar
+
+CPU = torch.device("cpu")
+MEAN_LEVELS, P99_LEVELS = 4.0, 40.0  # worker path vs device path, levels in 255
+
+
+@dataclass(frozen=True)
+class RecordingCrop(TrainCrop):
+    """Remembers the full-size box of every crop it resamples."""
+
+    boxes: list = field(default_factory=list, compare=False)
+
+    def pixels(self, image, box, full_size=None):
+        self.boxes.append(box)
+        return super().pixels(image, box, full_size)
+
+
+def photo(seed: int, size=(640, 480), quality: int = 90) -> bytes:
+    """A photo-like JPEG at COCO's size: noise at four scales, coarse ones strongest (as 1/f)."""
+    g = torch.Generator().manual_seed(seed)
+    image = torch.zeros(3, size[1], size[0])
+    for div, amplitude in ((32, 1.0), (16, 0.5), (8, 0.25), (4, 0.12)):
+        noise = torch.rand(3, max(1, size[1] // div), max(1, size[0] // div), generator=g) - 0.5
+        image += amplitude * torch.nn.functional.interpolate(noise[None], size=(size[1], size[0]), mode="bicubic")[0]
+    pixels = ((image / 1.9 + 0.5) * 255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def sample(key: str, image: bytes, suffix: str = "jpg") -> dict:
+    return {"__key__": key, suffix: image, "json": json.dumps({"captions": [f"caption of {key}"]}).encode()}
+
+
+def stream(urls, crop, batch_size, on_device, num_batches=1) -> ImageTextStream:
+    return ImageTextStream(urls, crop=crop, tokenizer=arch.tokenizer("tiny"), batch_size=batch_size,
+                           num_batches=num_batches, shuffle_buffer=0, decode_on_device=on_device)
+
+
+@pytest.fixture(params=["generated", "coco-mini"])
+def jpegs(request, tmp_path) -> list[str]:
+    """Shards of 32 JPEGs: generated photo-like images, or real COCO photos (skipped when absent)."""
+    if request.param == "generated":
+        images = [photo(i, size=(640 - 40 * (i % 5), 480 + 16 * (i % 3))) for i in range(32)]
+    else:
+        coco = request.getfixturevalue("coco_mini")
+        images = [p.read_bytes() for p in sorted((coco / "val2017").glob("*.jpg"))[:32]]
+    return [write_tar(tmp_path / f"s{s}.tar", [sample(f"{s}_{i:02d}", images[s * 16 + i]) for i in range(16)])
+            for s in range(2)]
+
+
+@pytest.mark.parametrize("size", [224, 64])
+def test_device_decoding_has_the_workers_boxes_and_their_pixels_to_within_the_tolerance(jpegs, size):
+    on_workers, on_device = RecordingCrop(size), RecordingCrop(size)
+    worker_batches = batches(stream(jpegs, on_workers, 16, on_device=False, num_batches=2))
+    device_batches = batches(stream(jpegs, on_device, 16, on_device=True, num_batches=2))
+    assert all(b["image"].shape[0] == 0 and len(b["jpeg_boxes"]) == 16 for b in device_batches)  # all sent
+    assert [tuple(box) for b in device_batches for box in b["jpeg_boxes"]] == on_workers.boxes  # the same boxes
+
+    for ours, theirs in zip(device_batches, worker_batches):
+        ours = finish_batch(ours, on_device, CPU)
+        assert ours["keys"] == theirs["keys"] and torch.equal(ours["text"], theirs["text"])
+        assert ours["image"].shape == theirs["image"].shape == (16, 3, size, size)
+        assert ours["image"].dtype == torch.uint8
+        diff = (ours["image"].int() - theirs["image"].int()).abs().float()
+        assert diff.mean() < MEAN_LEVELS and diff.quantile(0.99) <= P99_LEVELS, (diff.mean(), diff.quantile(0.99))
+    assert [tuple(box) for box in on_device.boxes] == on_workers.boxes  # the device path cropped with them
+
+
+def cmyk_jpeg() -> bytes:
+    buf = io.BytesIO()
+    Image.new("CMYK", (80, 80), (10, 200, 30, 0)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (90, 70), (1, 2, 3)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def corrupt_jpeg() -> bytes:
+    """A JPEG whose header reads but whose scan holds an unsupported marker: no decoder takes it."""
+    data = photo(99, size=(120, 96))
+    sos = data.index(b"\xff\xda")
+    return data[:sos + 20] + b"\xff\xc8" + b"\x00" * 100 + b"\xff\xd9"
+
+
+def test_bad_images_on_the_device_path_are_counted_by_kind_and_the_batch_keeps_its_size(tmp_path):
+    """A corrupt JPEG fails on the device and again on the CPU: counted as a corrupt image, a copy of
+    another sample takes its place. A cut JPEG (no end marker), a CMYK JPEG and a PNG never go to the
+    device: the workers decode them (the cut one is counted there, as a truncated image)."""
+    good = [sample(f"g{i}", photo(i, size=(96, 80))) for i in range(8)]
+    odd = [sample("corrupt", corrupt_jpeg()), sample("cut", photo(50)[:3000]), sample("cmyk", cmyk_jpeg()),
+           sample("png", png(), "png")]
+    url = write_tar(tmp_path / "odd.tar", good[:4] + odd + good[4:])
+    crop = TrainCrop(64)
+    [worker] = batches(stream([url], crop, 11, on_device=False))
+    [device] = batches(stream([url], crop, 11, on_device=True))
+    assert worker["bad"] == {"truncated image": 1, "corrupt image": 1}
+    assert device["bad"] == {"truncated image": 1}  # the worker's part; the corrupt one is still bytes
+    assert len(device["jpeg_boxes"]) == 9 and device["keys"][-2:] == ["cmyk", "png"]
+
+    device = finish_batch(device, crop, CPU)
+    assert device["bad"] == {"truncated image": 1, "corrupt image": 1} and device["skipped"] == 2
+    assert device["image"].shape == (11, 3, 64, 64) and device["text"].shape[0] == 11
+    assert "corrupt" not in device["keys"] and len(set(device["keys"])) == 10  # one sample twice
+    replaced = device["keys"].index(next(k for k in device["keys"] if device["keys"].count(k) == 2))
+    twin = len(device["keys"]) - 1 - device["keys"][::-1].index(device["keys"][replaced])
+    assert torch.equal(device["image"][replaced], device["image"][twin])
+    assert torch.equal(device["text"][replaced], device["text"][twin])
+    by_key = dict(zip(worker["keys"], worker["image"]))
+    for key in ("cmyk", "png"):  # decoded by the workers in both modes: the same pixels
+        assert torch.equal(device["image"][device["keys"].index(key)], by_key[key])
+
+
+def test_training_with_device_decoding_runs_through_lightning(tmp_path):
+    """`data.decode: gpu` on a CPU run: the JPEG bytes stay in host memory through Lightning's transfer,
+    are decoded in the main process, normalised, and the model trains on them."""
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    for s in range(2):
+        write_tar(shards / f"shard-{s:06d}.tar", [sample(f"{s}_{i}", photo(s * 16 + i, size=(96, 80)))
+                                                  for i in range(16)])
+    (shards / MANIFEST).write_text(json.dumps({f"shard-{s:06d}.tar": 16 for s in range(2)}))
+    seen = []
+
+    class Pixels(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((batch["image"].dtype, tuple(batch["image"].shape), "jpeg" in batch))
+
+    data = ShardDataModule(str(shards), batch_size=8, num_workers=1, decode="gpu")
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Pixels()])
+    trainer.fit(CLIPModule("tiny", lr=1e-3, warmup_steps=1), datamodule=data)
+    assert trainer.global_step == 3
+    assert seen == [(torch.float32, (8, 3, 64, 64), False)] * 3
+    auto = ShardDataModule(str(shards), batch_size=8, num_workers=0)
+    assert auto.decode == "auto" and not auto._decode_on_device()  # no trainer: the workers decode
+    for device, expected in ((torch.device("cuda"), True), (CPU, False)):
+        auto.trainer = type("Trainer", (), {"strategy": type("Strategy", (), {"root_device": device})})()
+        assert auto._decode_on_device() is expected  # auto: on the device when training on CUDA
+
+
+def test_a_png_only_shard_needs_no_device_decoder(tmp_path):
+    url = write_tar(tmp_path / "p.tar", [sample(f"p{i}", png(), "png") for i in range(4)])
+    [batch] = batches(stream([url], TrainCrop(32), 4, on_device=True))
+    assert batch["jpeg_boxes"] == [] and batch["jpeg"].numel() == 0
+    batch = finish_batch(batch, TrainCrop(32), CPU)
+    assert batch["image"].shape == (4, 3, 32, 32) and np.all(batch["image"].numpy() <= 3)
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "tiny"])
+def test_evaluation_pixels_match_open_clips_eval_transform(jpegs, name):
+    """Shorter side resized, centre crop, normalised: from the full-size image, open_clip's eval
+    transform to a level in 255; from the DCT-scaled decode that evaluation uses, the tolerance above."""
+    import webdataset as wds
+
+    from multimodal.data.decode import decode_image
+
+    ours, theirs = arch.eval_transform(name), arch.transforms(name)[1]
+    level = 1 / (255 * min(ours.std))  # one uint8 level in normalised units, at most
+    full, scaled = [], []
+    for raw in wds.tarfile_samples([{"url": url} for url in jpegs]):
+        reference = theirs(decode_image(raw["jpg"]))  # a full-size PIL image
+        full.append((ours(decode_image(raw["jpg"])) - reference).abs().flatten() / level)
+        scaled.append((ours(decode_image(raw["jpg"], min_side=ours.size)) - reference).abs().flatten() / level)
+    full, scaled = torch.cat(full), torch.cat(scaled)
+    assert full.max() <= 1.1 and full.mean() < 0.05
+    assert scaled.mean() < MEAN_LEVELS and scaled.quantile(0.99) <= P99_LEVELS, (scaled.mean(), scaled.quantile(0.99))
