@@ -7,7 +7,8 @@ Both read the same shards of full-size COCO JPEGs (about 640 x 480, written once
 224 px with open_clip's train transform, tokenise one caption and batch, with the same batch size
 and DataLoader workers. Ours: `ImageTextStream` with JPEG draft-mode decoding and uint8 pixels,
 timed twice: normalising them on the CPU (as conservative as it gets: training does it on the
-accelerator, and here it takes CPU time from the two workers) and as the uint8 batches training gets.
+accelerator, and here it takes CPU time from the two workers) and as the uint8 batches training gets;
+where CUDA is present, a third time with the JPEGs decoded on the GPU (`data.decode: gpu`).
 Theirs: `open_clip_train.data.get_wds_dataset`, run in its own virtual environment (.venv-openclip,
 created on first use: open_clip_train's pipeline needs webdataset <= 0.2.86; with webdataset 1.0 it
 fails with KeyError 'fname'). Prints images/s of both and their ratio (ours / theirs).
@@ -28,6 +29,8 @@ sys.path.insert(0, str(REPO))
 
 from multimodal import arch  # noqa: E402
 from multimodal.data.pipeline import ImageTextStream, expand_urls  # noqa: E402
+from multimodal.data.pixels import finish_batch  # noqa: E402
+from multimodal.data.pixels import normalize as normalize_pixels  # noqa: E402
 from multimodal.data.shards import write_coco  # noqa: E402
 
 MODEL = "ViT-B-32"
@@ -68,21 +71,39 @@ def shards(data: Path) -> str:
     return "::".join(specs)
 
 
-def ours(spec: str, batch_size: int, workers: int, batches: int, normalize: bool = True) -> float:
+def ours(spec: str, batch_size: int, workers: int, batches: int, normalize: bool = True,
+         device: torch.device | None = None) -> float:
+    """Images/s of our stream. `device`: decode the JPEGs there (`data.decode: gpu`), the workers only
+    reading them and drawing crop boxes; the batches are then finished and normalised on the device."""
     urls = expand_urls(spec)
-    stream = ImageTextStream(urls, image_transform=arch.train_pixels(MODEL), tokenizer=arch.tokenizer(MODEL),
-                             batch_size=batch_size, num_batches=batches + 3, shuffle_buffer=1000, resampled=True,
-                             draft_size=arch.image_size(MODEL))
-    loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None))
-    mean, std = arch.pixel_stats(MODEL)
+    crop = arch.train_crop(MODEL)
+    stream = ImageTextStream(urls, crop=crop, tokenizer=arch.tokenizer(MODEL), batch_size=batch_size,
+                             num_batches=batches + 3, shuffle_buffer=1000, resampled=True,
+                             decode_on_device=device is not None)
+    loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
+                             pin_memory=device is not None and device.type == "cuda"))
+    mean, std = (t.to(device or "cpu") for t in arch.pixel_stats(MODEL))
+
+    def take() -> None:
+        batch = next(loader)
+        if device is not None:
+            batch = finish_batch({**batch, "text": batch["text"].to(device, non_blocking=True)}, crop, device)
+        if normalize:
+            normalize_pixels(batch["image"].to(device or "cpu", non_blocking=True), mean, std)
+
     for _ in range(3):
-        next(loader)
+        take()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(batches):
-        batch = next(loader)
-        if normalize:
-            arch.normalize(batch["image"], mean, std)
+        take()
+    synchronize(device)
     return batches * batch_size / (time.perf_counter() - start)
+
+
+def synchronize(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def reference_python() -> Path:
@@ -116,18 +137,25 @@ def main() -> None:
         sys.exit(f"{args.data} is not a COCO folder (annotations/, train2017/, val2017/).")
     torch.set_num_threads(1)
     spec = shards(args.data)
-    ours_best = ours_pipeline = theirs_best = 0.0
+    gpu = torch.device("cuda") if torch.cuda.is_available() else None
+    ours_best = ours_pipeline = theirs_best = ours_gpu = 0.0
     for _ in range(args.repeats):  # alternate, so that neither gets a quieter machine
         ours_best = max(ours_best, ours(spec, args.batch_size, args.workers, args.batches))
         theirs_best = max(theirs_best, theirs(spec, args.batch_size, args.workers, args.batches))
         ours_pipeline = max(ours_pipeline, ours(spec, args.batch_size, args.workers, args.batches, normalize=False))
+        if gpu is not None:
+            ours_gpu = max(ours_gpu, ours(spec, args.batch_size, args.workers, args.batches, device=gpu))
     print(f"{args.batches} batches of {args.batch_size} full-size COCO JPEGs -> {MODEL} 224 px train crops, "
           f"{args.workers} workers")
     print(f"  ours      {ours_best:8.1f} images/s, normalised here on the CPU "
           f"({ours_pipeline:.1f} as uint8, normalised on the accelerator in training)")
+    if gpu is not None:
+        print(f"  ours, JPEGs decoded on {torch.cuda.get_device_name(gpu)} (data.decode gpu) "
+              f"{ours_gpu:8.1f} images/s, normalised there")
     print(f"  open_clip {theirs_best:8.1f} images/s")
     print(f"  ratio     {ours_best / theirs_best:8.2f}x (ours / open_clip; "
-          f"{ours_pipeline / theirs_best:.2f}x with normalisation on the accelerator)")
+          f"{ours_pipeline / theirs_best:.2f}x with normalisation on the accelerator"
+          + (f"; {ours_gpu / theirs_best:.2f}x decoding on the GPU)" if gpu is not None else ")"))
 
 
 if __name__ == "__main__":

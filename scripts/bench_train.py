@@ -1,16 +1,23 @@
-"""Benchmark: our training throughput against open_clip's own trainer, side by side on one machine.
+"""Benchmark: our training throughput against a bare PyTorch loop and open_clip's trainer, in one run.
 
     python scripts/bench_train.py [--steps 48] [--batch-size 128] [--workers 1] [--repeats 2]
+    python scripts/bench_train.py --accelerator gpu [--model ViT-B-32] [--compile] [--no-open-clip]
 
-Both train the project's `tiny` architecture (a 2-layer, 128-wide ViT at 64 px and a 2-layer text
-tower; registered with the reference's open_clip too) from scratch on the same synthetic
-webdataset shards (.bench/train-synthetic, written once), with the same batch size, DataLoader
-workers, fp32 precision, AdamW (lr 1e-3, weight decay 0.1, 5 warmup steps) on the CPU.
-Ours: `multimodal train`, reading train/samples_per_second from metrics.csv. Theirs:
-`python -m open_clip_train.main`, in its own virtual environment (.venv-openclip, created on
-first use: its pipeline needs webdataset <= 0.2.86), reading its "N/s/gpu" log lines. The first
-logged window of each run (start-up) is dropped, the median of the rest kept, the two alternated
-`--repeats` times and the best median of each reported, with the ratio (ours / open_clip).
+Three runs of the same architecture, batch size, AdamW (lr 1e-3, weight decay 0.1, betas (0.9, 0.98),
+eps 1e-6, 5 warmup steps) and precision (fp32 on the CPU, bf16 autocast on a GPU):
+- bare: the ceiling. Our model (open_clip's towers), our `clip_loss`, fused AdamW, one random batch
+  resident on the device: no Lightning, no data loading, no logging. Timed over `--steps` steps after
+  warm-up (compilation included in the warm-up with `--compile`).
+- ours: `multimodal train` on synthetic webdataset shards (.bench/, written once at the model's input
+  size), reading train/samples_per_second from metrics.csv (the first logged window dropped, the median
+  of the rest kept). Also "ours, no data": our LightningModule and Trainer on the bare loop's resident
+  batch, which separates the step's own cost from data loading's.
+- open_clip: `python -m open_clip_train.main` on the same shards with the same workers, in its own
+  virtual environment (.venv-openclip, created on first use: its pipeline needs webdataset <= 0.2.86),
+  reading its "N/s/gpu" log lines. `--no-open-clip` leaves it out (a machine without network).
+The default, the CPU: the project's `tiny` architecture (a 2-layer, 128-wide ViT at 64 px and a
+2-layer text tower; registered with the reference's open_clip too). The runs alternate `--repeats`
+times; the best of each is reported with the ratios ours / bare and ours / open_clip.
 """
 
 import argparse
@@ -22,34 +29,129 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench_data import REFERENCE_VENV, reference_python  # noqa: E402
 
+from multimodal import arch  # noqa: E402
 from multimodal.data.shards import write_synthetic  # noqa: E402
+from multimodal.loss import clip_loss  # noqa: E402
+from multimodal.model import create_model  # noqa: E402
+from multimodal.optim import param_groups  # noqa: E402
 
-SHARDS = REPO / ".bench" / "train-synthetic"
 LOG_EVERY = 4
+LR, WEIGHT_DECAY, BETAS, EPS = 1e-3, 0.1, (0.9, 0.98), 1e-6
 
 
-def shards(samples: int) -> str:
-    if not (SHARDS / "sizes.json").is_file() or sum(1 for _ in SHARDS.glob("*.tar")) * 256 < samples:
-        shutil.rmtree(SHARDS, ignore_errors=True)
-        write_synthetic(SHARDS, samples, shard_size=256, image_size=64)
-    tars = sorted(SHARDS.glob("*.tar"))
-    return str(SHARDS / f"shard-{{000000..{len(tars) - 1:06d}}}.tar")
+@dataclass(frozen=True)
+class Setting:
+    model: str
+    batch_size: int
+    steps: int
+    workers: int
+    gpu: bool
+    compile: bool
+
+    @property
+    def precision(self) -> str:
+        return "bf16-mixed" if self.gpu else "32-true"
+
+    @property
+    def shards(self) -> Path:
+        return REPO / ".bench" / f"train-synthetic-{arch.image_size(self.model)}"
 
 
-def ours(steps: int, batch_size: int, workers: int) -> float:
+def shards(setting: Setting, samples: int) -> str:
+    folder = setting.shards
+    if not (folder / "sizes.json").is_file() or sum(1 for _ in folder.glob("*.tar")) * 256 < samples:
+        shutil.rmtree(folder, ignore_errors=True)
+        write_synthetic(folder, samples, shard_size=256, image_size=arch.image_size(setting.model))
+    tars = sorted(folder.glob("*.tar"))
+    return str(folder / f"shard-{{000000..{len(tars) - 1:06d}}}.tar")
+
+
+def bare(setting: Setting) -> float:
+    """Samples/s of a plain loop: model, loss and fused AdamW on a batch resident on the device."""
+    device = torch.device("cuda" if setting.gpu else "cpu")
+    torch.manual_seed(0)
+    model = create_model(setting.model).to(device).train()
+    if setting.compile:
+        model.towers.visual.compile()
+        model.towers.transformer.compile()
+    optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS, fused=True)
+    size = arch.image_size(setting.model)
+    images = torch.randn(setting.batch_size, 3, size, size, device=device)
+    tokens = arch.tokenizer(setting.model)(["a photo of a thing"] * setting.batch_size).to(device)
+    tokens[:, 1:6] = torch.randint(1, 40000, (setting.batch_size, 5), device=device)  # distinct captions
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=setting.gpu):
+            loss = clip_loss(model.encode_image(images), model.encode_text(tokens), model.logit_scale.exp())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(10 if setting.compile else 3):
+        step()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(setting.steps):
+        step()
+    synchronize(device)
+    return setting.steps * setting.batch_size / (time.perf_counter() - start)
+
+
+def step_only(setting: Setting) -> float:
+    """Samples/s of our LightningModule and Trainer on the bare loop's resident batch, no loader: what
+    the training step itself costs over the bare loop, apart from data loading."""
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from multimodal.module import CLIPModule
+
+    size, warm = arch.image_size(setting.model), 10 if setting.compile else 3
+    batch = {"image": torch.randn(setting.batch_size, 3, size, size),
+             "text": arch.tokenizer(setting.model)(["a photo of a thing"] * setting.batch_size)}
+    times = []
+
+    class Clock(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            if trainer.global_step in (warm, warm + setting.steps):
+                synchronize(trainer.strategy.root_device)
+                times.append(time.perf_counter())
+
+    module = CLIPModule(setting.model, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS, warmup_steps=5,
+                        compile=setting.compile, count_flops=False)
+    trainer = pl.Trainer(accelerator="gpu" if setting.gpu else "cpu", devices=1, precision=setting.precision,
+                         max_steps=warm + setting.steps + 1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
+                         log_every_n_steps=LOG_EVERY)
+    trainer.fit(module, train_dataloaders=DataLoader([batch] * (warm + setting.steps + 1), batch_size=None,
+                                                     pin_memory=setting.gpu))
+    return setting.steps * setting.batch_size / (times[1] - times[0])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def ours(setting: Setting) -> float:
     with tempfile.TemporaryDirectory() as run:
         command = [sys.executable, "-m", "multimodal", "train", "--config", str(REPO / "configs" / "debug.yaml"),
-                   "--data.train_shards", str(SHARDS), "--data.synthetic", "null", "--data.val_shards", "null",
-                   "--data.batch_size", str(batch_size), "--data.num_workers", str(workers),
-                   "--data.shuffle_buffer", "1000", "--model.lr", "1e-3", "--model.weight_decay", "0.1",
-                   "--model.warmup_steps", "5", "--trainer.max_steps", str(steps), "--trainer.precision", "32-true",
+                   "--data.train_shards", str(setting.shards), "--data.synthetic", "null", "--data.val_shards", "null",
+                   "--model.model_name", setting.model, "--model.compile", str(setting.compile).lower(),
+                   "--data.batch_size", str(setting.batch_size), "--data.num_workers", str(setting.workers),
+                   "--data.shuffle_buffer", "1000", "--model.lr", str(LR), "--model.weight_decay", str(WEIGHT_DECAY),
+                   "--model.warmup_steps", "5", "--trainer.max_steps", str(setting.steps + 2 * LOG_EVERY),
+                   "--trainer.precision", setting.precision, "--trainer.accelerator", "gpu" if setting.gpu else "cpu",
                    "--trainer.log_every_n_steps", str(LOG_EVERY), "--trainer.enable_progress_bar", "false",
                    "--trainer.callbacks", "[]"]
         proc = subprocess.run(command, cwd=run, capture_output=True, text=True)
@@ -67,15 +169,18 @@ def register_tiny(python: Path) -> None:
                     Path(found.stdout.strip()) / "model_configs" / "tiny.json")
 
 
-def theirs(spec: str, steps: int, batch_size: int, workers: int) -> float:
+def theirs(spec: str, setting: Setting) -> float:
     python = reference_python()
     register_tiny(python)
     with tempfile.TemporaryDirectory() as run:
         command = [str(python), "-m", "open_clip_train.main", "--train-data", spec, "--dataset-type", "webdataset",
-                   "--train-num-samples", str(steps * batch_size), "--batch-size", str(batch_size),
-                   "--workers", str(workers), "--model", "tiny", "--precision", "fp32", "--epochs", "1",
-                   "--lr", "1e-3", "--wd", "0.1", "--warmup", "5", "--log-every-n-steps", str(LOG_EVERY),
-                   "--logs", run, "--name", "bench", "--report-to", "", "--save-frequency", "0", "--device", "cpu"]
+                   "--train-num-samples", str((setting.steps + 2 * LOG_EVERY) * setting.batch_size),
+                   "--batch-size", str(setting.batch_size), "--workers", str(setting.workers),
+                   "--model", setting.model, "--precision", "amp_bf16" if setting.gpu else "fp32", "--epochs", "1",
+                   "--lr", str(LR), "--wd", str(WEIGHT_DECAY), "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]),
+                   "--eps", str(EPS), "--warmup", "5", "--log-every-n-steps", str(LOG_EVERY), "--logs", run,
+                   "--name", "bench", "--report-to", "", "--save-frequency", "0",
+                   *(["--torchcompile"] if setting.compile else []), "--device", "cuda" if setting.gpu else "cpu"]
         env = {"HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         proc = subprocess.run(command, cwd=run, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -87,21 +192,39 @@ def theirs(spec: str, steps: int, batch_size: int, workers: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--accelerator", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="auto: the GPU where CUDA is present")
+    parser.add_argument("--model", default=None, help="architecture (default: tiny on the CPU, ViT-B-32 on a GPU)")
     parser.add_argument("--steps", type=int, default=48)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on the CPU, 256 on a GPU")
+    parser.add_argument("--workers", type=int, default=None, help="default: 1 on the CPU, 12 on a GPU")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the towers (ours, bare and open_clip)")
+    parser.add_argument("--no-open-clip", action="store_true", help="leave out open_clip_train")
     args = parser.parse_args()
-    spec = shards(max(8192, args.steps * args.batch_size))
-    ours_best = theirs_best = 0.0
-    for _ in range(args.repeats):
-        ours_best = max(ours_best, ours(args.steps, args.batch_size, args.workers))
-        theirs_best = max(theirs_best, theirs(spec, args.steps, args.batch_size, args.workers))
-    print(f"tiny (64 px), batch {args.batch_size}, fp32, {args.workers} worker(s), {args.steps} steps, "
-          f"CPU, {os.cpu_count()} cores (reference env: {REFERENCE_VENV.name})")
-    print(f"  ours      {ours_best:8.1f} samples/s")
-    print(f"  open_clip {theirs_best:8.1f} samples/s")
-    print(f"  ratio     {ours_best / theirs_best:8.2f}x (ours / open_clip)")
+    gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available())
+    setting = Setting(args.model or ("ViT-B-32" if gpu else "tiny"), args.batch_size or (256 if gpu else 128),
+                      args.steps, args.workers if args.workers is not None else (12 if gpu else 1), gpu, args.compile)
+    spec = shards(setting, max(8192, (args.steps + 2 * LOG_EVERY) * setting.batch_size))
+    best = {"bare": 0.0, "ours": 0.0, "ours, no data": 0.0, "open_clip": 0.0}
+    for _ in range(args.repeats):  # alternate, so that none gets a quieter machine
+        best["bare"] = max(best["bare"], bare(setting))
+        best["ours"] = max(best["ours"], ours(setting))
+        best["ours, no data"] = max(best["ours, no data"], step_only(setting))
+        if not args.no_open_clip:
+            best["open_clip"] = max(best["open_clip"], theirs(spec, setting))
+    device = torch.cuda.get_device_name() if gpu else f"CPU, {os.cpu_count()} cores"
+    print(f"{setting.model} ({arch.image_size(setting.model)} px), batch {setting.batch_size}, "
+          f"{'bf16' if gpu else 'fp32'}{', compiled' if setting.compile else ''}, {setting.workers} worker(s), "
+          f"{setting.steps} steps, {device}"
+          + ("" if args.no_open_clip else f" (reference env: {REFERENCE_VENV.name})"))
+    for name, rate in best.items():
+        if rate:
+            print(f"  {name:<14}{rate:9.1f} samples/s")
+    print(f"  ours / bare      {best['ours'] / best['bare']:6.2f}x "
+          f"(the step alone, on a resident batch: {best['ours, no data'] / best['bare']:.2f}x)")
+    if best["open_clip"]:
+        print(f"  ours / open_clip {best['ours'] / best['open_clip']:6.2f}x")
 
 
 if __name__ == "__main__":

@@ -140,6 +140,31 @@ def test_url_forms(tmp_path):
         expand_urls(str(tmp_path / "empty"))
 
 
+class TorchDraws:
+    """Draws from torch's CPU generator in the order and form of torchvision's RandomResizedCrop."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return torch.empty(1).uniform_(a, b).item()
+
+    def randint(self, a: int, b: int) -> int:
+        return int(torch.randint(a, b + 1, size=(1,)).item())
+
+
+def test_crop_boxes_are_torchvisions_random_resized_crop():
+    """Given torch's draws, `TrainCrop.box` gives torchvision's boxes (open_clip's train crop),
+    including the centre-crop fallback of images too elongated for the allowed ratios."""
+    import torchvision.transforms as T
+
+    crop = arch.train_crop("ViT-B-32")
+    sizes = [(640, 480), (480, 640), (224, 224), (1000, 90), (90, 1000), (333, 257), (65, 64)]
+    for seed in range(300):
+        width, height = sizes[seed % len(sizes)]
+        torch.manual_seed(seed)
+        theirs = T.RandomResizedCrop.get_params(torch.empty(3, height, width), [0.9, 1.0], [3 / 4, 4 / 3])
+        torch.manual_seed(seed)
+        assert crop.box(width, height, TorchDraws()) == tuple(theirs), (seed, width, height)
+
+
 def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_transform():
     """Same crop box for the same random state; resampling agrees to a level or two in 255."""
     from multimodal.data.pixels import normalize
@@ -154,7 +179,7 @@ def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_trans
         torch.manual_seed(seed)
         theirs = train(image)
         torch.manual_seed(seed)
-        pixels = crop.pixels(image, crop.box(*image.size))
+        pixels = crop.pixels(image, crop.box(*image.size, TorchDraws()))
         assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
         ours = normalize(pixels[None], *arch.pixel_stats("ViT-B-32"))[0]
         level = 1 / (255 * 0.26)  # one uint8 level in normalised units
@@ -242,7 +267,7 @@ def test_a_pass_yields_its_first_batch_long_before_its_shuffle_buffer_is_full(tm
 
     urls = [write_tar(tmp_path / f"s{i}.tar", [good(f"{i}_{j}") for j in range(1500)]) for i in range(4)]
     read, decoded, before_first_batch = [0], [0], []
-    tarfile_samples, decode_image = wds.tarfile_samples, pipeline.decode_image
+    tarfile_samples, decode_image = pipeline.tarfile_samples, pipeline.decode_image
 
     def counted_samples(*args, **kwargs):
         for sample in tarfile_samples(*args, **kwargs):
@@ -253,7 +278,7 @@ def test_a_pass_yields_its_first_batch_long_before_its_shuffle_buffer_is_full(tm
         decoded[0] += 1
         return decode_image(*args, **kwargs)
 
-    monkeypatch.setattr(wds, "tarfile_samples", counted_samples)
+    monkeypatch.setattr(pipeline, "tarfile_samples", counted_samples)
     monkeypatch.setattr(pipeline, "decode_image", counted_decode)
     ds = stream(urls, batch_size=16, num_batches=2, shuffle_buffer=5000)
     for _epoch in range(2):

@@ -34,6 +34,7 @@ from multimodal.data.decode import IMAGE_KEYS, MAX_IMAGE_PIXELS, decode_image, d
 from multimodal.data.faults import BadSample, FaultCounter, bad_sample_count
 from multimodal.data.pixels import TrainCrop, decodable_on_device, pack
 from multimodal.data.shards import MANIFEST
+from multimodal.data.tario import tarfile_samples
 from multimodal.errors import UserError
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
@@ -93,7 +94,7 @@ def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.wa
                  min_side: int | None = None) -> Iterator[tuple[str, Image.Image | np.ndarray, list[str], dict]]:
     """(key, image, captions, json record) for every decodable sample of `urls`, in order, once.
     `min_side`: decode JPEGs to arrays at the smallest DCT scale keeping both sides >= it (`decode_image`)."""
-    for raw in wds.tarfile_samples(({"url": u} for u in urls), handler=on_error):
+    for raw in tarfile_samples(urls, handler=on_error):
         try:
             image, captions, record = decode_sample(raw, min_side)
         except BadSample:
@@ -104,7 +105,7 @@ def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.wa
 def read_labelled(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue,
                   min_side: int | None = None) -> Iterator[tuple[str, Image.Image | np.ndarray, int]]:
     """(key, image, class index) for every sample of `urls` with a decodable image and `cls` member."""
-    for raw in wds.tarfile_samples(({"url": u} for u in urls), handler=on_error):
+    for raw in tarfile_samples(urls, handler=on_error):
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None or "cls" not in raw:
             continue
@@ -122,7 +123,7 @@ def read_labelled(urls: list[str], on_error: Callable[[Exception], bool] = wds.w
 def fetch_images(url: str, keys: set[str]) -> dict[str, Image.Image]:
     """The images of the samples `keys` of one shard, decoding nothing else."""
     found = {}
-    for raw in wds.tarfile_samples([{"url": url}], handler=wds.warn_and_continue):
+    for raw in tarfile_samples([url], handler=wds.warn_and_continue):
         if raw["__key__"] in keys:
             image_key = next((k for k in IMAGE_KEYS if k in raw), None)
             try:
@@ -156,24 +157,12 @@ def seeded(*parts: int | str) -> random.Random:
     return random.Random(":".join(map(str, parts)))
 
 
-def _with_seed(seed: int, draw: Callable, *args):
-    """`draw(*args)` with the CPU generator seeded by `seed`, its state restored afterwards
-    (about 4 us: `torch.manual_seed` would take some 250 us, and `fork_rng` as much)."""
-    generator = torch.default_generator
-    state = generator.get_state()
-    generator.manual_seed(seed)
-    try:
-        return draw(*args)
-    finally:
-        generator.set_state(state)
-
-
 @dataclass
 class _Ready:
     """One training sample on its way into a batch: its pixels, or its JPEG bytes and crop box for the device."""
 
     key: str
-    tokens: torch.Tensor
+    caption: str
     pixels: torch.Tensor | None = None
     jpeg: bytes | None = None
     box: tuple[int, int, int, int] | None = None
@@ -243,7 +232,7 @@ class ImageTextStream(IterableDataset):
         """Raw samples, shuffled within each pass: the buffer drains at the end of a pass, so one
         pass yields every sample of this worker's shards exactly once."""
         for urls in self._passes(worker, num_workers):
-            raw = wds.tarfile_samples(({"url": u} for u in urls), handler=self.faults.shard_fault)
+            raw = tarfile_samples(urls, handler=self.faults.shard_fault)
             if self.shuffle_buffer > 1:
                 raw = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, SHUFFLE_INITIAL), rng=rng)(raw)
             empty = True
@@ -260,12 +249,12 @@ class ImageTextStream(IterableDataset):
         without decoding it gets the same pixels, and the worker and device paths the same boxes."""
         sample = read_sample(raw, self.max_image_pixels)
         rng = seeded(self.seed, self.epoch, self.position.rank, worker, consumed)
-        box = _with_seed(rng.getrandbits(63), self.crop.box, *sample.size)
-        tokens = self.tokenizer([sample.captions[rng.randrange(len(sample.captions))]])[0]
+        box = self.crop.box(*sample.size, rng)
+        caption = sample.captions[rng.randrange(len(sample.captions))]
         if self.decode_on_device and decodable_on_device(sample.data, sample.jpeg_colourspace):
-            return _Ready(raw["__key__"], tokens, jpeg=sample.data, box=box)
+            return _Ready(raw["__key__"], caption, jpeg=sample.data, box=box)
         image = decode_image(sample.data, min_side=self.crop.size)
-        return _Ready(raw["__key__"], tokens, pixels=self.crop.pixels(image, box, sample.size))
+        return _Ready(raw["__key__"], caption, pixels=self.crop.pixels(image, box, sample.size))
 
     def _batch(self, ready: list[_Ready]) -> dict:
         on_device = [r for r in ready if r.jpeg is not None]
@@ -274,7 +263,7 @@ class ImageTextStream(IterableDataset):
         size = self.crop.size
         batch = {"image": torch.stack([r.pixels for r in here]) if here else torch.empty(0, 3, size, size,
                                                                                           dtype=torch.uint8),
-                 "text": torch.stack([r.tokens for r in ordered]), "keys": [r.key for r in ordered]}
+                 "text": self.tokenizer([r.caption for r in ordered]), "keys": [r.key for r in ordered]}
         if self.decode_on_device:
             batch["jpeg"], batch["jpeg_lengths"] = pack([r.jpeg for r in on_device])
             batch["jpeg_boxes"] = [r.box for r in on_device]

@@ -1,8 +1,8 @@
 """Pixels for the model: crop boxes, resampling to its input size, and decoding JPEGs on the device.
 
 Training (open_clip's RandomResizedCrop, scale 0.9-1, bicubic): each sample's box is drawn in the
-pixels of the full-size image, whose size its header gives, exactly as RandomResizedCrop draws it on
-a full-size PIL image. Two places turn the JPEG bytes and the box into (3, S, S) uint8 pixels:
+pixels of the full-size image, whose size its header gives, as RandomResizedCrop draws it on a
+full-size PIL image, from the sample's own seed. Two places turn the JPEG bytes and the box into (3, S, S) uint8 pixels:
 
 - a DataLoader worker (`data.decode: cpu`): libjpeg-turbo decodes at the smallest DCT scale n/8
   that keeps both sides at least S (`pipeline.decode_jpeg_pixels`), the box is scaled with it, and
@@ -17,12 +17,13 @@ is `EvalTransform`, from DCT-scaled pixels too. Normalisation always happens on 
 (`normalize`): uint8 pixels are a quarter of float32's bytes in workers, pinned memory and copies.
 """
 
+import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
@@ -31,6 +32,12 @@ from multimodal.data.faults import BadSample
 from multimodal.errors import UserError
 
 Box = tuple[int, int, int, int]  # (top, left, height, width), in pixels of the image it applies to
+
+
+class Draws(Protocol):
+    def uniform(self, a: float, b: float) -> float: ...
+
+    def randint(self, a: int, b: int) -> int: ...
 JPEG_COLOURS_ON_DEVICE = ("YCbCr", "Gray")  # CMYK and YCCK JPEGs are decoded by the workers
 
 
@@ -43,11 +50,27 @@ class TrainCrop:
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
-    def box(self, width: int, height: int) -> Box:
-        """A random box of a `width` x `height` image, drawn from torch's CPU generator by
-        torchvision's own RandomResizedCrop.get_params: the box open_clip's transform would crop."""
-        shape = torch.empty(()).expand(3, height, width)  # get_params reads only the size
-        return tuple(T.RandomResizedCrop.get_params(shape, list(self.scale), list(self.ratio)))
+    def box(self, width: int, height: int, rng: Draws) -> Box:
+        """A random box of a `width` x `height` image, as RandomResizedCrop draws it (the Inception crop,
+        Szegedy et al. 2015, in torchvision's arithmetic): an area fraction uniform in `scale` and an
+        aspect ratio log-uniform in `ratio`, up to ten tries to fit, else the centre crop of the nearest
+        allowed ratio. `rng.uniform(a, b)` and `rng.randint(a, b)` (both ends included) draw: the
+        sample's own `random.Random` in training; given torch's draws, the same boxes as torchvision."""
+        area = width * height
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w, h = int(round(math.sqrt(target_area * aspect))), int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+        if width / height < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif width / height > max(self.ratio):
+            w, h = int(round(height * max(self.ratio))), height
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
 
     def pixels(self, image: "np.ndarray | Image.Image | torch.Tensor", box: Box,
                full_size: tuple[int, int] | None = None) -> torch.Tensor:
