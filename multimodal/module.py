@@ -5,6 +5,11 @@ weight decay on weight matrices only (`multimodal.optim`), a per-step linear-war
 schedule, and `logit_scale` clamped to [0, ln 100] after every optimizer step (CLIP, section 2.5:
 "clipped to prevent scaling the logits by more than 100").
 
+A step reads no device value on the host: a loss that is not finite on some rank becomes a flag on
+the device that fused AdamW takes as its `found_inf`, so the update is skipped there. Throughput,
+bad data and non-finite steps are watched by the callbacks of `multimodal.monitor`, which this
+module attaches (`configure_callbacks`) and which read counts only on logging steps.
+
 Options for large models and batches: the CLIP or SigLIP loss, gradient-cached micro-batches
 (`multimodal.accumulate`), gradient checkpointing, FLIP patch dropout, locked towers (LiT),
 `torch.compile` of the towers, and fine-tuning from a local open_clip state dict.

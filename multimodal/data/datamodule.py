@@ -176,8 +176,7 @@ class ShardDataModule(pl.LightningDataModule):
         if not isinstance(batch, dict):
             return batch
         if "jpeg" in batch:
-            batch = finish_batch(batch, self.crop, self.trainer.strategy.root_device if self.trainer else
-                                 batch["text"].device)
+            batch = finish_batch(batch, self.crop, batch["text"].device)
         for key in ("image", "images"):
             pixels = batch.get(key)
             if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:

@@ -1,17 +1,17 @@
 """The streaming pipeline: webdataset tar shards -> shuffled, decoded, tokenised batches.
 
-    shard URLs -> per (rank, worker) shard stream -> tar members -> shuffle buffer
-               -> decode image + pick one caption -> transform + tokenise -> batches
+    shard URLs -> per (rank, worker) shard stream -> tar members (`tario`) -> shuffle buffer
+               -> header + captions (`decode.read_sample`) -> crop box and caption from the sample's seed
+               -> decoded and cropped here, or bytes + box for the device (`pixels`) -> tokenised batches
 
 Shards are split by rank and by DataLoader worker. Every worker cycles over its shards (a fresh
 shard order each pass) until it has produced its quota of batches, so each rank yields exactly
 `num_batches` full batches per epoch however unevenly the shards divide: no rank runs dry while
 the others wait in an all-gather. In resampled mode each worker draws shards with replacement.
 
-Only the image member (jpg/jpeg/png/webp) and the text members (json captions, else txt) are
-ever decoded, by this module's own code: webdataset's default decoders would unpickle `.pyd`
-and `.pth` members. A sample that cannot be decoded is skipped and counted; each batch carries
-the number of samples skipped since the previous one (`batch["skipped"]`).
+Only image and caption members are decoded (`multimodal.data.decode`): nothing is unpickled. A
+sample that cannot be used is skipped and counted by kind; each batch carries the counts since the
+previous one (`batch["bad"]`, `batch["skipped"]`).
 """
 
 import glob
