@@ -27,18 +27,28 @@ PARTIAL_SUFFIX = ".partial"
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to `path` through a partial file in the same folder, fsynced and renamed."""
+    """`torch.save` to `path` through a partial file in the same folder, fsynced and renamed.
+
+    A write that fails (a full disk, a quota, a lost mount) removes the partial file and raises a
+    UserError saying that the previous checkpoint at `path` is intact: the run stops there, to be
+    continued with --resume once there is room, rather than train on without a way back.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(partial, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as exc:
         partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower()):
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:120]
+            previous = "the previous checkpoint there is intact" if path.is_file() else "no checkpoint was there yet"
+            raise UserError(f"Writing the checkpoint {path} failed ({reason}); {previous}. Make room on that "
+                            "disk (or write checkpoints elsewhere), then continue the run with --resume.") from exc
         raise
     directory = os.open(path.parent, os.O_RDONLY)
     try:

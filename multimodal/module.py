@@ -114,12 +114,18 @@ class CLIPModule(pl.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if micro_batches < 1:
-            raise UserError(f"model.micro_batches must be 1 or more, got {micro_batches}.")
-        if max_nonfinite_steps < 1:
-            raise UserError(f"model.max_nonfinite_steps must be 1 or more, got {max_nonfinite_steps}.")
-        if not 0.0 <= patch_dropout < 1.0:
-            raise UserError(f"model.patch_dropout must be in [0, 1), got {patch_dropout}.")
+        for ok, rule in ((lr > 0, f"model.lr must be positive, got {lr}"),
+                         (all(0.0 <= b < 1.0 for b in betas), f"model.betas must both be in [0, 1), got {list(betas)}"),
+                         (eps > 0, f"model.eps must be positive, got {eps}"),
+                         (weight_decay >= 0, f"model.weight_decay must be 0 or more, got {weight_decay}"),
+                         (warmup_steps >= 0, f"model.warmup_steps must be 0 or more, got {warmup_steps}"),
+                         (0.0 <= min_lr_ratio <= 1.0, f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}"),
+                         (micro_batches >= 1, f"model.micro_batches must be 1 or more, got {micro_batches}"),
+                         (max_nonfinite_steps >= 1,
+                          f"model.max_nonfinite_steps must be 1 or more, got {max_nonfinite_steps}"),
+                         (0.0 <= patch_dropout < 1.0, f"model.patch_dropout must be in [0, 1), got {patch_dropout}")):
+            if not ok:
+                raise UserError(f"{rule}.")
         self.model = self._build_model()
         # as built: FSDP flattens parameters, and weight decay goes by the original shapes
         self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from multimodal.checkpoint import atomic_torch_save
+from multimodal.errors import UserError
 from tests.conftest import REPO, run_cli
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
@@ -23,19 +24,48 @@ TRAIN = ["train", "--config", DEBUG, "--trainer.max_steps", "40", "--trainer.log
          "--trainer.callbacks", EVERY_2_STEPS, "--data.synthetic.train_samples", "1024"]
 
 
-def test_a_failed_write_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), RuntimeError(
+    "[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file data/3: file write failed")])
+def test_a_failed_write_leaves_the_previous_checkpoint_and_says_so(tmp_path, monkeypatch, failure):
     target = tmp_path / "last.ckpt"
     atomic_torch_save({"step": 1, "w": torch.ones(3)}, target)
 
     def torn_save(obj, f):
         f.write(b"PK\x03\x04 half a checkpoint")
-        raise OSError("No space left on device")
+        raise failure
 
     monkeypatch.setattr(torch, "save", torn_save)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"Writing the checkpoint .*last.ckpt failed .*the previous checkpoint there "
+                                        r"is intact\. Make room"):
         atomic_torch_save({"step": 2}, target)
     assert torch.load(target, weights_only=True)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no partial file left behind
+
+
+def test_a_run_whose_checkpoint_write_fails_stops_with_one_sentence(tmp_path, monkeypatch, capsys):
+    """A full disk at step 4's checkpoints: the run stops there (exit status 2, one line), and step 2's
+    last.ckpt is still there to resume from. (Each checkpoint step writes a step file, then last.ckpt.)"""
+    from multimodal import checkpoint
+    from multimodal.cli import main
+
+    save, calls = torch.save, []
+
+    def full_disk(obj, f):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        save(obj, f)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(checkpoint.torch, "save", full_disk)
+    status = main(["train", "--config", DEBUG, "--trainer.max_steps", "8", "--trainer.callbacks", EVERY_2_STEPS,
+                   "--trainer.enable_progress_bar", "false", "--data.val_shards", "null",
+                   "--data.synthetic.val_samples", "0"])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2 and last.startswith("error: Writing the checkpoint") and "No space left" in last, last
+    checkpoints = tmp_path / "runs" / "debug" / "version_0" / "checkpoints"
+    assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert not [p for p in checkpoints.iterdir() if p.name.endswith(".partial")]
 
 
 def weights(path: Path) -> dict:

@@ -44,8 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] not in COMMANDS:
-        print(USAGE, file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(USAGE, file=sys.stdout if asked else sys.stderr)
+        if argv and not asked:
+            print(f"error: unknown command '{argv[0]}': use one of {', '.join(COMMANDS)}.", file=sys.stderr)
+        return 0 if asked else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
     except UserError as exc:

@@ -5,7 +5,9 @@ decoded, by this module's own code: webdataset's default decoders would unpickle
 members. An image's size is read from its header first (`read_sample`): one of more than
 `max_pixels` pixels is refused before any decoding, since a small file can declare 20,000 x 20,000
 pixels. JPEGs decode with libjpeg-turbo (simplejpeg) straight into uint8 arrays, at a reduced DCT
-scale when the caller needs fewer pixels; other formats and JPEGs it refuses go through PIL.
+scale when the caller needs fewer pixels; other formats and JPEGs it refuses go through PIL, which
+may read only common raster formats (PIL_FORMATS). Whatever a sample's bytes are, the result is an
+image or a `BadSample` of a named kind, never another exception (tests/test_robust.py).
 """
 
 import io
@@ -21,6 +23,14 @@ from multimodal.data.faults import BadSample
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's warning threshold: 1/4 GiB of 24-bit pixels
+# The only formats PIL may read for us, whatever a member or file is named: PIL sniffs the bytes, and
+# among its other plugins EPS and PDF hand the data to Ghostscript.
+PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # (MPO opens as JPEG)
+
+
+def open_image(data: bytes) -> Image.Image:
+    """PIL's lazy image of `data`, in one of PIL_FORMATS (else PIL's UnidentifiedImageError)."""
+    return Image.open(io.BytesIO(data), formats=PIL_FORMATS)
 
 
 @dataclass(frozen=True)
@@ -44,13 +54,13 @@ def image_header(data: bytes) -> tuple[tuple[int, int], str | None] | None:
         except ValueError:
             pass  # a JPEG libjpeg-turbo's header reader refuses: PIL may still read it
     try:
-        with warnings.catch_warnings():  # our own limit applies, not PIL's warning threshold
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+        with warnings.catch_warnings():  # PIL warns of odd files and of its own size threshold: ours applies
+            warnings.simplefilter("ignore")
+            with open_image(data) as image:
                 return image.size, None
     except Image.DecompressionBombError:
         return ((Image.MAX_IMAGE_PIXELS or 0) * 2 + 1, 1), None  # over PIL's hard limit: oversized either way
-    except (OSError, ValueError, SyntaxError):
+    except Exception:  # PIL's format plugins raise what they like on crafted headers
         return None
 
 
@@ -100,12 +110,12 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image | np.n
         return pixels
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            warnings.simplefilter("ignore")
+            with open_image(data) as image:
                 if min_side and image.format == "JPEG":
                     image.draft("RGB", (min_side, min_side))
                 return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Exception as exc:  # PIL's plugins raise OSError, ValueError, NotImplementedError, ... on crafted data
         raise BadSample("truncated image" if "truncat" in str(exc).lower() else "corrupt image") from exc
 
 
@@ -117,7 +127,8 @@ def decode_sample(raw: dict, min_side: int | None = None, max_pixels: int | None
 
 
 def _captions(raw: dict) -> tuple[list[str], dict]:
-    """(captions, json record): json `captions` first, else the txt member; raises BadSample."""
+    """(captions, json record): json `captions` first (a string or a list of strings), else the txt
+    member; raises BadSample. JSON of any other shape is an unreadable caption, never an error."""
     if "json" not in raw and "txt" not in raw:
         raise BadSample("no caption")
     record: dict = {}
@@ -125,7 +136,7 @@ def _captions(raw: dict) -> tuple[list[str], dict]:
     if "json" in raw:
         try:
             record = json.loads(raw["json"])
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than Python recurses
             record = None
         if not isinstance(record, dict):
             if "txt" not in raw:
@@ -134,6 +145,10 @@ def _captions(raw: dict) -> tuple[list[str], dict]:
         captions = record.get("captions") or []
         if isinstance(captions, str):
             captions = [captions]
+        if not isinstance(captions, list):
+            if "txt" not in raw:
+                raise BadSample("unreadable caption")
+            captions = []
     if not captions and "txt" in raw:
         try:
             captions = [raw["txt"].decode("utf-8")]

@@ -76,11 +76,11 @@ class FaultCounter:
                         f" [{self.where}]" if self.where else "", more)
 
     def shard_fault(self, exc: BaseException) -> bool:
-        """A webdataset handler: count the fault and go on with the next shard.
+        """A shard reader's handler (`tario.tarfile_samples`): count the fault and go on with the next shard.
 
-        webdataset calls it twice for a tar cut inside a member: first for the member (without the
-        shard's URL), then for the shard (URL appended to the exception's args). Only the second
-        counts; a member lost on its own leaves an incomplete sample, counted as a bad sample."""
+        Shard faults come with the shard's URL appended to the exception's args. An exception without
+        one (webdataset's key grouping: a file name twice in one sample) is not counted here: it leaves
+        an incomplete sample, counted as a bad sample."""
         args = getattr(exc, "args", ())
         if len(args) >= 2 and isinstance(args[-1], str):
             detail = getattr(exc, "strerror", None) or str(args[0]).split(" @ ")[0][:200]

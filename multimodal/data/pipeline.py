@@ -15,7 +15,6 @@ previous one (`batch["bad"]`, `batch["skipped"]`).
 """
 
 import glob
-import io
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -126,10 +125,12 @@ def fetch_images(url: str, keys: set[str]) -> dict[str, Image.Image]:
     for raw in tarfile_samples([url], handler=wds.warn_and_continue):
         if raw["__key__"] in keys:
             image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+            size = image_size(raw[image_key]) if image_key else None
+            if size is None or size[0] * size[1] > MAX_IMAGE_PIXELS:
+                continue
             try:
-                with Image.open(io.BytesIO(raw[image_key])) as image:
-                    found[raw["__key__"]] = image.convert("RGB")
-            except (OSError, ValueError, TypeError, KeyError, Image.DecompressionBombError):
+                found[raw["__key__"]] = decode_image(raw[image_key])
+            except BadSample:
                 continue
             if len(found) == len(keys):
                 break
@@ -162,6 +163,7 @@ class _Ready:
     """One training sample on its way into a batch: its pixels, or its JPEG bytes and crop box for the device."""
 
     key: str
+    url: str | None
     caption: str
     pixels: torch.Tensor | None = None
     jpeg: bytes | None = None
@@ -252,22 +254,38 @@ class ImageTextStream(IterableDataset):
         box = self.crop.box(*sample.size, rng)
         caption = sample.captions[rng.randrange(len(sample.captions))]
         if self.decode_on_device and decodable_on_device(sample.data, sample.jpeg_colourspace):
-            return _Ready(raw["__key__"], caption, jpeg=sample.data, box=box)
+            return _Ready(raw["__key__"], raw.get("__url__"), caption, jpeg=sample.data, box=box)
         image = decode_image(sample.data, min_side=self.crop.size)
-        return _Ready(raw["__key__"], caption, pixels=self.crop.pixels(image, box, sample.size))
+        return _Ready(raw["__key__"], raw.get("__url__"), caption, pixels=self.crop.pixels(image, box, sample.size))
 
-    def _batch(self, ready: list[_Ready]) -> dict:
-        on_device = [r for r in ready if r.jpeg is not None]
-        here = [r for r in ready if r.jpeg is None]
-        ordered = on_device + here
+    def _batch(self, ready: list[_Ready], tokens: torch.Tensor) -> dict:
+        """The batch of `ready` (tokens in its order): device-decoded JPEGs first, then the others."""
+        order = sorted(range(len(ready)), key=lambda i: ready[i].jpeg is None)  # stable: the device's JPEGs first
+        here = [ready[i] for i in order if ready[i].jpeg is None]
         size = self.crop.size
         batch = {"image": torch.stack([r.pixels for r in here]) if here else torch.empty(0, 3, size, size,
                                                                                           dtype=torch.uint8),
-                 "text": self.tokenizer([r.caption for r in ordered]), "keys": [r.key for r in ordered]}
+                 "text": tokens[order], "keys": [ready[i].key for i in order]}
         if self.decode_on_device:
+            on_device = [ready[i] for i in order if ready[i].jpeg is not None]
             batch["jpeg"], batch["jpeg_lengths"] = pack([r.jpeg for r in on_device])
             batch["jpeg_boxes"] = [r.box for r in on_device]
         return batch
+
+    def _tokens(self, ready: list[_Ready]) -> tuple[torch.Tensor | None, list[_Ready]]:
+        """The captions of `ready` tokenised together, or (rare) None and the samples whose captions
+        the tokenizer takes one by one: a caption it refuses is an unreadable caption, counted."""
+        try:
+            return self.tokenizer([r.caption for r in ready]), ready
+        except Exception:  # the tokenizer's own failures, whatever they are: never the run's
+            kept = []
+            for r in ready:
+                try:
+                    self.tokenizer([r.caption])
+                    kept.append(r)
+                except Exception:
+                    self.faults.add("unreadable caption", r.url, r.key, "the tokenizer refused it")
+            return None, kept
 
     def _batches(self, raw_samples: Iterator[dict], worker: int, consumed: int) -> Iterator[dict]:
         ready, read, bad_in_a_row = [], 0, 0
@@ -284,8 +302,11 @@ class ImageTextStream(IterableDataset):
                 continue
             bad_in_a_row = 0
             if len(ready) == self.batch_size:
+                tokens, ready = self._tokens(ready)
+                if tokens is None:  # some captions refused: read more samples to fill the batch
+                    continue
                 bad = self.faults.take()
-                yield {**self._batch(ready), "bad": bad, "skipped": bad_sample_count(bad), "read": read,
+                yield {**self._batch(ready, tokens), "bad": bad, "skipped": bad_sample_count(bad), "read": read,
                        "worker": worker, "consumed": consumed}
                 ready, read = [], 0
 

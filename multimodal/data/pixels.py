@@ -39,6 +39,7 @@ class Draws(Protocol):
 
     def randint(self, a: int, b: int) -> int: ...
 JPEG_COLOURS_ON_DEVICE = ("YCbCr", "Gray")  # CMYK and YCCK JPEGs are decoded by the workers
+MAX_ASPECT = 4  # evaluation keeps at most the middle 4:1 of longer images (the centre crop is 1:1)
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,13 @@ class EvalTransform:
             image = np.array(image.convert("RGB") if image.mode != "RGB" else image)
         pixels = torch.from_numpy(image).permute(2, 0, 1)
         h, w = pixels.shape[1:]
+        if max(h, w) > MAX_ASPECT * min(h, w):  # only the middle: a 1 x 10^7 image must not become 224 x 10^9
+            keep = MAX_ASPECT * min(h, w)
+            if h > w:
+                pixels = pixels[:, (h - keep) // 2:(h + keep) // 2]
+            else:
+                pixels = pixels[:, :, (w - keep) // 2:(w + keep) // 2]
+            h, w = pixels.shape[1:]
         new_long = int(self.size * max(h, w) / min(h, w))
         new_h, new_w = (self.size, new_long) if h <= w else (new_long, self.size)
         pixels = resize(pixels, (new_h, new_w), self.mode)

@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from multimodal.data import synthetic
+from multimodal.data.decode import open_image
 from multimodal.errors import UserError
 
 SHARD_PATTERN = "shard-{:06d}.tar"
@@ -97,7 +98,7 @@ def encode_image(path: Path, max_side: int | None) -> tuple[bytes, int, int]:
     A JPEG that needs no resizing is kept byte for byte; other formats are re-encoded.
     """
     data = path.read_bytes()
-    with Image.open(io.BytesIO(data)) as image:
+    with open_image(data) as image:
         image.load()  # decode fully: an unreadable image fails here, at write time
         width, height = image.size
         scale = max_side / max(width, height) if max_side else 1.0

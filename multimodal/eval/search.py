@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from multimodal.data.pipeline import fetch_images
 from multimodal.eval.embed import Embeddings
+from multimodal.eval.sources import read_image_file
 
 
 def top_k(candidates: torch.Tensor, query: torch.Tensor, k: int) -> list[tuple[int, float]]:
@@ -26,8 +27,7 @@ def load_images(emb: Embeddings, rows: list[int]) -> list[Image.Image | None]:
         if "url" in meta:
             by_url.setdefault(meta["url"], []).append((i, meta["key"]))
         elif Path(meta.get("file_name", "")).is_file():
-            with Image.open(meta["file_name"]) as image:
-                out[i] = image.convert("RGB")
+            out[i] = read_image_file(Path(meta["file_name"]))
     for url, wanted in by_url.items():
         found = fetch_images(url, {key for _, key in wanted})
         for i, key in wanted:
