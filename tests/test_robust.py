@@ -165,3 +165,24 @@ def test_a_caption_the_tokenizer_refuses_is_counted_and_the_batch_stays_full(tmp
     assert first["text"].shape[0] == second["text"].shape[0] == 5
     assert "2" not in first["keys"] + second["keys"] and "5" not in first["keys"] + second["keys"]
     assert first["bad"].get("unreadable caption", 0) + second["bad"].get("unreadable caption", 0) == 2
+
+
+def test_evaluation_leaves_out_a_text_the_tokenizer_refuses():
+    from multimodal import arch
+    from multimodal.eval.sources import EmbedBatches, Item
+
+    tokenize = arch.tokenizer("tiny")
+
+    def tokenizer(texts):
+        if any("boom" in t for t in texts):
+            raise RuntimeError("a tokenizer failure")
+        return tokenize(texts)
+
+    items = [Item(np.zeros((40, 50, 3), np.uint8), {"key": f"{i}"}, [f"caption {i}", "boom" if i == 1 else "fine"],
+                  [{"key": f"{i}", "caption": c} for c in (f"caption {i}", "boom" if i == 1 else "fine")])
+             for i in range(3)]
+    batches = EmbedBatches(None, [], EvalTransform(32, (0.5,) * 3, (0.25,) * 3), tokenizer, batch_size=8)
+    batch = batches._batch(0, items, last=True)
+    assert batch["texts"].shape[0] == 5 and len(batch["text_rows"]) == 5
+    assert "boom" not in [r["caption"] for r in batch["text_rows"]]
+    assert [r["image"] for r in batch["text_rows"]] == [0, 0, 1, 2, 2]

@@ -152,13 +152,27 @@ class EmbedBatches(IterableDataset):
             image = {"image": with_image.index(item)} if item.image is not None else {}
             text_rows.extend({**row, **image} for row in item.text_rows)
         texts = [t for i in items for t in i.texts]
+        tokens, text_rows = self._tokens(texts, text_rows)
         return {
             "part": part, "last": last,
             "images": torch.stack([self.preprocess.pixels(i.image) for i in with_image]) if with_image else None,
             "image_rows": [i.image_row for i in with_image],
-            "texts": self.tokenizer(texts) if texts else None,
+            "texts": tokens,
             "text_rows": text_rows,
         }
+
+    def _tokens(self, texts: list[str], rows: list[dict]) -> tuple[torch.Tensor | None, list[dict]]:
+        """The texts tokenised together; (rare) one the tokenizer refuses is left out with its row."""
+        try:
+            return (self.tokenizer(texts) if texts else None), rows
+        except Exception:  # the tokenizer's own failures: a text left out, never the run
+            kept = []
+            for text, row in zip(texts, rows):
+                try:
+                    kept.append((self.tokenizer([text])[0], row))
+                except Exception:
+                    print(f"skipping a text the tokenizer refuses: {text[:60]!r}")
+            return (torch.stack([t for t, _ in kept]) if kept else None), [r for _, r in kept]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
