@@ -9,7 +9,6 @@ the towers, tokenizer and transforms for it exactly as they do for ViT-B-32.
 from pathlib import Path
 
 import open_clip
-import torch
 from open_clip.transform import PreprocessCfg, image_transform_v2
 
 from multimodal.data.pixels import EvalTransform, TrainCrop
@@ -74,12 +73,6 @@ def eval_transform(name: str) -> EvalTransform:
     level or two in 255 of `transforms(name)[1]` on the same image; from DCT-scaled JPEGs, a few more."""
     cfg = PreprocessCfg(size=image_size(name))
     return EvalTransform(image_size(name), tuple(cfg.mean), tuple(cfg.std), mode=cfg.interpolation)
-
-
-def pixel_stats(name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, std) of open_clip's normalisation for `name`, shaped (1, 3, 1, 1), on the CPU."""
-    cfg = PreprocessCfg(size=image_size(name))
-    return torch.tensor(cfg.mean).view(1, 3, 1, 1), torch.tensor(cfg.std).view(1, 3, 1, 1)
 
 
 def tokenizer(name: str):

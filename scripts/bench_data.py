@@ -8,7 +8,9 @@ Both read the same shards of full-size COCO JPEGs (about 640 x 480, written once
 and DataLoader workers. Ours: `ImageTextStream` with JPEG draft-mode decoding and uint8 pixels,
 timed twice: normalising them on the CPU (as conservative as it gets: training does it on the
 accelerator, and here it takes CPU time from the two workers) and as the uint8 batches training gets;
-where CUDA is present, a third time with the JPEGs decoded on the GPU (`data.decode: gpu`).
+where CUDA is present, a third time with the JPEGs decoded on the GPU (`data.decode: gpu`). Also
+printed: our stream's cost a sample in one process without workers, and the tar reading alone, ours
+(`multimodal.data.tario`) against webdataset's reader on Python's tarfile.
 Theirs: `open_clip_train.data.get_wds_dataset`, run in its own virtual environment (.venv-openclip,
 created on first use: open_clip_train's pipeline needs webdataset <= 0.2.86; with webdataset 1.0 it
 fails with KeyError 'fname'). Prints images/s of both and their ratio (ours / theirs).
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,8 +33,8 @@ sys.path.insert(0, str(REPO))
 from multimodal import arch  # noqa: E402
 from multimodal.data.pipeline import ImageTextStream, expand_urls  # noqa: E402
 from multimodal.data.pixels import finish_batch  # noqa: E402
-from multimodal.data.pixels import normalize as normalize_pixels  # noqa: E402
 from multimodal.data.shards import write_coco  # noqa: E402
+from multimodal.data.tario import tarfile_samples  # noqa: E402
 
 MODEL = "ViT-B-32"
 REFERENCE_VENV = REPO / ".venv-openclip"
@@ -82,14 +85,14 @@ def ours(spec: str, batch_size: int, workers: int, batches: int, normalize: bool
                              decode_on_device=device is not None)
     loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
                              pin_memory=device is not None and device.type == "cuda"))
-    mean, std = (t.to(device or "cpu") for t in arch.pixel_stats(MODEL))
+    preprocess = arch.eval_transform(MODEL)  # its normalisation: open_clip's statistics
 
     def take() -> None:
         batch = next(loader)
         if device is not None:
             batch = finish_batch({**batch, "text": batch["text"].to(device, non_blocking=True)}, crop, device)
         if normalize:
-            normalize_pixels(batch["image"].to(device or "cpu", non_blocking=True), mean, std)
+            preprocess.normalize(batch["image"].to(device or "cpu", non_blocking=True))
 
     for _ in range(3):
         take()
@@ -99,6 +102,19 @@ def ours(spec: str, batch_size: int, workers: int, batches: int, normalize: bool
         take()
     synchronize(device)
     return batches * batch_size / (time.perf_counter() - start)
+
+
+def tar_reading(spec: str, passes: int = 5) -> tuple[float, float]:
+    """Microseconds a raw sample to read the shards: (our tar reader, webdataset's on Python's tarfile)."""
+    urls = expand_urls(spec) * passes
+    best = {}
+    for name, read in (("ours", lambda: tarfile_samples(urls, handler=wds.reraise_exception)),
+                       ("webdataset", lambda: wds.tarfile_samples([{"url": u} for u in urls]))):
+        for _ in range(3):
+            start = time.perf_counter()
+            count = sum(1 for _ in read())
+            best[name] = min(best.get(name, 1e9), (time.perf_counter() - start) / count * 1e6)
+    return best["ours"], best["webdataset"]
 
 
 def synchronize(device: torch.device | None) -> None:
@@ -153,6 +169,11 @@ def main() -> None:
         print(f"  ours, JPEGs decoded on {torch.cuda.get_device_name(gpu)} (data.decode gpu) "
               f"{ours_gpu:8.1f} images/s, normalised there")
     print(f"  open_clip {theirs_best:8.1f} images/s")
+    print(f"  ours in this process, no workers: {1e6 / ours(spec, args.batch_size, 0, args.batches // 4):.0f} us "
+          "a sample (read, box, decode, crop, tokenise)")
+    tar_ours, tar_theirs = tar_reading(spec)
+    print(f"  reading the tar shards alone: ours {tar_ours:.0f} us a sample, webdataset (tarfile) {tar_theirs:.0f} us "
+          f"({tar_theirs / tar_ours:.1f}x)")
     print(f"  ratio     {ours_best / theirs_best:8.2f}x (ours / open_clip; "
           f"{ours_pipeline / theirs_best:.2f}x with normalisation on the accelerator"
           + (f"; {ours_gpu / theirs_best:.2f}x decoding on the GPU)" if gpu is not None else ")"))

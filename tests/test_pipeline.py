@@ -167,8 +167,6 @@ def test_crop_boxes_are_torchvisions_random_resized_crop():
 
 def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_transform():
     """Same crop box for the same random state; resampling agrees to a level or two in 255."""
-    from multimodal.data.pixels import normalize
-
     g = torch.Generator().manual_seed(0)
     noise = torch.randint(0, 256, (300, 420, 3), generator=g, dtype=torch.uint8)
     smooth = torch.nn.functional.avg_pool2d(noise.permute(2, 0, 1)[None].float(), 9, 1, 4)[0]  # photo-like
@@ -181,7 +179,7 @@ def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_trans
         torch.manual_seed(seed)
         pixels = crop.pixels(image, crop.box(*image.size, TorchDraws()))
         assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
-        ours = normalize(pixels[None], *arch.pixel_stats("ViT-B-32"))[0]
+        ours = arch.eval_transform("ViT-B-32").normalize(pixels[None])[0]
         level = 1 / (255 * 0.26)  # one uint8 level in normalised units
         assert (ours - theirs).abs().mean() < 0.5 * level
         assert (ours - theirs).abs().max() < 4 * level

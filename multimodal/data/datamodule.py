@@ -23,7 +23,7 @@ from multimodal.data.pipeline import (
     expand_urls,
     seeded,
 )
-from multimodal.data.pixels import finish_batch, normalize
+from multimodal.data.pixels import finish_batch
 from multimodal.data.shards import MANIFEST, write_synthetic
 from multimodal.data.synthetic import SyntheticData
 from multimodal.errors import UserError
@@ -81,8 +81,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.resampled, self.num_samples, self.seed, self.synthetic = resampled, num_samples, seed, synthetic
         self.decode = decode
-        self.crop = arch.train_crop(model_name)
-        self._pixel_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.crop, self.preprocess = arch.train_crop(model_name), arch.eval_transform(model_name)
         self._resume: dict | None = None
         arch.resolve(model_name)
         if synthetic is None:  # fail before any work starts, not at the first batch
@@ -177,12 +176,10 @@ class ShardDataModule(pl.LightningDataModule):
             return batch
         if "jpeg" in batch:
             batch = finish_batch(batch, self.crop, batch["text"].device)
-        for key in ("image", "images"):
+        for key in ("image", "images"):  # training and evaluation share open_clip's statistics
             pixels = batch.get(key)
             if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
-                if self._pixel_stats is None or self._pixel_stats[0].device != pixels.device:
-                    self._pixel_stats = tuple(t.to(pixels.device) for t in arch.pixel_stats(self.model_name))
-                batch[key] = normalize(pixels, *self._pixel_stats)
+                batch[key] = self.preprocess.normalize(pixels)
         return batch
 
     def val_dataloader(self) -> "EvenBatches | list":
@@ -206,7 +203,7 @@ class ShardDataModule(pl.LightningDataModule):
                       for r in range(world)]
         parts = list(range(source.num_parts()))[rank::world]
         tokenizer = arch.tokenizer(self.model_name)
-        batches = EmbedBatches(source, parts, arch.eval_transform(self.model_name), tokenizer, self.batch_size)
+        batches = EmbedBatches(source, parts, self.preprocess, tokenizer, self.batch_size)
         loader = DataLoader(batches, batch_size=None, num_workers=min(self.num_workers, len(parts)))
         size = arch.image_size(self.model_name)
         padding = {"part": -1, "last": True, "images": torch.zeros(1, 3, size, size, dtype=torch.uint8),

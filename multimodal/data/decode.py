@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import simplejpeg
+import torch
 from PIL import Image
 
 from multimodal.data.faults import BadSample
@@ -83,22 +84,34 @@ def decode_jpeg_pixels(data: bytes, min_side: int) -> np.ndarray | None:
         return None
 
 
-def read_sample(raw: dict, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Sample:
-    """The image member's header and the captions of a raw webdataset sample; raises BadSample."""
-    image_key = next((k for k in IMAGE_KEYS if k in raw), None)
-    if image_key is None:
-        raise BadSample("no image")
-    data = raw[image_key]
+def checked_header(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[tuple[int, int], str | None]:
+    """`image_header` of an image that may be decoded; raises BadSample (empty, not an image, or more
+    than `max_pixels` pixels: refused before any decoding, as a small file can declare 20,000 x 20,000)."""
     if not data:
         raise BadSample("empty image")
     header = image_header(data)
     if header is None:
         raise BadSample("not an image")
-    (width, height), colourspace = header
+    (width, height), _ = header
     if max_pixels and width * height > max_pixels:
         raise BadSample("oversized image")
+    return header
+
+
+def read_sample(raw: dict, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Sample:
+    """The image member's header and the captions of a raw webdataset sample; raises BadSample."""
+    image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+    if image_key is None:
+        raise BadSample("no image")
+    size, colourspace = checked_header(raw[image_key], max_pixels)
     captions, record = _captions(raw)
-    return Sample(data, (width, height), colourspace, captions, record)
+    return Sample(raw[image_key], size, colourspace, captions, record)
+
+
+def decode_checked(data: bytes, min_side: int | None = None) -> Image.Image | np.ndarray:
+    """`decode_image` of an image whose header passed `checked_header`; raises BadSample."""
+    checked_header(data)
+    return decode_image(data, min_side)
 
 
 def decode_image(data: bytes, min_side: int | None = None) -> Image.Image | np.ndarray:
@@ -124,6 +137,21 @@ def decode_sample(raw: dict, min_side: int | None = None, max_pixels: int | None
     """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample with its kind."""
     sample = read_sample(raw, max_pixels)
     return decode_image(sample.data, min_side), sample.captions, sample.record
+
+
+def tokenize(tokenizer, texts: list[str]) -> tuple[torch.Tensor | None, list[int]]:
+    """(tokens of the texts the tokenizer takes, indices of those it refuses). All in one call, as a rule;
+    text by text only after that call failed: a tokenizer's failure is a text's, never the run's."""
+    try:
+        return (tokenizer(texts) if texts else None), []
+    except Exception:
+        taken, refused = [], []
+        for i, text in enumerate(texts):
+            try:
+                taken.append(tokenizer([text])[0])
+            except Exception:
+                refused.append(i)
+        return (torch.stack(taken) if taken else None), refused
 
 
 def _captions(raw: dict) -> tuple[list[str], dict]:

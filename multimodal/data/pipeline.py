@@ -29,7 +29,15 @@ from braceexpand import braceexpand
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from multimodal.data.decode import IMAGE_KEYS, MAX_IMAGE_PIXELS, decode_image, decode_sample, image_size, read_sample
+from multimodal.data.decode import (
+    IMAGE_KEYS,
+    MAX_IMAGE_PIXELS,
+    decode_checked,
+    decode_image,
+    decode_sample,
+    read_sample,
+    tokenize,
+)
 from multimodal.data.faults import BadSample, FaultCounter, bad_sample_count
 from multimodal.data.pixels import TrainCrop, decodable_on_device, pack
 from multimodal.data.shards import MANIFEST
@@ -108,12 +116,9 @@ def read_labelled(urls: list[str], on_error: Callable[[Exception], bool] = wds.w
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None or "cls" not in raw:
             continue
-        size = image_size(raw[image_key])
-        if size is None or size[0] * size[1] > MAX_IMAGE_PIXELS:
-            continue
         try:
             label = int(raw["cls"].decode("utf-8").strip())
-            image = decode_image(raw[image_key], min_side)
+            image = decode_checked(raw[image_key], min_side)
         except (ValueError, BadSample):
             continue
         yield raw["__key__"], image, label
@@ -123,13 +128,10 @@ def fetch_images(url: str, keys: set[str]) -> dict[str, Image.Image]:
     """The images of the samples `keys` of one shard, decoding nothing else."""
     found = {}
     for raw in tarfile_samples([url], handler=wds.warn_and_continue):
-        if raw["__key__"] in keys:
-            image_key = next((k for k in IMAGE_KEYS if k in raw), None)
-            size = image_size(raw[image_key]) if image_key else None
-            if size is None or size[0] * size[1] > MAX_IMAGE_PIXELS:
-                continue
+        image_key = next((k for k in IMAGE_KEYS if k in raw), None)
+        if raw["__key__"] in keys and image_key is not None:
             try:
-                found[raw["__key__"]] = decode_image(raw[image_key])
+                found[raw["__key__"]] = decode_checked(raw[image_key])
             except BadSample:
                 continue
             if len(found) == len(keys):
@@ -273,19 +275,12 @@ class ImageTextStream(IterableDataset):
         return batch
 
     def _tokens(self, ready: list[_Ready]) -> tuple[torch.Tensor | None, list[_Ready]]:
-        """The captions of `ready` tokenised together, or (rare) None and the samples whose captions
-        the tokenizer takes one by one: a caption it refuses is an unreadable caption, counted."""
-        try:
-            return self.tokenizer([r.caption for r in ready]), ready
-        except Exception:  # the tokenizer's own failures, whatever they are: never the run's
-            kept = []
-            for r in ready:
-                try:
-                    self.tokenizer([r.caption])
-                    kept.append(r)
-                except Exception:
-                    self.faults.add("unreadable caption", r.url, r.key, "the tokenizer refused it")
-            return None, kept
+        """The captions of `ready` tokenised together, or (rare) None and the samples whose captions the
+        tokenizer took: one it refuses is an unreadable caption, counted, and the batch reads on."""
+        tokens, refused = tokenize(self.tokenizer, [r.caption for r in ready])
+        for i in refused:
+            self.faults.add("unreadable caption", ready[i].url, ready[i].key, "the tokenizer refused it")
+        return (None, [r for i, r in enumerate(ready) if i not in refused]) if refused else (tokens, ready)
 
     def _batches(self, raw_samples: Iterator[dict], worker: int, consumed: int) -> Iterator[dict]:
         ready, read, bad_in_a_row = [], 0, 0

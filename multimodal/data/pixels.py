@@ -2,10 +2,11 @@
 
 Training (open_clip's RandomResizedCrop, scale 0.9-1, bicubic): each sample's box is drawn in the
 pixels of the full-size image, whose size its header gives, as RandomResizedCrop draws it on a
-full-size PIL image, from the sample's own seed. Two places turn the JPEG bytes and the box into (3, S, S) uint8 pixels:
+full-size PIL image, from the sample's own seed. Two places turn the JPEG bytes and the box into
+(3, S, S) uint8 pixels:
 
 - a DataLoader worker (`data.decode: cpu`): libjpeg-turbo decodes at the smallest DCT scale n/8
-  that keeps both sides at least S (`pipeline.decode_jpeg_pixels`), the box is scaled with it, and
+  that keeps both sides at least S (`decode.decode_jpeg_pixels`), the box is scaled with it, and
   torch's antialiased bicubic kernel resamples the crop;
 - the training device (`data.decode: gpu`): the worker sends the bytes and the box; the batch's JPEGs
   are decoded together by `torchvision.io.decode_jpeg(device=...)` (nvJPEG on CUDA, libjpeg-turbo on
@@ -18,6 +19,7 @@ is `EvalTransform`, from DCT-scaled pixels too. Normalisation always happens on 
 """
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,12 +36,24 @@ from multimodal.errors import UserError
 Box = tuple[int, int, int, int]  # (top, left, height, width), in pixels of the image it applies to
 
 
+JPEG_COLOURS_ON_DEVICE = ("YCbCr", "Gray")  # CMYK and YCCK JPEGs are decoded by the workers
+MAX_ASPECT = 4  # evaluation keeps at most the middle 4:1 of longer images (the centre crop is 1:1)
+
+
 class Draws(Protocol):
+    """Where random boxes come from: `random.Random`, or torch's generator in torchvision's order."""
+
     def uniform(self, a: float, b: float) -> float: ...
 
     def randint(self, a: int, b: int) -> int: ...
-JPEG_COLOURS_ON_DEVICE = ("YCbCr", "Gray")  # CMYK and YCCK JPEGs are decoded by the workers
-MAX_ASPECT = 4  # evaluation keeps at most the middle 4:1 of longer images (the centre crop is 1:1)
+
+
+def chw(image: "np.ndarray | Image.Image | torch.Tensor") -> torch.Tensor:
+    """(3, H, W) uint8 from a PIL image, an (H, W, 3) uint8 array (our decoders' arrays are writable,
+    as torch wants them) or a (3, H, W) tensor, which is returned as it is."""
+    if isinstance(image, Image.Image):
+        image = np.array(image.convert("RGB") if image.mode != "RGB" else image)
+    return torch.from_numpy(image).permute(2, 0, 1) if isinstance(image, np.ndarray) else image
 
 
 @dataclass(frozen=True)
@@ -80,10 +94,7 @@ class TrainCrop:
         `image` is (H, W, 3) uint8 (an array or a PIL image) or (3, H, W) uint8 on any device. When it
         was decoded smaller than the full image (`full_size`, (width, height)), the box is scaled too.
         """
-        if isinstance(image, Image.Image):
-            image = np.array(image.convert("RGB") if image.mode != "RGB" else image)
-        if isinstance(image, np.ndarray):
-            image = torch.from_numpy(image).permute(2, 0, 1)  # arrays from our decoders are writable
+        image = chw(image)
         if full_size is not None:
             box = scale_box(box, full_size, (image.shape[2], image.shape[1]))
         top, left, height, width = box
@@ -124,9 +135,7 @@ class EvalTransform:
     def pixels(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
         """(3, size, size) uint8 from (H, W, 3) uint8 (an array or a PIL image), decoded at any size
         whose shorter side is at least `size` (`decode.decode_image(data, min_side=size)`)."""
-        if isinstance(image, Image.Image):
-            image = np.array(image.convert("RGB") if image.mode != "RGB" else image)
-        pixels = torch.from_numpy(image).permute(2, 0, 1)
+        pixels = chw(image)
         h, w = pixels.shape[1:]
         if max(h, w) > MAX_ASPECT * min(h, w):  # only the middle: a 1 x 10^7 image must not become 224 x 10^9
             keep = MAX_ASPECT * min(h, w)
@@ -143,17 +152,19 @@ class EvalTransform:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) uint8 -> float32 normalised, on the pixels' device."""
-        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1)
-        return normalize(pixels, mean, std)
+        return normalize(pixels, self.mean, self.std)
 
     def __call__(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
         return self.normalize(self.pixels(image)[None])[0]
 
 
-def normalize(pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 pixels -> float32 normalised as open_clip's transforms do: (x / 255 - mean) / std."""
-    return pixels.float().mul_(1 / (255 * std)).sub_(mean / std)  # in place: one pass, one allocation
+def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(B, 3, H, W) uint8 pixels -> float32 normalised as open_clip's transforms do: (x / 255 - mean) / std.
+    Channel by channel with Python numbers: no statistics tensor to copy to the device, one allocation."""
+    out = pixels.float()
+    for c, (m, s) in enumerate(zip(mean, std)):
+        out[:, c].mul_(1 / (255 * s)).sub_(m / s)
+    return out
 
 
 def decodable_on_device(data: bytes, colourspace: str) -> bool:
@@ -206,28 +217,25 @@ def finish_batch(batch: dict, crop: TrainCrop, device: torch.device) -> dict:
     caption and key) takes its place: every rank keeps the batch size that the gathered loss needs.
     """
     jpegs = unpack(batch.pop("jpeg"), batch.pop("jpeg_lengths"))
-    boxes = batch.pop("jpeg_boxes")
     pixels: list[torch.Tensor | None] = []
-    bad: dict[str, int] = {}
-    for data, image, box in zip(jpegs, decode_jpegs(jpegs, device), boxes):
+    bad: Counter = Counter()
+    for data, image, box in zip(jpegs, decode_jpegs(jpegs, device), batch.pop("jpeg_boxes")):
         try:
             if isinstance(image, Exception):
                 image = decode_image(data.numpy().tobytes())  # a full-size PIL image, or BadSample
             pixels.append(crop.pixels(image, box).to(device, non_blocking=True))
         except BadSample as exc:
-            bad[exc.kind] = bad.get(exc.kind, 0) + 1
+            bad[exc.kind] += 1
             pixels.append(None)
-    worker_pixels = list(batch["image"].unbind())
-    good = [i for i, p in enumerate(pixels + worker_pixels) if p is not None]
     if bad:
+        everyone = pixels + list(batch["image"].unbind())
+        good = [i for i, p in enumerate(everyone) if p is not None]
         if not good:
             raise UserError("No image of a whole training batch could be decoded: check the shards.")
-        for i in (i for i, p in enumerate(pixels) if p is None):
+        for i in [i for i, p in enumerate(pixels) if p is None]:
             copy = good[i % len(good)]
-            pixels[i] = (pixels + worker_pixels)[copy]
-            batch["text"][i] = batch["text"][copy]
-            batch["keys"][i] = batch["keys"][copy]
-        batch["bad"] = {**batch.get("bad", {}), **{k: batch.get("bad", {}).get(k, 0) + n for k, n in bad.items()}}
+            pixels[i], batch["text"][i], batch["keys"][i] = everyone[copy], batch["text"][copy], batch["keys"][copy]
+        batch["bad"] = dict(Counter(batch.get("bad", {})) + bad)
         batch["skipped"] = batch.get("skipped", 0) + sum(bad.values())
     batch["image"] = torch.cat([torch.stack(pixels), batch["image"]]) if pixels else batch["image"]
     return batch

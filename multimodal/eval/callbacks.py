@@ -33,7 +33,7 @@ class EmbedModule(pl.LightningModule):
     def predict_dataloader(self) -> DataLoader:
         dataset = self.make_dataset(self.trainer.global_rank, self.trainer.world_size)
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          prefetch_factor=4 if self.num_workers else None, persistent_workers=False)
+                          prefetch_factor=4 if self.num_workers else None)
 
     def predict_step(self, batch: dict, batch_idx: int):
         images = batch["images"]

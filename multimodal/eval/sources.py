@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from multimodal.data.decode import MAX_IMAGE_PIXELS, decode_image, image_size
+from multimodal.data.decode import decode_checked, tokenize
 from multimodal.data.faults import BadSample
 from multimodal.data.pipeline import count_samples, expand_urls, read_samples
 from multimodal.data.pixels import EvalTransform
@@ -35,17 +35,14 @@ class Item:
 
 def read_image_file(path: Path, min_side: int | None = None) -> Image.Image | np.ndarray | None:
     """An image file as `decode.decode_image` gives it, or None, with a line saying why it was skipped:
-    unreadable, or more than MAX_IMAGE_PIXELS pixels declared (refused before decoding)."""
+    unreadable, not an image, or more than MAX_IMAGE_PIXELS pixels declared (refused before decoding)."""
     try:
-        data = path.read_bytes()
-        size = image_size(data)
-        if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-            print(f"skipping {path}: {size[0]} x {size[1]} pixels, more than {MAX_IMAGE_PIXELS:,}")
-            return None
-        return decode_image(data, min_side)
-    except (OSError, BadSample):
-        print(f"skipping unreadable image {path}")
-        return None
+        return decode_checked(path.read_bytes(), min_side)
+    except OSError as exc:
+        print(f"skipping {path}: {exc.strerror or exc}")
+    except BadSample as bad:
+        print(f"skipping {path}: {bad.kind}")
+    return None
 
 
 class Source:
@@ -163,16 +160,10 @@ class EmbedBatches(IterableDataset):
 
     def _tokens(self, texts: list[str], rows: list[dict]) -> tuple[torch.Tensor | None, list[dict]]:
         """The texts tokenised together; (rare) one the tokenizer refuses is left out with its row."""
-        try:
-            return (self.tokenizer(texts) if texts else None), rows
-        except Exception:  # the tokenizer's own failures: a text left out, never the run
-            kept = []
-            for text, row in zip(texts, rows):
-                try:
-                    kept.append((self.tokenizer([text])[0], row))
-                except Exception:
-                    print(f"skipping a text the tokenizer refuses: {text[:60]!r}")
-            return (torch.stack([t for t, _ in kept]) if kept else None), [r for _, r in kept]
+        tokens, refused = tokenize(self.tokenizer, texts)
+        for i in refused:
+            print(f"skipping a text the tokenizer refuses: {texts[i][:60]!r}")
+        return tokens, [row for i, row in enumerate(rows) if i not in refused]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
