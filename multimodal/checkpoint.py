@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from pytorch_lightning.plugins import TorchCheckpointIO
 
-from multimodal.errors import UserError
+from multimodal.errors import UserError, first_line
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -45,7 +45,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     except BaseException as exc:
         partial.unlink(missing_ok=True)
         if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower()):
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:120]
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc, 120)
             previous = "the previous checkpoint there is intact" if path.is_file() else "no checkpoint was there yet"
             raise UserError(f"Writing the checkpoint {path} failed ({reason}); {previous}. Make room on that "
                             "disk (or write checkpoints elsewhere), then continue the run with --resume.") from exc
@@ -79,9 +79,57 @@ def check_loadable(path: str | os.PathLike, what: str = "checkpoint") -> None:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"The {what} {path} does not exist: pass an existing .ckpt file or run folder.")
+    if path.stat().st_size == 0:
+        raise UserError(f"The {what} {path} is empty (0 bytes), as a write that never finished leaves it: pass "
+                        "another checkpoint.")
     try:
         torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"The {what} {path} cannot be loaded safely as a checkpoint (tensors and plain values "
-                        f"only): {first[:200]}; pass a checkpoint written by `multimodal train`.") from None
+                        f"only): {first_line(exc, 200)}; pass a checkpoint written by `multimodal train`.") from None
+
+
+def check_resumable(path: str | os.PathLike, module: torch.nn.Module) -> None:
+    """Refuse, before a run starts, a checkpoint it cannot continue from: a file that is not a
+    Lightning checkpoint (a bare state dict), or one whose weights do not fit the run's model."""
+    check_loadable(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) \
+            or "pytorch-lightning_version" not in ckpt:
+        raise UserError(f"{path} is not the checkpoint of a Lightning run (a bare state dict, perhaps): resume from "
+                        "a run folder or a checkpoint written by `multimodal train`.")
+    own, theirs = module.state_dict(), ckpt["state_dict"]
+    missing, extra = sorted(own.keys() - theirs.keys()), sorted(theirs.keys() - own.keys())
+    resized = sorted(k for k in own.keys() & theirs.keys() if tuple(own[k].shape) != tuple(theirs[k].shape))
+    if missing or extra or resized:
+        if resized:
+            detail = f"{resized[0]} is {tuple(theirs[resized[0]].shape)} there, {tuple(own[resized[0]].shape)} here"
+        else:
+            detail = f"{len(missing)} weights missing, {len(extra)} unknown, such as {(missing or extra)[0]}"
+        trained = (ckpt.get("hyper_parameters") or {}).get("model_name")
+        raise UserError(f"The checkpoint {path} does not match this run's model ({detail}): resume with the config "
+                        f"it was trained with{f' (model.model_name {trained})' if trained else ''}.")
+
+
+def resume_finished_epoch_at_the_next(checkpoint: dict) -> None:
+    """Rewrite the loop state of a checkpoint written on an epoch's last training step (ModelCheckpoint's
+    `every_n_train_steps` dividing the epoch, or a kill right after) into the start of the next epoch.
+
+    Lightning 2.6 restores such a checkpoint as "mid-epoch, last batch done", marks the epoch finished,
+    and then still runs the rest of it as the next epoch, with no batches: a run resumed from it
+    trains one epoch fewer than an uninterrupted one (tests/test_resume.py). As the start of the next
+    epoch, the resumed run trains every epoch, and its data stream begins that epoch afresh.
+    """
+    fit = (checkpoint.get("loops") or {}).get("fit_loop") or {}
+    epochs, batches = fit.get("epoch_progress"), fit.get("epoch_loop.batch_progress")
+    if not (isinstance(epochs, dict) and isinstance(batches, dict) and batches.get("is_last_batch")):
+        return
+    total = epochs["total"]
+    mid_epoch = total["ready"] == total["started"] == total["processed"] + 1 == total["completed"] + 1
+    if not mid_epoch:
+        return
+    for progress in (epochs["total"], epochs["current"]):
+        progress["processed"] = progress["completed"] = progress["started"]
+    batches["total"]["completed"] = batches["total"]["processed"]
+    batches["current"] = {key: 0 for key in batches["current"]}
+    batches["is_last_batch"] = False

@@ -25,6 +25,7 @@ import torch
 
 from multimodal import distributed
 from multimodal.accumulate import cached_step
+from multimodal.checkpoint import resume_finished_epoch_at_the_next
 from multimodal.distributed import max_over_ranks_
 from multimodal.errors import UserError
 from multimodal.eval.embed import collect
@@ -217,6 +218,7 @@ class CLIPModule(pl.LightningModule):
         scalar_state(checkpoint.get("state_dict", {}))  # (1,) under FSDP: saved as open_clip's ()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        resume_finished_epoch_at_the_next(checkpoint)  # before Lightning restores its loops from it
         states = checkpoint.get("rng_states")
         if states and len(states) == self.trainer.world_size:
             set_rng_states(states[self.trainer.global_rank])

@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from multimodal.errors import UserError  # noqa: E402
+from multimodal.errors import UserError, reading, writing  # noqa: E402
 
 PANELS = (
     ("loss", ("train/loss", "val/loss")),
@@ -28,11 +28,20 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
     if not csv_path.is_file():
         raise UserError(f"No metrics.csv at {path}: pass a run folder such as runs/demo/version_0.")
     series: dict[str, list[tuple[int, float]]] = {}
-    with csv_path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            for key, value in row.items():
-                if key not in ("step", "epoch") and value not in ("", None):
-                    series.setdefault(key, []).append((int(row["step"]), float(value)))
+    with reading(csv_path), csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if "step" not in (reader.fieldnames or []):
+            raise UserError(f"{csv_path} has no 'step' column: pass the metrics.csv of a run's CSVLogger.")
+        for row in reader:
+            try:
+                step = int(row["step"])
+                values = [(key, float(value)) for key, value in row.items()
+                          if key not in ("step", "epoch") and isinstance(value, str) and value]
+            except (TypeError, ValueError):
+                raise UserError(f"{csv_path} line {reader.line_num} is not a row of numbers: remove it, or plot "
+                                "another run.") from None
+            for key, value in values:
+                series.setdefault(key, []).append((step, value))
     if not series:
         raise UserError(f"{csv_path} holds no metrics yet.")
     return series
@@ -59,6 +68,7 @@ def plot_run(path: Path, out: Path | None = None) -> Path:
         ax.axis("off")
     fig.tight_layout()
     out = out or (path if path.is_dir() else path.parent) / "curves.png"
-    fig.savefig(out, dpi=110)
+    with writing(out):
+        fig.savefig(out, dpi=110)
     plt.close(fig)
     return out

@@ -20,11 +20,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from multimodal import arch
-from multimodal.errors import UserError
+from multimodal.errors import UserError, first_line
 from multimodal.model import CLIP, create_model
 
 LIGHTNING_PREFIX = "model.towers."
 STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def _torch_load(path: Path) -> dict:
@@ -32,9 +33,9 @@ def _torch_load(path: Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(f"{path} holds objects other than tensors and plain values, which are never loaded "
-                        f"(weights_only=True): {str(exc).splitlines()[0]}") from None
+                        f"(weights_only=True): {first_line(exc)}") from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(exc).splitlines()[0]}).") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(exc)}).") from None
 
 
 def _mismatch(path: Path, name: str, exc: Exception) -> UserError:
@@ -50,6 +51,9 @@ def _check_file(path: Path) -> None:
     if path.suffix != ".ckpt" and path.suffix not in STATE_DICT_SUFFIXES:
         raise UserError(f"{path} has an unknown checkpoint type: use a Lightning .ckpt or an open_clip "
                         f"state dict ({', '.join(STATE_DICT_SUFFIXES)}).")
+    if path.stat().st_size == 0:
+        raise UserError(f"Checkpoint {path} is empty (0 bytes), as a write that never finished leaves it: pass "
+                        "another checkpoint.")
 
 
 def _lightning_towers(path: Path) -> tuple[dict, dict]:
@@ -97,7 +101,7 @@ def load_weights(model: CLIP, checkpoint: str | Path, name: str) -> None:
         open_clip.load_checkpoint(model.towers, str(path), strict=True, weights_only=True)
     except pickle.UnpicklingError as exc:
         raise UserError(f"{path} holds objects other than tensors and plain values, which are never loaded "
-                        f"(weights_only=True): {str(exc).splitlines()[0]}") from None
+                        f"(weights_only=True): {first_line(exc)}") from None
     except (RuntimeError, KeyError, ValueError, AssertionError, SafetensorError, EOFError) as exc:
         raise _mismatch(path, name, exc) from None
 
@@ -128,10 +132,10 @@ def export(model: CLIP, model_name: str, out: Path) -> list[Path]:
     tmp = out.with_name(out.name + ".tmp")
     if out.suffix == ".safetensors":
         save_file(state_dict, str(tmp))
-    elif out.suffix in (".pt", ".pth", ".bin"):
+    elif out.suffix in EXPORT_SUFFIXES:
         torch.save(state_dict, tmp)
     else:
-        raise UserError(f"--out {out} must end in .safetensors, .pt, .pth or .bin.")
+        raise UserError(f"--out {out} must end in {', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]}.")
     tmp.replace(out)
     written = [out]
     own = model_name.endswith(".json") or model_name in arch.project_models()

@@ -59,6 +59,14 @@ def bad_coco(tmp_path: Path) -> list[str]:
             str(tmp_path / "out")]
 
 
+def user_shard_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "shard-000000.tar").write_bytes(b"\0" * 1024)
+    (folder / "notes.txt").write_text("the user's own")
+    return folder
+
+
 BAD_INPUTS = {
     "missing shard": (lambda t: ["train", "--config", DEBUG, "--data.synthetic", "null",
                                  "--data.train_shards", f"{t}/shard-{{000000..000003}}.tar"], "does not exist"),
@@ -100,6 +108,9 @@ BAD_INPUTS = {
                                          "--out", f"{t}/o"], "does not exist"),
     "csv without header": (lambda t: ["shards", "csv", "--csv", DEBUG, "--images", str(t),
                                       "--out", f"{t}/o"], "needs a header"),
+    "synthetic data into a user's folder": (lambda t: ["train", "--config", DEBUG,
+                                                       "--data.train_shards", str(user_shard_folder(t))],
+                                            "holds files that are not this project's synthetic data"),
     "missing image folder": (lambda t: ["shards", "csv", "--csv", str(REPO / "tests" / "data" / "two.csv"),
                                         "--images", f"{t}/nope", "--out", f"{t}/o"], "Image folder"),
 }
@@ -126,6 +137,10 @@ def test_bad_input_is_one_sentence_and_nonzero_exit(tmp_path, case, capsys, monk
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and expected in last, stderr[-2000:]
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.ckpt"))
+    empty = [f for f in tmp_path.glob("runs/*/version_*") if not any(f.iterdir())]
+    assert not empty, "a run that fails before writing anything gives its version folder back"
+    if case == "synthetic data into a user's folder":
+        assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt", "shard-000000.tar"]
 
 
 def test_debug_flag_shows_the_traceback(tmp_path):
@@ -146,3 +161,54 @@ def test_two_process_ddp_run_through_the_cli(tmp_path):
     timed = next(r for r in rows if r["train/samples_per_second"])
     assert float(timed["train/samples_per_second"]) == pytest.approx(
         2 * float(timed["train/samples_per_second_per_device"]))
+
+
+def _claim(root: str, start, out) -> None:
+    from multimodal.cli.train import claim_version
+
+    start.wait()
+    out.put(claim_version(Path(root)))
+
+
+def test_runs_started_at_once_claim_different_version_folders(tmp_path):
+    """Three `multimodal train` runs started at once in one folder once all wrote into version_0."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    start, out = context.Event(), context.Queue()
+    (tmp_path / "runs" / "version_0").mkdir(parents=True)
+    procs = [context.Process(target=_claim, args=(str(tmp_path / "runs"), start, out)) for _ in range(6)]
+    for proc in procs:
+        proc.start()
+    start.set()
+    for proc in procs:
+        proc.join(60)
+    assert sorted(out.get(timeout=5) for _ in procs) == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_other_ranks_take_the_version_rank_zero_claimed(tmp_path, monkeypatch):
+    from multimodal.cli.train import CLAIMED, run_version
+
+    root = tmp_path / "runs" / "debug"
+    for var in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", CLAIMED):
+        monkeypatch.delenv(var, raising=False)
+    assert run_version(root) == 0 and run_version(root) == 1  # rank 0 claims afresh each time
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a process Lightning's launcher started: inherits the claim
+    assert run_version(root) == 1
+    monkeypatch.setenv("RANK", "3")  # torchrun's rank 3, without the variable: the latest, claims nothing
+    monkeypatch.delenv(CLAIMED)
+    assert run_version(root) == 1 and sorted(p.name for p in root.iterdir()) == ["version_0", "version_1"]
+
+
+def test_a_metric_that_first_appears_late_gets_its_column(tmp_path):
+    """A first NaN step or a first bad sample of a new kind adds a metric after rows were written: the
+    CSV gets a new column (one writer per folder: the version claim keeps runs apart)."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    logger = CSVLogger(tmp_path, name="run", version=0)
+    logger.log_metrics({"train/loss": 3.0}, step=0)
+    logger.save()
+    logger.log_metrics({"train/loss": 2.0, "train/nonfinite_steps": 1.0}, step=5)
+    logger.save()
+    rows = list(csv.DictReader((tmp_path / "run" / "version_0" / "metrics.csv").open()))
+    assert [r["train/nonfinite_steps"] for r in rows] == ["", "1.0"]

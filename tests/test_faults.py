@@ -84,6 +84,20 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
         decode_sample(BROKEN["oversized image"](), min_side=64, max_pixels=None)
 
 
+def test_image_files_to_embed_get_the_same_size_guard(tmp_path, monkeypatch, capsys):
+    """`embed --images`, `search --image` and `eval zeroshot --images` read files through this guard."""
+    from multimodal.eval.sources import read_image_file
+
+    def decoding(*args, **kwargs):
+        raise AssertionError("the bomb was decoded")
+
+    monkeypatch.setattr(decode, "decode_jpeg_pixels", decoding)
+    monkeypatch.setattr(Image.Image, "convert", decoding)
+    (tmp_path / "bomb.png").write_bytes(bomb())
+    assert read_image_file(tmp_path / "bomb.png", 224) is None
+    assert "oversized image" in capsys.readouterr().out
+
+
 @pytest.fixture
 def http_folder(tmp_path):
     """An HTTP server on localhost for `tmp_path/www`: shards at URLs, some of them missing."""

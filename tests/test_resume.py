@@ -34,16 +34,17 @@ def shards(tmp_path_factory) -> Path:
 
 
 def fit(shards: Path, root: Path, max_steps: int, ckpt: Path | None = None, workers: int = 2,
-        resampled: bool = False) -> tuple[Keys, CLIPModule, pl.Trainer]:
+        resampled: bool = False, max_epochs: int | None = None, every: int | None = None
+        ) -> tuple[Keys, CLIPModule, pl.Trainer]:
     pl.seed_everything(0)
     module = CLIPModule(model_name="tiny", warmup_steps=2, count_flops=False)
     data = ShardDataModule(str(shards), batch_size=BATCH, num_workers=workers, shuffle_buffer=64,
                            resampled=resampled, num_samples=SAMPLES if resampled else None)
     keys = Keys()
-    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=root,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
                          callbacks=[keys, ModelCheckpoint(dirpath=root / "ckpt", save_last=True,
-                                                          every_n_train_steps=max_steps)])
+                                                          every_n_train_steps=every or max_steps)])
     trainer.fit(module, datamodule=data, ckpt_path=ckpt)
     return keys, module, trainer
 
@@ -62,6 +63,19 @@ def test_resumed_epoch_sees_every_sample_once(shards, tmp_path, workers):
     assert sorted(sorted(s) for s in first.steps + second.steps) == sorted(sorted(s) for s in whole.steps)
     if workers == 0:
         assert [sorted(s) for s in first.steps + second.steps] == [sorted(s) for s in whole.steps]
+
+
+def test_resume_from_the_last_batch_of_an_epoch_loses_no_epoch(shards, tmp_path):
+    """A checkpoint written on an epoch's last step (every_n_train_steps dividing the epoch) resumes at
+    the next epoch: Lightning 2.6 alone would count the finished epoch twice and train one fewer."""
+    epoch = SAMPLES // BATCH
+    whole, _, uninterrupted = fit(shards, tmp_path / "whole", max_steps=-1, max_epochs=3, workers=0, every=epoch)
+    first, _, _ = fit(shards, tmp_path / "run", max_steps=epoch, workers=0)
+    second, _, trainer = fit(shards, tmp_path / "run", max_steps=-1, max_epochs=3, workers=0, every=epoch,
+                             ckpt=tmp_path / "run" / "ckpt" / "last.ckpt")
+    assert uninterrupted.global_step == 3 * epoch
+    assert trainer.global_step == 3 * epoch and trainer.current_epoch == uninterrupted.current_epoch
+    assert first.steps + second.steps == whole.steps  # the same epochs, the same order
 
 
 def test_resume_restores_optimizer_scheduler_and_random_state(shards, tmp_path):

@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message(exc)}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the user named that no check above caught: still one sentence
+        if debug or not exc.filename:
+            raise
+        print(f"error: {exc.filename} cannot be used ({exc.strerror or exc}): check the path and its "
+              "permissions.", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from multimodal import arch, weights
-from multimodal.errors import UserError
+from multimodal.errors import UserError, check_output, read_json, writing
 from multimodal.eval import zeroshot
 from multimodal.eval.callbacks import EmbeddingWriter, EmbedModule
 from multimodal.eval.embed import PartWriter, autocast, default_device, embed_shards, load_folder
@@ -33,10 +33,12 @@ def export(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output file: .safetensors (default) or .pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
+    check_output(args.out, "--out", "file", weights.EXPORT_SUFFIXES)
     if args.out.exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists: pass --overwrite to replace it, or choose another --out.")
     model, name = weights.load_model(args.checkpoint, args.model)
-    written = weights.export(model, name, args.out)
+    with writing(args.out):
+        written = weights.export(model, name, args.out)
     for path in written:
         print(f"Wrote {path}")
     if len(written) > 1:
@@ -80,6 +82,7 @@ def embed(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     for name in ("batch_size", "part_size", "devices"):
         _positive(name.replace("_", "-"), getattr(args, name))
+    check_output(args.out, "--out", "folder")
     source = _source(args)
     model, name = weights.load_model(args.checkpoint, args.model)
     info = {"model": name, "checkpoint": str(args.checkpoint.resolve()), "dtype": args.dtype,
@@ -115,7 +118,7 @@ def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
     """Resume only a folder written by the same model, source and settings."""
     existing = out / "info.json"
     if existing.is_file():
-        old = json.loads(existing.read_text())
+        old = read_json(existing, "pass --overwrite to start afresh, or choose another --out")
         if old != info and not overwrite:
             changed = sorted(k for k in info if old.get(k) != info[k])
             raise UserError(f"{out} holds embeddings made with other settings ({', '.join(changed)}): "
@@ -126,14 +129,16 @@ def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
                     shutil.rmtree(out / f"{kind}_{sub}", ignore_errors=True)
     elif out.exists() and any(out.iterdir()) and not overwrite:
         raise UserError(f"{out} is not empty and is not an embedding folder: choose another --out.")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+    with writing(out / "info.json"):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
 
 
 def _write_result(result: dict, out: Path | None) -> None:
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1) + "\n")
+        with writing(out):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(result, indent=1) + "\n")
         print(f"Wrote {out}")
 
 
@@ -152,6 +157,8 @@ def eval_retrieval(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     for name in ("batch_size", "chunk_size"):
         _positive(name.replace("_", "-"), getattr(args, name))
+    if args.out is not None:
+        check_output(args.out, "--out", "file", (".json",))
     if bool(args.shards) == bool(args.embeddings):
         raise UserError("Pass either --shards (with --checkpoint) or --embeddings.")
     if args.shards:
@@ -187,6 +194,8 @@ def eval_zeroshot(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     args = parser.parse_args(argv)
     _positive("batch-size", args.batch_size)
+    if args.out is not None:
+        check_output(args.out, "--out", "file", (".json",))
     if bool(args.shards) == bool(args.images):
         raise UserError("Pass either --shards or --images.")
     templates = zeroshot.read_templates(args.templates)

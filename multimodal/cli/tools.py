@@ -1,17 +1,20 @@
 """`multimodal search` and `multimodal plot`: looking at what a model finds and how a run went."""
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from multimodal import arch, weights
-from multimodal.errors import UserError
-from multimodal.eval.embed import load_folder
+from multimodal.data.decode import decode_checked
+from multimodal.data.faults import BadSample
+from multimodal.errors import UserError, check_output, reading, writing
+from multimodal.eval.embed import load_folder, read_info
 from multimodal.eval.search import contact_sheet, first_captions, load_images, top_k
 from multimodal.plot import plot_run
+
+GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 def search(argv: list[str]) -> int:
@@ -30,8 +33,12 @@ def search(argv: list[str]) -> int:
         raise UserError("Pass exactly one query: --text or --image.")
     if args.k <= 0:
         raise UserError(f"--k must be a positive integer, got {args.k}.")
+    if args.grid is not None:
+        check_output(args.grid, "--grid", "file", GRID_SUFFIXES)
+    if args.image is not None:
+        query_image = _query_image(args.image)
+    info = read_info(args.index)
     emb = load_folder(args.index)
-    info = json.loads((args.index / "info.json").read_text())
     target = args.target or ("images" if emb.image_features.shape[0] else "texts")
     candidates = emb.image_features if target == "images" else emb.text_features
     if candidates.shape[0] == 0:
@@ -43,10 +50,7 @@ def search(argv: list[str]) -> int:
         if args.text:
             query = model.encode_text(arch.tokenizer(name)([args.text]))[0]
         else:
-            if not args.image.is_file():
-                raise UserError(f"Query image {args.image} does not exist.")
-            with Image.open(args.image) as image:
-                query = model.encode_image(arch.eval_transform(name)(image)[None])[0]
+            query = model.encode_image(arch.eval_transform(name)(query_image)[None])[0]
     if query.shape[0] != candidates.shape[1]:
         raise UserError(f"The model gives {query.shape[0]}-d embeddings but {args.index} holds "
                         f"{candidates.shape[1]}-d ones: pass the --checkpoint the folder was made with.")
@@ -64,10 +68,24 @@ def search(argv: list[str]) -> int:
         images = load_images(emb, [row for row, _ in hits])
         title = f'"{args.text}"' if args.text else f"like {args.image.name}"
         sheet = contact_sheet([(title, [(im, f"{score:.3f}") for im, (_, score) in zip(images, hits)])])
-        args.grid.parent.mkdir(parents=True, exist_ok=True)
-        sheet.save(args.grid)
+        with writing(args.grid):
+            args.grid.parent.mkdir(parents=True, exist_ok=True)
+            sheet.save(args.grid)
         print(f"Wrote {args.grid}")
     return 0
+
+
+def _query_image(path: Path) -> Image.Image:
+    """The --image query, decoded as embedding decodes images (the same size guard), or one sentence."""
+    if not path.is_file():
+        raise UserError(f"Query image {path} does not exist.")
+    with reading(path):
+        data = path.read_bytes()
+    try:
+        return decode_checked(data)
+    except BadSample as bad:
+        raise UserError(f"{path} cannot be read as an image ({bad.kind}): pass a JPEG, PNG or WebP "
+                        "image with --image.") from None
 
 
 def plot(argv: list[str]) -> int:
@@ -75,5 +93,7 @@ def plot(argv: list[str]) -> int:
     parser.add_argument("run", type=Path, help="a run folder (runs/NAME/version_N) or its metrics.csv")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN/curves.png)")
     args = parser.parse_args(argv)
+    if args.out is not None:
+        check_output(args.out, "--out", "file", (".png", ".pdf", ".svg"))
     print(f"Wrote {plot_run(args.run, args.out)}")
     return 0

@@ -1,7 +1,9 @@
 """`multimodal train` and `multimodal demo`: LightningCLI over the module and the DataModule."""
 
+import os
 import re
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -14,9 +16,9 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from multimodal import arch, demo
-from multimodal.checkpoint import AtomicCheckpointIO, check_loadable
+from multimodal.checkpoint import AtomicCheckpointIO, check_loadable, check_resumable
 from multimodal.data.datamodule import ShardDataModule
-from multimodal.errors import UserError
+from multimodal.errors import UserError, writing
 from multimodal.module import CLIPModule
 from multimodal.monitor import RunProgressBar
 
@@ -53,8 +55,7 @@ class TrainCLI(LightningCLI):
             for logger in loggers:  # log on in the resumed run's folder
                 logger.init_args.version = resumed_version[1]
         elif first.get("version") is None:
-            taken = [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
-            version = max(taken, default=-1) + 1
+            version = run_version(root)
             for logger in loggers:
                 if logger.init_args.get("version") is None:
                     logger.init_args.version = version
@@ -87,6 +88,52 @@ class TrainCLI(LightningCLI):
         run = path if path.is_dir() else ckpt.parent.parent
         match = re.fullmatch(r"version_(\d+)", run.name)
         return (run.parent, int(match.group(1))) if match else None
+
+
+CLAIMED = "MULTIMODAL_RUN_VERSION"  # "ROOT|N": the version rank 0 claimed, inherited by the ranks it launches
+
+
+def _launched_as_rank_zero() -> bool:
+    """Whether this process is global rank 0 as its launcher started it: torchrun sets RANK, SLURM's srun
+    SLURM_PROCID, Lightning's own launcher LOCAL_RANK (and NODE_RANK) in the processes it starts."""
+    env = os.environ
+    if "RANK" in env:
+        return env["RANK"] == "0"
+    if env.get("LOCAL_RANK", "0") != "0" or env.get("NODE_RANK", "0") != "0":
+        return False
+    return env.get("SLURM_PROCID", "0") == "0"
+
+
+def _taken(root: Path) -> list[int]:
+    return [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+
+
+def claim_version(root: Path) -> int:
+    """The next free `root/version_N`, claimed by creating it: `mkdir` either creates the folder or
+    fails because it exists, atomically, so runs started at the same moment get different folders."""
+    root.mkdir(parents=True, exist_ok=True)
+    version = max(_taken(root), default=-1) + 1
+    while True:
+        try:
+            (root / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
+
+
+def run_version(root: Path) -> int:
+    """The version folder of a new run: claimed by rank 0; the other ranks of the run take the same one
+    (inherited from a rank 0 that launched them, else the latest: Lightning broadcasts rank 0's log
+    folder to them wherever it matters, and only rank 0 writes there)."""
+    if _launched_as_rank_zero():
+        with writing(root):
+            version = claim_version(root)
+        os.environ[CLAIMED] = f"{root}|{version}"
+        return version
+    claimed_root, _, claimed = os.environ.get(CLAIMED, "").rpartition("|")
+    if claimed_root == str(root) and claimed.isdigit():
+        return int(claimed)
+    return max(_taken(root), default=0)
 
 
 # Lightning's warnings about our deliberate choices: args passed from Python, two loggers sharing
@@ -157,8 +204,29 @@ def _atomic_checkpoints(trainer) -> None:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
 
+@contextmanager
+def _released_on_failure():
+    """A run that fails before writing anything gives its claimed version folder back."""
+    before = os.environ.get(CLAIMED)
+    try:
+        yield
+    except BaseException:
+        root, _, version = os.environ.get(CLAIMED, "").rpartition("|")
+        folder = Path(root) / f"version_{version}"
+        if os.environ.get(CLAIMED) != before and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
 def train(argv: list[str]) -> int:
+    with _released_on_failure():
+        return _train(argv)
+
+
+def _train(argv: list[str]) -> int:
     cli = _train_cli(argv)
+    if cli.config.get("ckpt_path"):
+        check_resumable(cli.config.ckpt_path, cli.model)
     if cli.config.get("resume"):
         _keep_csv_metrics(cli.trainer)
     _atomic_checkpoints(cli.trainer)
@@ -167,6 +235,11 @@ def train(argv: list[str]) -> int:
 
 
 def run_demo(argv: list[str]) -> int:
+    with _released_on_failure():
+        return _run_demo(argv)
+
+
+def _run_demo(argv: list[str]) -> int:
     cli = _train_cli(["--config", str(arch.CONFIG_DIR / "demo.yaml"), *argv])
     _atomic_checkpoints(cli.trainer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)

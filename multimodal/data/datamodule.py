@@ -24,7 +24,7 @@ from multimodal.data.pipeline import (
     seeded,
 )
 from multimodal.data.pixels import finish_batch
-from multimodal.data.shards import MANIFEST, write_synthetic
+from multimodal.data.shards import ensure_synthetic
 from multimodal.data.synthetic import SyntheticData
 from multimodal.errors import UserError
 from multimodal.eval.sources import EmbedBatches, ShardSource
@@ -95,16 +95,16 @@ class ShardDataModule(pl.LightningDataModule):
         if self.synthetic is None:
             return
         s = self.synthetic
-        for folder, count, first in ((self.train_shards, s.train_samples, 0),
-                                     (self.val_shards, s.val_samples, s.train_samples)):
-            if folder and count and not (Path(folder) / MANIFEST).is_file():
-                write_synthetic(Path(folder), count, s.shard_size, s.image_size, s.seed, first_index=first)
+        for option, folder, count, first in (("data.train_shards", self.train_shards, s.train_samples, 0),
+                                             ("data.val_shards", self.val_shards, s.val_samples, s.train_samples)):
+            if folder and count:
+                ensure_synthetic(Path(folder), count, s.shard_size, s.image_size, s.seed, first, option)
 
     def resume_from(self, position: dict) -> None:
         """The stream position saved in a checkpoint (CLIPModule.on_save_checkpoint), for the next train_dataloader."""
         self._resume = position
 
-    def _resume_args(self, rank: int, world: int) -> dict:
+    def _resume_args(self, rank: int, world: int, num_batches: int) -> dict:
         """ImageTextStream arguments that continue the saved position, once.
 
         Shards read in order: the epoch continues where it stopped, every worker skipping the samples
@@ -119,6 +119,9 @@ class ShardDataModule(pl.LightningDataModule):
             return {"first_epoch": epoch, "seed": seeded(self.seed, position["global_step"]).getrandbits(31)}
         if position["epoch"] != epoch:  # saved at an epoch's end: the next epoch starts afresh
             return {"first_epoch": epoch}
+        if position["world_size"] == world and rank < len(position["ranks"]) and \
+                sum(WorkerProgress(*p).batches for p in position["ranks"][rank].values()) >= num_batches:
+            return {"first_epoch": epoch + 1}  # saved on the epoch's last step: the next one starts afresh
         workers = max(1, self.num_workers)
         if position["world_size"] != world or position["num_workers"] != workers:
             raise UserError(f"The checkpoint stopped mid-epoch with {position['world_size']} devices x "
@@ -143,7 +146,7 @@ class ShardDataModule(pl.LightningDataModule):
         if num_batches == 0:
             raise UserError(f"{total} training samples do not fill one global batch of {self.batch_size} x {world} "
                             "devices: lower data.batch_size.")
-        resume = self._resume_args(rank, world)
+        resume = self._resume_args(rank, world, num_batches)
         stream = ImageTextStream(
             urls, crop=self.crop, tokenizer=arch.tokenizer(self.model_name), decode_on_device=self._decode_on_device(),
             batch_size=self.batch_size, num_batches=num_batches, position=StreamPosition(rank, world),

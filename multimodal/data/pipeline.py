@@ -15,7 +15,6 @@ previous one (`batch["bad"]`, `batch["skipped"]`).
 """
 
 import glob
-import json
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from multimodal.data.decode import (
 )
 from multimodal.data.faults import BadSample, FaultCounter, bad_sample_count
 from multimodal.data.pixels import TrainCrop, decodable_on_device, pack
-from multimodal.data.shards import MANIFEST
+from multimodal.data.shards import MANIFEST, read_manifest
 from multimodal.data.tario import tarfile_samples
 from multimodal.errors import UserError
 
@@ -90,7 +89,7 @@ def count_samples(urls: list[str]) -> int | None:
         if url.startswith(REMOTE_PREFIXES) or not (path.parent / MANIFEST).is_file():
             return None
         if path.parent not in manifests:
-            manifests[path.parent] = json.loads((path.parent / MANIFEST).read_text())
+            manifests[path.parent] = read_manifest(path.parent / MANIFEST)
         if path.name not in manifests[path.parent]:
             return None
         total += manifests[path.parent][path.name]

@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,10 +24,11 @@ from tqdm import tqdm
 
 from multimodal.data import synthetic
 from multimodal.data.decode import open_image
-from multimodal.errors import UserError
+from multimodal.errors import UserError, check_output, read_json, reading, writing
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 MANIFEST = "sizes.json"
+SYNTHETIC = "synthetic.json"  # beside synthetic shards: the settings that made them
 
 
 @dataclass
@@ -47,10 +49,24 @@ class WriteReport:
         return sum(self.sizes.values())
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create `out_dir`; refuse to mix with earlier shards there unless `overwrite`."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    old = sorted(out_dir.glob("shard-*.tar")) + sorted(out_dir.glob(MANIFEST))
+def _ours(path: Path) -> bool:
+    """Whether `path` is a file that shard writing makes: a shard, a partial shard, a manifest."""
+    return path.is_file() and (path.name in (MANIFEST, SYNTHETIC)
+                               or re.fullmatch(r"shard-\d{6}\.tar(\.tmp)?", path.name) is not None)
+
+
+def prepare_out_dir(out_dir: Path, overwrite: bool, option: str = "--out") -> None:
+    """Create `out_dir`, which must be new, empty or hold only shards; earlier shards there are
+    replaced only when `overwrite`, and a folder holding anything else is never written into."""
+    check_output(out_dir, option, kind="folder")
+    if out_dir.is_dir():
+        others = sorted(p.name for p in out_dir.iterdir() if not _ours(p))
+        if others:
+            raise UserError(f"{option} {out_dir} holds other files than shards ({', '.join(others[:3])}"
+                            f"{', ...' if len(others) > 3 else ''}): choose a new or empty folder.")
+    with writing(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+    old = sorted(p for p in out_dir.iterdir() if _ours(p))
     if old and not overwrite:
         raise UserError(f"{out_dir} already holds shards: pass --overwrite to replace them, or choose another --out.")
     for path in old:
@@ -89,6 +105,15 @@ def write_shards(samples: Iterable[Sample], out_dir: Path, shard_size: int, tota
     if writer is not None:
         close()
     (out_dir / MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n")
+    return sizes
+
+
+def read_manifest(path: Path) -> dict[str, int]:
+    """A `sizes.json`: shard file name -> number of samples."""
+    fix = "delete it, or write the shards again with `multimodal shards`"
+    sizes = read_json(path, fix)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values()):
+        raise UserError(f"{path} is not a shard manifest (shard file name -> number of samples): {fix}.")
     return sizes
 
 
@@ -159,10 +184,7 @@ def read_coco_entries(captions_json: Path) -> list[ImageEntry]:
     """One entry per captioned image of an official COCO captions file, sorted by image id."""
     if not captions_json.is_file():
         raise UserError(f"Captions file {captions_json} does not exist: pass a COCO captions JSON with --captions.")
-    try:
-        coco = json.loads(captions_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserError(f"Captions file {captions_json} is not valid JSON: {exc}.") from None
+    coco = read_json(captions_json, kind=object)
     if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations")):
         raise UserError(f"Captions file {captions_json} lacks the COCO keys 'images' and 'annotations': "
                         "pass an official COCO captions file such as captions_train2017.json.")
@@ -184,7 +206,7 @@ def read_csv_entries(csv_path: Path) -> list[ImageEntry]:
     """One entry per image of an `image,caption` table, in order of first appearance."""
     if not csv_path.is_file():
         raise UserError(f"CSV file {csv_path} does not exist: pass an image,caption table with --csv.")
-    with csv_path.open(newline="", encoding="utf-8") as f:
+    with reading(csv_path), csv_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
             raise UserError(f"CSV file {csv_path} needs a header with the columns 'image' and 'caption', "
@@ -209,9 +231,10 @@ def write_csv(csv_path: Path, images_dir: Path, out_dir: Path, shard_size: int =
 
 
 def write_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size: int = 64, seed: int = 0,
-                    first_index: int = 0, overwrite: bool = False) -> WriteReport:
-    """Scenes `first_index .. first_index + num_samples - 1` of `seed` (see `synthetic.scene`)."""
-    prepare_out_dir(out_dir, overwrite)
+                    first_index: int = 0, overwrite: bool = False, option: str = "--out") -> WriteReport:
+    """Scenes `first_index .. first_index + num_samples - 1` of `seed` (see `synthetic.scene`), with
+    their settings in `synthetic.json` beside the shards."""
+    prepare_out_dir(out_dir, overwrite, option)
 
     def samples() -> Iterator[Sample]:
         for i in range(first_index, first_index + num_samples):
@@ -219,4 +242,30 @@ def write_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size
             yield Sample(f"{i:09d}", image, captions, record)
 
     sizes = write_shards(samples(), out_dir, shard_size, total=num_samples, desc=f"synthetic {out_dir.name}")
+    settings = _synthetic_settings(num_samples, shard_size, image_size, seed, first_index)
+    (out_dir / SYNTHETIC).write_text(json.dumps(settings, indent=1) + "\n")
     return WriteReport(sizes, [])
+
+
+def _synthetic_settings(num_samples: int, shard_size: int, image_size: int, seed: int, first_index: int) -> dict:
+    return {"num_samples": num_samples, "shard_size": shard_size, "image_size": image_size, "seed": seed,
+            "first_index": first_index}
+
+
+def ensure_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size: int = 64, seed: int = 0,
+                     first_index: int = 0, option: str = "--out") -> bool:
+    """Synthetic scenes in `out_dir` as these settings make them: kept when they are there already,
+    (re)written when the folder is new, empty or holds other synthetic scenes; never written into a
+    folder that holds anything else. Returns whether it wrote."""
+    marker = out_dir / SYNTHETIC
+    settings = _synthetic_settings(num_samples, shard_size, image_size, seed, first_index)
+    if marker.is_file():
+        with reading(marker):
+            if json.loads(marker.read_text()) == settings and (out_dir / MANIFEST).is_file():
+                return False
+    elif out_dir.is_dir() and any(out_dir.iterdir()):
+        raise UserError(f"{option} {out_dir} holds files that are not this project's synthetic data: pass "
+                        f"--data.synthetic null to train on the shards there, or give {option} a new folder "
+                        "for the synthetic scenes.")
+    write_synthetic(out_dir, num_samples, shard_size, image_size, seed, first_index, overwrite=True, option=option)
+    return True

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from multimodal import arch
 from multimodal.data.pipeline import count_samples
 from multimodal.data.pixels import EvalTransform
-from multimodal.errors import UserError
+from multimodal.errors import UserError, read_json, reading
 from multimodal.eval.sources import EmbedBatches, ShardSource
 from multimodal.model import CLIP
 
@@ -137,8 +137,7 @@ def _join(parts: list[_Part]) -> Embeddings:
 
 def load_folder(folder: Path) -> Embeddings:
     """All parts of an embedding folder, checked for consistency."""
-    if not (folder / "info.json").is_file():
-        raise UserError(f"{folder} is not an embedding folder (no info.json): write one with `multimodal embed`.")
+    read_info(folder)
     parts = []
     names = sorted({p.stem for kind in ("img", "text") for p in (folder / f"{kind}_index").glob("part-*.jsonl")})
     if not names:
@@ -154,8 +153,11 @@ def load_folder(folder: Path) -> Embeddings:
             if not emb.is_file():
                 raise UserError(f"Embedding folder {folder} has {kind}_index/{index.name} "
                                 f"but no {kind}_emb/{emb.name}: re-run `multimodal embed`.")
-            array = np.load(emb, allow_pickle=False)
-            lines = [json.loads(line) for line in index.read_text(encoding="utf-8").splitlines()]
+            redo = (f"delete {kind}_index/{index.name} and run `multimodal embed --out {folder}` again to "
+                    "compute the part afresh")
+            with reading(emb, redo):
+                array = np.load(emb, allow_pickle=False)
+            lines = _index_rows(index, redo)
             if array.ndim != 2 or array.shape[0] != len(lines):
                 raise UserError(f"Embedding folder {folder}: {kind}_emb/{emb.name} has {array.shape[0]} rows "
                                 f"but {kind}_index/{index.name} lists {len(lines)}: re-run `multimodal embed`.")
@@ -170,6 +172,33 @@ def load_folder(folder: Path) -> Embeddings:
         raise UserError(f"Embedding folder {folder} mixes embedding sizes {sorted(dims)}: its parts come from "
                         "different models.")
     return _join(parts)
+
+
+def _index_rows(path: Path, redo: str) -> list[dict]:
+    """The rows of a part's JSONL index, one JSON object a line."""
+    rows = []
+    with reading(path, redo):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} line {number} is not JSON ({exc.msg}): {redo}.") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{path} line {number} is not a JSON object: {redo}.")
+            rows.append(row)
+    return rows
+
+
+def read_info(folder: Path) -> dict:
+    """An embedding folder's info.json: which model made it, from what."""
+    path = folder / "info.json"
+    if not path.is_file():
+        raise UserError(f"{folder} is not an embedding folder (no info.json): write one with `multimodal embed`.")
+    info = read_json(path, "write the folder again with `multimodal embed`")
+    if not isinstance(info.get("model"), str) or not isinstance(info.get("checkpoint"), str):
+        raise UserError(f"{path} does not name the model and checkpoint that made the embeddings: write the "
+                        "folder again with `multimodal embed`, or pass --checkpoint and --model.")
+    return info
 
 
 def default_device() -> torch.device:
