@@ -14,7 +14,9 @@ from open_clip.transform import PreprocessCfg, image_transform_v2
 from multimodal.data.pixels import EvalTransform, TrainCrop
 from multimodal.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # the repository's configs/ (editable install)
+# configs/ as package data in an installed wheel; the repository's own in a checkout or editable install
+CONFIG_DIR = next(p for p in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent /
+                              "configs") if (p / "models").is_dir())
 MODEL_CONFIG_DIR = CONFIG_DIR / "models"
 
 

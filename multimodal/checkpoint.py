@@ -18,7 +18,9 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from multimodal.errors import UserError, first_line
@@ -133,3 +135,15 @@ def resume_finished_epoch_at_the_next(checkpoint: dict) -> None:
     batches["total"]["completed"] = batches["total"]["processed"]
     batches["current"] = {key: 0 for key in batches["current"]}
     batches["is_last_batch"] = False
+
+
+class FinalCheckpoint(pl.Callback):
+    """A finished run's `last.ckpt` is its final step. ModelCheckpoint saves every N steps, and Lightning
+    2.6 writes `last.ckpt` at the end only when none was written yet: a run of 320 steps with N = 60
+    ends with `last.ckpt` at step 300, and a resume from it would train the last 20 steps again."""
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last \
+                    and callback._last_global_step_saved != trainer.global_step:
+                callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))

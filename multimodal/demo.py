@@ -37,7 +37,7 @@ def report(model: CLIP, model_name: str, shards: str, run_dir: Path, batch_size:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "retrieval.json").write_text(json.dumps(result, indent=1) + "\n")
     (run_dir / "retrieval.txt").write_text(summary + "\n")
-    curves = plot_run(run_dir)
+    curves = plot_run(run_dir) if (run_dir / "metrics.csv").is_file() else None  # none before the first log
 
     with torch.no_grad():
         queries = model.eval().encode_text(arch.tokenizer(model_name)(list(QUERIES)))
@@ -47,5 +47,6 @@ def report(model: CLIP, model_name: str, shards: str, run_dir: Path, batch_size:
         images = load_images(emb, [row for row, _ in hits])
         lines.append((f'"{text}"', [(im, f"{score:.3f}") for im, (_, score) in zip(images, hits)]))
     contact_sheet(lines, tile=112).save(run_dir / "retrieval.png")
-    print(f"Wrote {run_dir / 'retrieval.json'}, retrieval.txt (the table), {curves.name} and retrieval.png")
+    print(f"Wrote {run_dir / 'retrieval.json'}, retrieval.txt (the table), "
+          f"{f'{curves.name} and ' if curves else ''}retrieval.png")
     return result

@@ -9,10 +9,25 @@ work starts. Anything else that escapes is a bug and keeps its traceback.
 
 import csv
 import json
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
+EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # open_clip state dicts
+
+
+class Unactionable(logging.Filter):
+    """Drops log records holding one of `texts`: notices a user of this project cannot act on."""
+
+    def __init__(self, *texts: str):
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(text in record.getMessage() for text in self.texts)
 
 
 class UserError(Exception):
@@ -110,3 +125,27 @@ def check_output(path: str | Path, option: str, kind: str = "file", suffixes: tu
     if suffixes and path.suffix.lower() not in suffixes:
         raise UserError(f"{option} {path} must end in {', '.join(suffixes[:-1])}"
                         f"{' or ' if len(suffixes) > 1 else ''}{suffixes[-1]}.")
+
+
+def check_input(path: str | Path, what: str, hint: str, kind: str = "file") -> None:
+    """Refuse, before any work, an input `path` that is missing or not a `kind` ("file" or "folder"):
+    `what` names it ("Checkpoint", "Image folder"), `hint` says what to pass instead."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist: {hint}.")
+    if kind == "file" and not path.is_file():
+        raise UserError(f"{what} {path} is a folder, not a file: {hint}.")
+    if kind == "folder" and not path.is_dir():
+        raise UserError(f"{what} {path} is a file, not a folder: {hint}.")
+
+
+def check_checkpoint(path: str | Path) -> None:
+    """A local checkpoint file of a known kind, not empty."""
+    path = Path(path)
+    check_input(path, "Checkpoint", "pass a local .ckpt, .pt, .bin or .safetensors file")
+    if path.suffix not in CHECKPOINT_SUFFIXES:
+        raise UserError(f"{path} has an unknown checkpoint type: use a Lightning .ckpt or an open_clip "
+                        f"state dict ({', '.join(CHECKPOINT_SUFFIXES[1:])}).")
+    if path.stat().st_size == 0:
+        raise UserError(f"Checkpoint {path} is empty (0 bytes), as a write that never finished leaves it: pass "
+                        "another checkpoint.")

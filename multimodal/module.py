@@ -25,7 +25,7 @@ import torch
 
 from multimodal import distributed
 from multimodal.accumulate import cached_step
-from multimodal.checkpoint import resume_finished_epoch_at_the_next
+from multimodal.checkpoint import FinalCheckpoint, resume_finished_epoch_at_the_next
 from multimodal.distributed import max_over_ranks_
 from multimodal.errors import UserError
 from multimodal.eval.embed import collect
@@ -184,10 +184,10 @@ class CLIPModule(pl.LightningModule):
 
     def configure_callbacks(self) -> list[pl.Callback]:
         """Throughput and MFU, bad data and non-finite steps: logged and checked by callbacks
-        (`multimodal.monitor`) that read device values only on logging steps."""
+        (`multimodal.monitor`) that read device values only on logging steps; `last.ckpt` at the final step."""
         hp = self.hparams
         return [Throughput(hp.count_flops, hp.peak_tflops, warmup_steps=3 if hp.compile else 1),
-                TrainingHealth(hp.max_nonfinite_steps)]
+                TrainingHealth(hp.max_nonfinite_steps), FinalCheckpoint()]
 
     def flops_per_sample(self) -> float:
         """Model FLOPs of one training sample, counted on a fresh copy: any strategy, compiled or

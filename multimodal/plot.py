@@ -3,12 +3,7 @@
 import csv
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from multimodal.errors import UserError, reading, writing  # noqa: E402
+from multimodal.errors import UserError, reading, writing
 
 PANELS = (
     ("loss", ("train/loss", "val/loss")),
@@ -50,6 +45,10 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
 def plot_run(path: Path, out: Path | None = None) -> Path:
     """Draw the curves of the run at `path` into `out` (default: curves.png in the run folder)."""
     series = read_metrics(path)
+    import matplotlib  # here: reading the metrics (and finding a mistake in them) needs no plotting library
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     panels = [(title, [k for k in keys if k in series]) for title, keys in PANELS]
     panels = [(title, keys) for title, keys in panels if keys]
     cols = min(3, len(panels))

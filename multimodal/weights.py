@@ -20,12 +20,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from multimodal import arch
-from multimodal.errors import UserError, first_line
+from multimodal.errors import EXPORT_SUFFIXES, UserError, check_checkpoint, first_line
 from multimodal.model import CLIP, create_model
 
 LIGHTNING_PREFIX = "model.towers."
-STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 
 
 def _torch_load(path: Path) -> dict:
@@ -43,17 +41,6 @@ def _mismatch(path: Path, name: str, exc: Exception) -> UserError:
     detail = lines[1].strip() if len(lines) > 1 else str(exc)
     return UserError(f"Checkpoint {path} does not match architecture {name} ({detail[:200]}): "
                      "pass the --model it was trained with.")
-
-
-def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise UserError(f"Checkpoint {path} does not exist: pass a local .ckpt, .pt, .bin or .safetensors file.")
-    if path.suffix != ".ckpt" and path.suffix not in STATE_DICT_SUFFIXES:
-        raise UserError(f"{path} has an unknown checkpoint type: use a Lightning .ckpt or an open_clip "
-                        f"state dict ({', '.join(STATE_DICT_SUFFIXES)}).")
-    if path.stat().st_size == 0:
-        raise UserError(f"Checkpoint {path} is empty (0 bytes), as a write that never finished leaves it: pass "
-                        "another checkpoint.")
 
 
 def _lightning_towers(path: Path) -> tuple[dict, dict]:
@@ -93,7 +80,7 @@ def load_weights(model: CLIP, checkpoint: str | Path, name: str) -> None:
     (strict, `weights_only`), which also lets a SigLIP model start from CLIP weights.
     """
     path = Path(checkpoint)
-    _check_file(path)
+    check_checkpoint(path)
     if path.suffix == ".ckpt":
         _load_towers(model, _lightning_towers(path)[0], path, name)
         return
@@ -109,7 +96,7 @@ def load_weights(model: CLIP, checkpoint: str | Path, name: str) -> None:
 def load_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[CLIP, str]:
     """(model, architecture name) from a local checkpoint file; `model_name` overrides the .ckpt's."""
     path = Path(checkpoint)
-    _check_file(path)
+    check_checkpoint(path)
     if path.suffix == ".ckpt":
         state_dict, hparams = _lightning_towers(path)
         model_name = model_name or hparams.get("model_name")

@@ -23,6 +23,8 @@ def test_debug_config_trains_from_synthetic_shards(tmp_path):
     assert config["model"]["model_name"] == "tiny" and config["trainer"]["max_steps"] == 6
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert list(run.glob("events.out.tfevents.*"))
+    for notice in ("litlogger", "No pretrained weights loaded"):  # nothing at start a user cannot act on
+        assert notice not in proc.stderr + proc.stdout
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     logged = {k for row in rows for k, v in row.items() if v}
     assert {"train/loss", "train/logit_scale", "train/lr", "train/samples_per_second",
@@ -212,3 +214,43 @@ def test_a_metric_that_first_appears_late_gets_its_column(tmp_path):
     logger.save()
     rows = list(csv.DictReader((tmp_path / "run" / "version_0" / "metrics.csv").open()))
     assert [r["train/nonfinite_steps"] for r in rows] == ["", "1.0"]
+
+
+LIGHT = {  # commands that stop at their arguments, before any work: nothing heavy imported
+    "help": ["--help"],
+    "eval help": ["eval", "--help"],
+    "export of a missing checkpoint": ["export", "--checkpoint", "nope.ckpt", "--out", "m.safetensors"],
+    "embed of a missing text file": ["embed", "--checkpoint", "nope.ckpt", "--texts", "nope.txt", "--out", "e"],
+    "retrieval over a missing folder": ["eval", "retrieval", "--embeddings", "nope"],
+    "zeroshot over a missing folder": ["eval", "zeroshot", "--checkpoint", "x.ckpt", "--images", "nope"],
+    "search of a missing index": ["search", "--index", "nope", "--text", "a dog"],
+    "plot of a missing run": ["plot", "nope"],
+    "shards of a missing csv": ["shards", "csv", "--csv", "nope.csv", "--images", ".", "--out", "o"],
+}
+
+
+def test_help_and_argument_errors_import_no_heavy_library(tmp_path):
+    """`multimodal --help` and mistakes found in the arguments alone answer without importing torch,
+    Lightning, open_clip or the image and plotting libraries (13-14 s each before)."""
+    script = (
+        "import sys, json\n"
+        "from multimodal.cli import main\n"
+        "heavy = ('torch', 'pytorch_lightning', 'lightning', 'open_clip', 'webdataset', 'matplotlib', 'PIL', 'numpy')\n"
+        "out = {}\n"
+        f"for case, args in {LIGHT!r}.items():\n"
+        "    try:\n"
+        "        code = main(args)\n"
+        "    except SystemExit as exc:\n"
+        "        code = exc.code\n"
+        "    out[case] = [code, sorted({m.split('.')[0] for m in sys.modules} & set(heavy))]\n"
+        "print(json.dumps(out))\n"
+    )
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for case, (code, heavy) in result.items():
+        assert code == (0 if "help" in case else 2) and heavy == [], (case, code, heavy)

@@ -67,15 +67,22 @@ def test_resumed_epoch_sees_every_sample_once(shards, tmp_path, workers):
 
 def test_resume_from_the_last_batch_of_an_epoch_loses_no_epoch(shards, tmp_path):
     """A checkpoint written on an epoch's last step (every_n_train_steps dividing the epoch) resumes at
-    the next epoch: Lightning 2.6 alone would count the finished epoch twice and train one fewer."""
+    the next epoch: Lightning 2.6 alone would count the finished epoch twice and train one fewer (here
+    none: 24 steps where 48 are due)."""
     epoch = SAMPLES // BATCH
-    whole, _, uninterrupted = fit(shards, tmp_path / "whole", max_steps=-1, max_epochs=3, workers=0, every=epoch)
+    whole, _, uninterrupted = fit(shards, tmp_path / "whole", max_steps=-1, max_epochs=2, workers=0, every=epoch)
     first, _, _ = fit(shards, tmp_path / "run", max_steps=epoch, workers=0)
-    second, _, trainer = fit(shards, tmp_path / "run", max_steps=-1, max_epochs=3, workers=0, every=epoch,
+    second, _, trainer = fit(shards, tmp_path / "run", max_steps=-1, max_epochs=2, workers=0, every=epoch,
                              ckpt=tmp_path / "run" / "ckpt" / "last.ckpt")
-    assert uninterrupted.global_step == 3 * epoch
-    assert trainer.global_step == 3 * epoch and trainer.current_epoch == uninterrupted.current_epoch
+    assert uninterrupted.global_step == 2 * epoch
+    assert trainer.global_step == 2 * epoch and trainer.current_epoch == uninterrupted.current_epoch
     assert first.steps + second.steps == whole.steps  # the same epochs, the same order
+
+
+def test_a_finished_run_ends_with_last_ckpt_at_its_final_step(shards, tmp_path):
+    """Checkpoints every 4 steps, 6 steps in all: `last.ckpt` is step 6, not step 4."""
+    fit(shards, tmp_path, max_steps=6, workers=0, every=4)
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 6
 
 
 def test_resume_restores_optimizer_scheduler_and_random_state(shards, tmp_path):

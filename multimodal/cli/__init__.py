@@ -15,16 +15,16 @@ Mistakes in the input end with one sentence on stderr and exit status 2; `--debu
 traceback instead.
 """
 
+import importlib
 import sys
 
-from multimodal.cli.evaluate import embed, evaluate, export
-from multimodal.cli.shards import write_shards
-from multimodal.cli.tools import plot, search
-from multimodal.cli.train import run_demo, train
 from multimodal.errors import UserError, message
 
-COMMANDS = {"train": train, "shards": write_shards, "demo": run_demo, "export": export, "embed": embed,
-            "eval": evaluate, "search": search, "plot": plot}
+# command -> (module, function): a command's module is imported when it runs, so that `--help` and
+# the commands that need no model never import torch, Lightning or open_clip.
+COMMANDS = {"train": ("train", "train"), "shards": ("shards", "write_shards"), "demo": ("train", "run_demo"),
+            "export": ("evaluate", "export"), "embed": ("evaluate", "embed"), "eval": ("evaluate", "evaluate"),
+            "search": ("tools", "search"), "plot": ("tools", "plot")}
 USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,search,plot} ... [--debug]
 
   train    train a CLIP model:  multimodal train --config configs/debug.yaml [--section.key value ...]
@@ -49,8 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and not asked:
             print(f"error: unknown command '{argv[0]}': use one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 0 if asked else 2
+    module, function = COMMANDS[argv[0]]
     try:
-        return COMMANDS[argv[0]](argv[1:])
+        return getattr(importlib.import_module(f"multimodal.cli.{module}"), function)(argv[1:])
     except UserError as exc:
         if debug:
             raise

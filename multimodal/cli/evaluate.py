@@ -1,41 +1,43 @@
-"""`multimodal export`, `multimodal embed` and `multimodal eval {retrieval,zeroshot}`."""
+"""`multimodal export`, `multimodal embed` and `multimodal eval {retrieval,zeroshot}`.
+
+Each command parses and checks its arguments first and imports torch, Lightning and open_clip only
+then: `--help` and a mistake in the arguments answer at once.
+"""
 
 import argparse
 import json
 import shutil
 from pathlib import Path
 
-import pytorch_lightning as pl
-import torch
-from tqdm import tqdm
-
-from multimodal import arch, weights
-from multimodal.errors import UserError, check_output, read_json, writing
-from multimodal.eval import zeroshot
-from multimodal.eval.callbacks import EmbeddingWriter, EmbedModule
-from multimodal.eval.embed import PartWriter, autocast, default_device, embed_shards, load_folder
-from multimodal.eval.retrieval import retrieval_metrics, table
-from multimodal.eval.sources import EmbedBatches, ImageFolderSource, ShardSource, Source, TextFileSource
-
-
-def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True,
-                        help="this project's Lightning .ckpt, or an open_clip state dict (.pt/.bin/.safetensors)")
-    parser.add_argument("--model", default=None,
-                        help="architecture of an open_clip state dict (ViT-B-32, tiny, a JSON path); "
-                             "overrides the one a .ckpt names")
+from multimodal.cli.args import add_checkpoint_args, positive
+from multimodal.errors import (
+    EXPORT_SUFFIXES,
+    UserError,
+    check_checkpoint,
+    check_input,
+    check_output,
+    read_json,
+    writing,
+)
 
 
-def export(argv: list[str]) -> int:
+def export_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal export",
                                      description="Write trained towers as an open_clip state dict.")
     add_checkpoint_args(parser)
     parser.add_argument("--out", type=Path, required=True, help="output file: .safetensors (default) or .pt")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    args = parser.parse_args(argv)
-    check_output(args.out, "--out", "file", weights.EXPORT_SUFFIXES)
+    return parser
+
+
+def export(argv: list[str]) -> int:
+    args = export_parser().parse_args(argv)
+    check_output(args.out, "--out", "file", EXPORT_SUFFIXES)
     if args.out.exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists: pass --overwrite to replace it, or choose another --out.")
+    check_checkpoint(args.checkpoint)
+    from multimodal import weights
+
     model, name = weights.load_model(args.checkpoint, args.model)
     with writing(args.out):
         written = weights.export(model, name, args.out)
@@ -49,10 +51,19 @@ def export(argv: list[str]) -> int:
     return 0
 
 
-def _source(args) -> Source:
+def _check_source(args) -> None:
     given = [name for name in ("shards", "images", "texts") if getattr(args, name, None)]
     if len(given) != 1:
         raise UserError("Pass exactly one of --shards, --images or --texts.")
+    if args.images:
+        check_input(args.images, "Image folder", "pass a folder of images with --images", kind="folder")
+    if args.texts:
+        check_input(args.texts, "Text file", "pass a file with one text a line with --texts")
+
+
+def _source(args):
+    from multimodal.eval.sources import ImageFolderSource, ShardSource, TextFileSource
+
     if args.shards:
         return ShardSource(args.shards)
     if args.images:
@@ -60,12 +71,7 @@ def _source(args) -> Source:
     return TextFileSource(args.texts, args.part_size)
 
 
-def _positive(name: str, value: int) -> None:
-    if value <= 0:
-        raise UserError(f"--{name} must be a positive integer, got {value}.")
-
-
-def embed(argv: list[str]) -> int:
+def embed_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal embed", description="Compute image and/or text embeddings.")
     add_checkpoint_args(parser)
     parser.add_argument("--shards", help="shards to embed (images and all their captions)")
@@ -79,10 +85,24 @@ def embed(argv: list[str]) -> int:
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--devices", type=int, default=1, help="devices on this node (several: DDP, one part set each)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out made by another run")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def embed(argv: list[str]) -> int:
+    args = embed_parser().parse_args(argv)
     for name in ("batch_size", "part_size", "devices"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+        positive(name.replace("_", "-"), getattr(args, name))
     check_output(args.out, "--out", "folder")
+    _check_source(args)
+    check_checkpoint(args.checkpoint)
+    import pytorch_lightning as pl
+    import torch
+
+    from multimodal import arch, weights
+    from multimodal.eval.callbacks import EmbeddingWriter, EmbedModule
+    from multimodal.eval.embed import PartWriter
+    from multimodal.eval.sources import EmbedBatches
+
     source = _source(args)
     model, name = weights.load_model(args.checkpoint, args.model)
     info = {"model": name, "checkpoint": str(args.checkpoint.resolve()), "dtype": args.dtype,
@@ -97,7 +117,7 @@ def embed(argv: list[str]) -> int:
     preprocess = arch.eval_transform(name)
     tokenizer = arch.tokenizer(name)
 
-    def make_dataset(rank: int, world: int) -> EmbedBatches:
+    def make_dataset(rank: int, world: int):
         return EmbedBatches(source, todo[rank::world], preprocess, tokenizer, args.batch_size)
 
     sizes = [source.part_size(p) for p in todo[0::args.devices]]
@@ -142,11 +162,10 @@ def _write_result(result: dict, out: Path | None) -> None:
         print(f"Wrote {out}")
 
 
-def eval_retrieval(argv: list[str]) -> int:
+def eval_retrieval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal eval retrieval",
                                      description="Zero-shot image<->text retrieval recall@k.")
-    parser.add_argument("--checkpoint", type=Path, help="model to embed --shards with")
-    parser.add_argument("--model", default=None, help="architecture of an open_clip state dict")
+    add_checkpoint_args(parser, required=False, help="model to embed --shards with")
     parser.add_argument("--shards", help="shards with several captions per image")
     parser.add_argument("--embeddings", type=Path, help="an embedding folder written by `multimodal embed --shards`")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
@@ -154,16 +173,28 @@ def eval_retrieval(argv: list[str]) -> int:
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--chunk-size", type=int, default=4096, help="block size of the score computation")
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def eval_retrieval(argv: list[str]) -> int:
+    args = eval_retrieval_parser().parse_args(argv)
     for name in ("batch_size", "chunk_size"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+        positive(name.replace("_", "-"), getattr(args, name))
     if args.out is not None:
         check_output(args.out, "--out", "file", (".json",))
     if bool(args.shards) == bool(args.embeddings):
         raise UserError("Pass either --shards (with --checkpoint) or --embeddings.")
+    if args.shards and args.checkpoint is None:
+        raise UserError("--shards needs --checkpoint, the model to embed them with.")
     if args.shards:
-        if args.checkpoint is None:
-            raise UserError("--shards needs --checkpoint, the model to embed them with.")
+        check_checkpoint(args.checkpoint)
+    else:
+        check_input(args.embeddings, "Embedding folder", "pass a folder written by `multimodal embed`", kind="folder")
+    from multimodal import weights
+    from multimodal.eval.embed import embed_shards, load_folder
+    from multimodal.eval.retrieval import retrieval_metrics, table
+
+    if args.shards:
         model, name = weights.load_model(args.checkpoint, args.model)
         emb = embed_shards(model, name, args.shards, args.batch_size, args.num_workers)
     else:
@@ -180,7 +211,7 @@ def eval_retrieval(argv: list[str]) -> int:
     return 0
 
 
-def eval_zeroshot(argv: list[str]) -> int:
+def eval_zeroshot_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal eval zeroshot", description="Zero-shot classification.")
     add_checkpoint_args(parser)
     parser.add_argument("--classnames", type=Path,
@@ -192,12 +223,30 @@ def eval_zeroshot(argv: list[str]) -> int:
     parser.add_argument("--images", type=Path, help="an ImageFolder-style folder: FOLDER/CLASS/IMAGE")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
-    args = parser.parse_args(argv)
-    _positive("batch-size", args.batch_size)
+    return parser
+
+
+def eval_zeroshot(argv: list[str]) -> int:
+    args = eval_zeroshot_parser().parse_args(argv)
+    positive("batch-size", args.batch_size)
     if args.out is not None:
         check_output(args.out, "--out", "file", (".json",))
     if bool(args.shards) == bool(args.images):
         raise UserError("Pass either --shards or --images.")
+    if args.shards and args.classnames is None:
+        raise UserError("--shards needs --classnames, the names of the class indices in label order.")
+    if args.images:
+        check_input(args.images, "Image folder", "pass an ImageFolder-style folder with --images", kind="folder")
+    for option, path in (("Class names file", args.classnames), ("Templates file", args.templates)):
+        if path is not None:
+            check_input(path, option, "pass a text file with one entry a line")
+    check_checkpoint(args.checkpoint)
+    from tqdm import tqdm
+
+    from multimodal import arch, weights
+    from multimodal.eval import zeroshot
+    from multimodal.eval.embed import autocast, default_device
+
     templates = zeroshot.read_templates(args.templates)
     if args.images:
         folders, _ = zeroshot.image_folder(args.images)
@@ -207,8 +256,6 @@ def eval_zeroshot(argv: list[str]) -> int:
             raise UserError(f"{args.classnames} names {len(classnames)} classes but {args.images} has "
                             f"{len(folders)} class folders.")
     else:
-        if args.classnames is None:
-            raise UserError("--shards needs --classnames, the names of the class indices in label order.")
         classnames = zeroshot.read_lines(args.classnames, "Class names")
     model, name = weights.load_model(args.checkpoint, args.model)
     size = arch.image_size(name)  # JPEGs decoded no larger than the model needs

@@ -1,14 +1,14 @@
-"""`multimodal shards {coco,csv}`: write webdataset shards of image-text pairs."""
+"""`multimodal shards {coco,csv}`: write webdataset shards of image-text pairs (the arguments are
+checked before the shard writer and its image libraries are imported)."""
 
 import argparse
 import sys
 from pathlib import Path
 
-from multimodal.data import shards
-from multimodal.errors import UserError
+from multimodal.errors import UserError, check_input, check_output
 
 
-def _shards_parser() -> argparse.ArgumentParser:
+def shards_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal shards",
                                      description="Write webdataset shards of image-text pairs.")
     sub = parser.add_subparsers(dest="source", required=True)
@@ -27,7 +27,15 @@ def _shards_parser() -> argparse.ArgumentParser:
 
 
 def write_shards(argv: list[str]) -> int:
-    args = _shards_parser().parse_args(argv)
+    args = shards_parser().parse_args(argv)
+    if args.source == "coco":
+        check_input(args.captions, "Captions file", "pass a COCO captions JSON with --captions")
+    else:
+        check_input(args.csv, "CSV file", "pass an image,caption table with --csv")
+    check_input(args.images, "Image folder", "pass the folder that holds the images with --images", "folder")
+    check_output(args.out, "--out", "folder")
+    from multimodal.data import shards
+
     common = dict(shard_size=args.shard_size, max_side=args.max_side, workers=args.workers, overwrite=args.overwrite)
     if args.source == "coco":
         report = shards.write_coco(args.captions, args.images, args.out, **common)

@@ -1,23 +1,20 @@
-"""`multimodal search` and `multimodal plot`: looking at what a model finds and how a run went."""
+"""`multimodal search` and `multimodal plot`: looking at what a model finds and how a run went.
+
+Arguments are parsed and checked before torch, open_clip or matplotlib is imported.
+"""
 
 import argparse
 from pathlib import Path
 
-import torch
-from PIL import Image
-
-from multimodal import arch, weights
-from multimodal.data.decode import decode_checked
-from multimodal.data.faults import BadSample
-from multimodal.errors import UserError, check_output, reading, writing
-from multimodal.eval.embed import load_folder, read_info
-from multimodal.eval.search import contact_sheet, first_captions, load_images, top_k
+from multimodal.cli.args import add_checkpoint_args
+from multimodal.errors import UserError, check_checkpoint, check_input, check_output, reading, writing
 from multimodal.plot import plot_run
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
-def search(argv: list[str]) -> int:
+def search_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal search", description="Search an embedding folder.")
     parser.add_argument("--index", type=Path, required=True, help="an embedding folder from `multimodal embed`")
     parser.add_argument("--text", help="a text query")
@@ -26,17 +23,30 @@ def search(argv: list[str]) -> int:
                         help="search the folder's images (default when it has them) or its texts")
     parser.add_argument("--k", type=int, default=8, help="matches to show (default 8)")
     parser.add_argument("--grid", type=Path, default=None, help="write a contact sheet of the top images here")
-    parser.add_argument("--checkpoint", type=Path, default=None, help="model for the query (default: the index's)")
-    parser.add_argument("--model", default=None, help="architecture of an open_clip state dict")
-    args = parser.parse_args(argv)
+    add_checkpoint_args(parser, required=False, help="model for the query (default: the one that made the index)")
+    return parser
+
+
+def search(argv: list[str]) -> int:
+    args = search_parser().parse_args(argv)
     if bool(args.text) == bool(args.image):
         raise UserError("Pass exactly one query: --text or --image.")
     if args.k <= 0:
         raise UserError(f"--k must be a positive integer, got {args.k}.")
     if args.grid is not None:
         check_output(args.grid, "--grid", "file", GRID_SUFFIXES)
+    check_input(args.index, "Embedding folder", "pass a folder written by `multimodal embed` with --index", "folder")
     if args.image is not None:
-        query_image = _query_image(args.image)
+        check_input(args.image, "Query image", "pass an image file with --image")
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint)
+    import torch
+
+    from multimodal import arch, weights
+    from multimodal.eval.embed import load_folder, read_info
+    from multimodal.eval.search import contact_sheet, first_captions, load_images, top_k
+
+    query_image = _query_image(args.image) if args.image is not None else None
     info = read_info(args.index)
     emb = load_folder(args.index)
     target = args.target or ("images" if emb.image_features.shape[0] else "texts")
@@ -75,10 +85,11 @@ def search(argv: list[str]) -> int:
     return 0
 
 
-def _query_image(path: Path) -> Image.Image:
+def _query_image(path: Path):
     """The --image query, decoded as embedding decodes images (the same size guard), or one sentence."""
-    if not path.is_file():
-        raise UserError(f"Query image {path} does not exist.")
+    from multimodal.data.decode import decode_checked
+    from multimodal.data.faults import BadSample
+
     with reading(path):
         data = path.read_bytes()
     try:
@@ -88,12 +99,16 @@ def _query_image(path: Path) -> Image.Image:
                         "image with --image.") from None
 
 
-def plot(argv: list[str]) -> int:
+def plot_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal plot", description="Draw a run's curves to PNG.")
     parser.add_argument("run", type=Path, help="a run folder (runs/NAME/version_N) or its metrics.csv")
     parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN/curves.png)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def plot(argv: list[str]) -> int:
+    args = plot_parser().parse_args(argv)
     if args.out is not None:
-        check_output(args.out, "--out", "file", (".png", ".pdf", ".svg"))
+        check_output(args.out, "--out", "file", PLOT_SUFFIXES)
     print(f"Wrote {plot_run(args.run, args.out)}")
     return 0

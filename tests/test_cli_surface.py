@@ -1,0 +1,77 @@
+"""The command line as users script it, frozen (as torchtitan freezes its config surface): commands,
+options and defaults. A change here breaks someone's job script, so it is a deliberate edit of this
+file, in the same commit as the change and its note in the docs."""
+
+import argparse
+import inspect
+
+from multimodal.cli import COMMANDS, evaluate, shards, tools
+
+SHARDS_OPTIONS = {"--images": None, "--out": None, "--shard-size": 1000, "--max-side": None, "--workers": 4,
+                  "--overwrite": False}
+SURFACE = {
+    "export": {"--checkpoint": None, "--model": None, "--out": None, "--overwrite": False},
+    "embed": {"--checkpoint": None, "--model": None, "--shards": None, "--images": None, "--texts": None,
+              "--out": None, "--batch-size": 256, "--dtype": "float16", "--part-size": 10000, "--num-workers": 4,
+              "--accelerator": "auto", "--devices": 1, "--overwrite": False},
+    "eval retrieval": {"--checkpoint": None, "--model": None, "--shards": None, "--embeddings": None,
+                       "--ks": [1, 5, 10], "--batch-size": 256, "--num-workers": 4, "--chunk-size": 4096,
+                       "--out": None},
+    "eval zeroshot": {"--checkpoint": None, "--model": None, "--classnames": None, "--templates": None,
+                      "--shards": None, "--images": None, "--batch-size": 128, "--out": None},
+    "search": {"--index": None, "--text": None, "--image": None, "--target": None, "--k": 8, "--grid": None,
+               "--checkpoint": None, "--model": None},
+    "plot": {"run": None, "--out": None},
+    "shards": {"coco": {"--captions": None, **SHARDS_OPTIONS}, "csv": {"--csv": None, **SHARDS_OPTIONS}},
+}
+TRAIN_MODEL = {  # `multimodal train --model.NAME`
+    "model_name": "tiny", "lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6, "warmup_steps": 100,
+    "min_lr_ratio": 0.0, "val_loss_batch_size": 256, "loss": "clip", "micro_batches": 1, "pretrained": None,
+    "lock_image": False, "lock_image_unlocked_groups": 0, "lock_text": False, "lock_text_unlocked_layers": 0,
+    "grad_checkpointing": False, "patch_dropout": 0.0, "compile": False, "count_flops": True, "peak_tflops": None,
+    "max_nonfinite_steps": 5,
+}
+TRAIN_DATA = {  # `multimodal train --data.NAME`
+    "train_shards": inspect.Parameter.empty, "val_shards": None, "model_name": "tiny", "batch_size": 256,
+    "num_workers": 4, "shuffle_buffer": 2000, "resampled": False, "num_samples": None, "seed": 0, "synthetic": None,
+    "max_bad_fraction": 0.1, "max_image_pixels": 89478485, "decode": "auto",
+}
+TRAIN_FLAGS = {"--resume", "--ckpt_path", "--overwrite"}
+
+
+def options(parser: argparse.ArgumentParser) -> dict:
+    out = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            out.update({name: options(sub) for name, sub in action.choices.items()})
+        elif not isinstance(action, argparse._HelpAction):
+            out[action.option_strings[0] if action.option_strings else action.dest] = action.default
+    return out
+
+
+def test_the_commands_and_their_options_and_defaults():
+    assert sorted(COMMANDS) == ["demo", "embed", "eval", "export", "plot", "search", "shards", "train"]
+    assert {
+        "export": options(evaluate.export_parser()), "embed": options(evaluate.embed_parser()),
+        "eval retrieval": options(evaluate.eval_retrieval_parser()),
+        "eval zeroshot": options(evaluate.eval_zeroshot_parser()),
+        "search": options(tools.search_parser()), "plot": options(tools.plot_parser()),
+        "shards": options(shards.shards_parser()),
+    } == SURFACE
+
+
+def test_the_training_options_and_defaults():
+    from multimodal.data.datamodule import ShardDataModule
+    from multimodal.module import CLIPModule
+
+    def defaults(cls) -> dict:
+        return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+
+    assert defaults(CLIPModule) == TRAIN_MODEL
+    assert defaults(ShardDataModule) == TRAIN_DATA
+    from multimodal.cli.train import TrainCLI
+
+    added = []
+    TrainCLI.add_arguments_to_parser(None, type("P", (), {"add_argument": lambda self, f, **k: added.append(f),
+                                                          "link_arguments": lambda self, *a, **k: None})())
+    assert set(added) == TRAIN_FLAGS
