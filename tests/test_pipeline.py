@@ -286,23 +286,3 @@ def test_a_pass_yields_its_first_batch_long_before_its_shuffle_buffer_is_full(tm
     for samples_read, samples_decoded in before_first_batch:
         assert samples_read <= pipeline.SHUFFLE_INITIAL + 2 * 16 and samples_decoded == 16
 
-
-@pytest.mark.parametrize("devices, workers", [(1, 1), (1, 0), (2, 1)])
-def test_cpu_training_leaves_the_data_workers_their_cores(tmp_path, devices, workers):
-    from types import SimpleNamespace
-
-    from multimodal.data.datamodule import ShardDataModule
-
-    write_synthetic(tmp_path, num_samples=8, shard_size=4)
-    data = ShardDataModule(str(tmp_path), batch_size=4, num_workers=workers)
-    data.trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device("cpu")), num_devices=devices)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(64)
-        data.setup("fit")
-        cores = len(os.sched_getaffinity(0))
-        assert torch.get_num_threads() == (64 if workers == 0 else max(1, cores // devices - workers))
-        data.teardown("fit")
-        assert torch.get_num_threads() == 64
-    finally:
-        torch.set_num_threads(before)

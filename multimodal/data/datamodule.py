@@ -6,7 +6,6 @@ first (once per node, skipped when they are already there).
 """
 
 import math
-import os
 from pathlib import Path
 from typing import Literal
 
@@ -91,24 +90,6 @@ class ShardDataModule(pl.LightningDataModule):
                 expand_urls(val_shards)
         elif val_shards is None and synthetic.val_samples:
             raise UserError("data.synthetic needs data.val_shards, a folder to write the held-out scenes into.")
-
-    def setup(self, stage: str) -> None:
-        """On the CPU, leave the data workers their cores: torch's intra-op threads default to every core,
-        and a step whose threads the workers preempt waits on the slowest (one thread ran a step 3.4x
-        faster than two on two shared cores). Never raises a limit the user set lower."""
-        trainer = self.trainer
-        if trainer is None or trainer.strategy.root_device.type != "cpu" or self.num_workers == 0:
-            return
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        threads = max(1, cores // max(1, trainer.num_devices) - self.num_workers)
-        if torch.get_num_threads() > threads:
-            self._threads_before = torch.get_num_threads()
-            torch.set_num_threads(threads)
-
-    def teardown(self, stage: str) -> None:
-        if getattr(self, "_threads_before", None):  # the process's setting back, for whatever runs next
-            torch.set_num_threads(self._threads_before)
-            self._threads_before = None
 
     def prepare_data(self) -> None:
         if self.synthetic is None:
