@@ -24,39 +24,27 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from multimodal.errors import UserError, first_line
-
-PARTIAL_SUFFIX = ".partial"
+from multimodal.files import atomic_file
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """`torch.save` to `path` through a partial file in the same folder, fsynced and renamed.
+    """`torch.save` to `path` through `files.atomic_file` (a partial file, fsynced and renamed).
 
-    A write that fails (a full disk, a quota, a lost mount) removes the partial file and raises a
+    A write that fails (a full disk, a quota, a lost mount) leaves no partial file and raises a
     UserError saying that the previous checkpoint at `path` is intact: the run stops there, to be
     continued with --resume once there is room, rather than train on without a way back.
     """
     path = Path(path)
-    partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(partial, "wb") as f:
+        with atomic_file(path) as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except BaseException as exc:
-        partial.unlink(missing_ok=True)
-        if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower()):
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc, 120)
-            previous = "the previous checkpoint there is intact" if path.is_file() else "no checkpoint was there yet"
-            raise UserError(f"Writing the checkpoint {path} failed ({reason}); {previous}. Make room on that "
-                            "disk (or write checkpoints elsewhere), then continue the run with --resume.") from exc
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself reaches the disk
-    finally:
-        os.close(directory)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "write" not in str(exc).lower():
+            raise
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc, 120)
+        previous = "the previous checkpoint there is intact" if path.is_file() else "no checkpoint was there yet"
+        raise UserError(f"Writing the checkpoint {path} failed ({reason}); {previous}. Make room on that "
+                        "disk (or write checkpoints elsewhere), then continue the run with --resume.") from exc
 
 
 def _is_local(path: str | os.PathLike) -> bool:

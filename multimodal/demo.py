@@ -1,6 +1,5 @@
 """The embedded default's report: held-out retrieval next to chance, the curves, a contact sheet."""
 
-import json
 from pathlib import Path
 
 import torch
@@ -9,6 +8,7 @@ from multimodal import arch
 from multimodal.eval.embed import embed_shards
 from multimodal.eval.retrieval import chance_recall, retrieval_metrics, table
 from multimodal.eval.search import contact_sheet, load_images, top_k
+from multimodal.files import save_image, write_json, write_text
 from multimodal.model import CLIP
 from multimodal.plot import plot_run
 
@@ -35,8 +35,8 @@ def report(model: CLIP, model_name: str, shards: str, run_dir: Path, batch_size:
     result = {"num_images": num_images, "num_texts": num_texts, **metrics,
               "image_retrieval_recall@5_over_chance": ratio}
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "retrieval.json").write_text(json.dumps(result, indent=1) + "\n")
-    (run_dir / "retrieval.txt").write_text(summary + "\n")
+    write_json(run_dir / "retrieval.json", result)
+    write_text(run_dir / "retrieval.txt", summary + "\n")
     curves = plot_run(run_dir) if (run_dir / "metrics.csv").is_file() else None  # none before the first log
 
     with torch.no_grad():
@@ -46,7 +46,7 @@ def report(model: CLIP, model_name: str, shards: str, run_dir: Path, batch_size:
         hits = top_k(emb.image_features, query, 6)
         images = load_images(emb, [row for row, _ in hits])
         lines.append((f'"{text}"', [(im, f"{score:.3f}") for im, (_, score) in zip(images, hits)]))
-    contact_sheet(lines, tile=112).save(run_dir / "retrieval.png")
+    save_image(contact_sheet(lines, tile=112), run_dir / "retrieval.png")
     print(f"Wrote {run_dir / 'retrieval.json'}, retrieval.txt (the table), "
           f"{f'{curves.name} and ' if curves else ''}retrieval.png")
     return result

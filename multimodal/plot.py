@@ -4,6 +4,7 @@ import csv
 from pathlib import Path
 
 from multimodal.errors import UserError, reading, writing
+from multimodal.files import atomic_file
 
 PANELS = (
     ("loss", ("train/loss", "val/loss")),
@@ -68,6 +69,7 @@ def plot_run(path: Path, out: Path | None = None) -> Path:
     fig.tight_layout()
     out = out or (path if path.is_dir() else path.parent) / "curves.png"
     with writing(out):
-        fig.savefig(out, dpi=110)
+        with atomic_file(out) as f:
+            fig.savefig(f, format=out.suffix[1:], dpi=110)
     plt.close(fig)
     return out

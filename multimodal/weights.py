@@ -10,17 +10,17 @@ Export writes the towers' state dict as open_clip names it, so that
 project's own architectures the model JSON is written beside it.
 """
 
-import json
 import pickle
 from pathlib import Path
 
 import open_clip
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from multimodal import arch
 from multimodal.errors import EXPORT_SUFFIXES, UserError, check_checkpoint, first_line
+from multimodal.files import atomic_file, write_json
 from multimodal.model import CLIP, create_model
 
 LIGHTNING_PREFIX = "model.towers."
@@ -114,16 +114,14 @@ def load_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[C
 
 def export(model: CLIP, model_name: str, out: Path) -> list[Path]:
     """Write the open_clip state dict to `out` (.safetensors or .pt); returns the files written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.towers.state_dict().items()}
-    tmp = out.with_name(out.name + ".tmp")
-    if out.suffix == ".safetensors":
-        save_file(state_dict, str(tmp))
-    elif out.suffix in EXPORT_SUFFIXES:
-        torch.save(state_dict, tmp)
-    else:
+    if out.suffix not in EXPORT_SUFFIXES:
         raise UserError(f"--out {out} must end in {', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]}.")
-    tmp.replace(out)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in model.towers.state_dict().items()}
+    with atomic_file(out) as f:
+        if out.suffix == ".safetensors":
+            f.write(save_safetensors(state_dict))
+        else:
+            torch.save(state_dict, f)
     written = [out]
     own = model_name.endswith(".json") or model_name in arch.project_models()
     if own or model.logit_bias is not None:
@@ -135,8 +133,6 @@ def export(model: CLIP, model_name: str, out: Path) -> list[Path]:
             config["init_logit_bias"] = float(model.logit_bias.detach())
             stem = stem if stem.lower().endswith("siglip") else f"{stem}-siglip"
         config_path = out.parent / f"{stem}.json"
-        tmp = config_path.with_name(config_path.name + ".tmp")
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-        tmp.replace(config_path)
+        write_json(config_path, config, indent=2)
         written.append(config_path)
     return written

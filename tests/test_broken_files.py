@@ -215,13 +215,13 @@ def test_a_write_the_disk_refuses_is_one_sentence(trained, tmp_path, capsys, mon
     """A read-only mount or a full disk, found only when writing (root passes the permission checks)."""
     import errno
 
-    from multimodal import weights
+    from multimodal import files
     from multimodal.cli import main
 
-    def refuse(state_dict, path, *args, **kwargs):
-        raise OSError(errno.EROFS, "Read-only file system", path)
+    def refuse(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
 
-    monkeypatch.setattr(weights, "save_file", refuse)
+    monkeypatch.setattr(files, "open", refuse, raising=False)  # every write goes through files.atomic_file
     assert main(["export", "--checkpoint", str(trained[0]), "--out", str(tmp_path / "m.safetensors")]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert "m.safetensors cannot be written (Read-only file system)" in last and not list(tmp_path.iterdir())

@@ -33,3 +33,22 @@ def test_import_direction():
         assert not any(n.startswith("lightning") for n in names), f"{rel}: use the pytorch_lightning namespace"
         if not rel.startswith("cli/") and rel != "__main__.py":
             assert not any(n.startswith("multimodal.cli") for n in names), rel
+
+
+# What writes a file in place: a reader (or a resumed run) could see it torn. Only multimodal/files.py
+# may do that, for everyone else (`atomic_file`, `write_text`, `write_json`, `save_image`).
+IN_PLACE_WRITES = (r"\.write_text\(", r"\.write_bytes\(", r"os\.replace\(", r"os\.rename\(", r"shutil\.move\(",
+                   r"\bopen\([^)]*[\"'][wax]b?[\"']", r"savefig\((?![^)]*\bf\b)", r"\.save\((?![^)]*\b(f|buf)\b)")
+
+
+def test_every_file_is_written_through_one_atomic_write():
+    import re
+
+    for path in PACKAGE.rglob("*.py"):
+        rel = path.relative_to(PACKAGE).as_posix()
+        if rel == "files.py":
+            continue
+        text = path.read_text()
+        for pattern in IN_PLACE_WRITES:
+            found = re.search(pattern, text)
+            assert found is None, f"{rel} writes in place ({found.group(0) if found else ''}): use multimodal.files"

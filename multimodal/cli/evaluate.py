@@ -5,7 +5,6 @@ then: `--help` and a mistake in the arguments answer at once.
 """
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from multimodal.errors import (
     read_json,
     writing,
 )
+from multimodal.files import write_json
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -151,14 +151,13 @@ def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
         raise UserError(f"{out} is not empty and is not an embedding folder: choose another --out.")
     with writing(out / "info.json"):
         out.mkdir(parents=True, exist_ok=True)
-        (out / "info.json").write_text(json.dumps(info, indent=1) + "\n")
+        write_json(out / "info.json", info)
 
 
 def _write_result(result: dict, out: Path | None) -> None:
     if out is not None:
         with writing(out):
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=1) + "\n")
+            write_json(out, result)
         print(f"Wrote {out}")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from multimodal.cli.args import add_checkpoint_args
 from multimodal.errors import UserError, check_checkpoint, check_input, check_output, reading, writing
+from multimodal.files import save_image
 from multimodal.plot import plot_run
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -79,8 +80,7 @@ def search(argv: list[str]) -> int:
         title = f'"{args.text}"' if args.text else f"like {args.image.name}"
         sheet = contact_sheet([(title, [(im, f"{score:.3f}") for im, (_, score) in zip(images, hits)])])
         with writing(args.grid):
-            args.grid.parent.mkdir(parents=True, exist_ok=True)
-            sheet.save(args.grid)
+            save_image(sheet, args.grid)
         print(f"Wrote {args.grid}")
     return 0
 

@@ -19,6 +19,7 @@ from multimodal import arch, demo
 from multimodal.checkpoint import AtomicCheckpointIO, check_loadable, check_resumable
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.errors import UserError, writing
+from multimodal.files import write_text
 from multimodal.module import CLIPModule
 from multimodal.monitor import RunProgressBar
 
@@ -192,7 +193,7 @@ def _keep_csv_metrics(trainer) -> None:
         if path.is_file():
             before = path.read_text()
             writer = logger.experiment  # created now: this deletes the file
-            path.write_text(before)
+            write_text(path, before)
             header = before.splitlines()[0].split(",") if before else []
             writer.metrics_keys = sorted(set(writer.metrics_keys) | set(header))
 

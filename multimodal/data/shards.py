@@ -11,11 +11,11 @@ manifest: shard file name -> sample count) is written last.
 import csv
 import io
 import json
-import os
 import re
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import chain, islice
 from pathlib import Path
 
 import webdataset as wds
@@ -25,6 +25,7 @@ from tqdm import tqdm
 from multimodal.data import synthetic
 from multimodal.data.decode import open_image
 from multimodal.errors import UserError, check_output, read_json, reading, writing
+from multimodal.files import atomic_file, write_json
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 MANIFEST = "sizes.json"
@@ -52,7 +53,7 @@ class WriteReport:
 def _ours(path: Path) -> bool:
     """Whether `path` is a file that shard writing makes: a shard, a partial shard, a manifest."""
     return path.is_file() and (path.name in (MANIFEST, SYNTHETIC)
-                               or re.fullmatch(r"shard-\d{6}\.tar(\.tmp)?", path.name) is not None)
+                               or re.fullmatch(r"\.?shard-\d{6}\.tar(\.partial)?", path.name) is not None)
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool, option: str = "--out") -> None:
@@ -79,32 +80,24 @@ def write_shards(samples: Iterable[Sample], out_dir: Path, shard_size: int, tota
     if shard_size <= 0:
         raise UserError(f"--shard-size must be a positive number of samples, got {shard_size}.")
     sizes: dict[str, int] = {}
-    writer, count, tmp = None, 0, None
-
-    def close() -> None:
-        writer.close()
+    stream = iter(tqdm(samples, total=total, desc=desc, unit="img", mininterval=1.0))
+    while (first := next(stream, None)) is not None:  # a shard at a time, streamed into its file
         final = out_dir / SHARD_PATTERN.format(len(sizes))
-        os.replace(tmp, final)
+        count = 0
+        with atomic_file(final) as f:
+            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+            for sample in chain([first], islice(stream, shard_size - 1)):
+                record = {"key": sample.key, "captions": sample.captions, **sample.meta}
+                writer.write({
+                    "__key__": sample.key,
+                    "jpg": sample.image,
+                    "txt": sample.captions[0].encode("utf-8"),
+                    "json": json.dumps(record, sort_keys=True).encode("utf-8"),
+                })
+                count += 1
+            writer.close()  # the tar's end blocks; the file itself is closed by atomic_file
         sizes[final.name] = count
-
-    for sample in tqdm(samples, total=total, desc=desc, unit="img", mininterval=1.0):
-        if writer is None:
-            tmp = out_dir / (SHARD_PATTERN.format(len(sizes)) + ".tmp")
-            writer, count = wds.TarWriter(str(tmp), encoder=False, mtime=0.0), 0
-        record = {"key": sample.key, "captions": sample.captions, **sample.meta}
-        writer.write({
-            "__key__": sample.key,
-            "jpg": sample.image,
-            "txt": sample.captions[0].encode("utf-8"),
-            "json": json.dumps(record, sort_keys=True).encode("utf-8"),
-        })
-        count += 1
-        if count == shard_size:
-            close()
-            writer = None
-    if writer is not None:
-        close()
-    (out_dir / MANIFEST).write_text(json.dumps(sizes, indent=1) + "\n")
+    write_json(out_dir / MANIFEST, sizes)
     return sizes
 
 
@@ -243,7 +236,7 @@ def write_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size
 
     sizes = write_shards(samples(), out_dir, shard_size, total=num_samples, desc=f"synthetic {out_dir.name}")
     settings = _synthetic_settings(num_samples, shard_size, image_size, seed, first_index)
-    (out_dir / SYNTHETIC).write_text(json.dumps(settings, indent=1) + "\n")
+    write_json(out_dir / SYNTHETIC, settings)
     return WriteReport(sizes, [])
 
 

@@ -28,6 +28,7 @@ from multimodal.data.pipeline import count_samples
 from multimodal.data.pixels import EvalTransform
 from multimodal.errors import UserError, read_json, reading
 from multimodal.eval.sources import EmbedBatches, ShardSource
+from multimodal.files import atomic_file, write_text
 from multimodal.model import CLIP
 
 PART = "part-{:05d}"
@@ -97,21 +98,13 @@ class PartWriter:
         for kind in self.kinds:  # embeddings first, index files last: an index means a finished part
             chunks, _ = outputs[kind]
             array = torch.cat(chunks).numpy() if chunks else np.zeros((0, self.dim), np.float32)
-            _atomic(self.out / f"{kind}_emb" / f"{PART.format(index)}.npy",
-                    lambda f, a=array: np.save(f, a.astype(self.dtype)))
+            with atomic_file(self.out / f"{kind}_emb" / f"{PART.format(index)}.npy") as f:
+                np.save(f, array.astype(self.dtype))
         for kind in self.kinds:
             _, rows = outputs[kind]
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            _atomic(self.out / f"{kind}_index" / f"{PART.format(index)}.jsonl", lambda f, t=text: f.write(t.encode()))
+            write_text(self.out / f"{kind}_index" / f"{PART.format(index)}.jsonl", text)
             self.rows_written += len(rows)
-
-
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    tmp.replace(path)
 
 
 def collect(batches: Iterable[tuple[dict, torch.Tensor | None, torch.Tensor | None]]) -> Embeddings:

@@ -1,0 +1,63 @@
+"""Every file the project writes is written atomically: to a hidden partial file in the target's
+folder, flushed and fsynced, then renamed over the target (a rename within one file system is
+atomic), and the rename fsynced with its folder. A process killed at any moment (SIGKILL, a lost
+node) leaves the previous file or the new one, never a torn one; a write that fails leaves the
+previous file and no partial one. Checkpoints, exported weights, shards and their manifests,
+embedding parts and indexes, results and reports all come through here.
+"""
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
+    """A binary file to write `path` through: in place only once the block has finished."""
+    path = Path(path)
+    partial = partial_path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(partial, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself reaches the disk
+    finally:
+        os.close(directory)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_file(path) as f:
+        f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, value, indent: int = 1) -> None:
+    write_text(path, json.dumps(value, indent=indent, ensure_ascii=False) + "\n")
+
+
+def save_image(image, path: str | os.PathLike) -> None:
+    """A PIL image to `path`, in the format its suffix names (.png, .jpg, .webp)."""
+    from PIL import Image  # here: the CLI's light commands import this module
+
+    with atomic_file(path) as f:
+        image.save(f, format=Image.registered_extensions()[Path(path).suffix.lower()])
