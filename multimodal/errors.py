@@ -94,6 +94,16 @@ def read_text(path: str | Path, fix: str = "") -> str:
         return Path(path).read_text(encoding="utf-8-sig")
 
 
+def read_lines(path: str | Path, what: str) -> list[str]:
+    """The non-empty lines of a UTF-8 text file the user gave (texts, class names, templates), stripped;
+    `what` names the file in the sentence when it is missing or holds none ("Text", "Class names")."""
+    check_input(path, f"{what} file", "pass a UTF-8 text file with one entry a line")
+    lines = [line.strip() for line in read_text(path).splitlines() if line.strip()]
+    if not lines:
+        raise UserError(f"{what} file {path} is empty: write one entry a line.")
+    return lines
+
+
 def read_json(path: str | Path, fix: str = "", kind: type = dict):
     """A JSON file the user gave, whose top level must be of type `kind`."""
     with reading(path, fix):

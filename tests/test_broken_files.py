@@ -74,6 +74,13 @@ def latin1_texts(root: Path, ckpt: Path) -> list[str]:
             "--num-workers", "0"]
 
 
+def latin1_classnames(root: Path, ckpt: Path) -> list[str]:
+    image_file(root / "images" / "cafe" / "a.png")
+    (root / "classes.txt").write_bytes(LATIN1_CAPTION + b"\n")
+    return ["eval", "zeroshot", "--checkpoint", str(ckpt), "--images", str(root / "images"),
+            "--classnames", str(root / "classes.txt")]
+
+
 def shards_out_is_a_file(root: Path) -> list[str]:
     image_file(root / "images" / "a.png")
     (root / "captions.csv").write_text("image,caption\na.png,a red square\n")
@@ -157,6 +164,7 @@ BROKEN = {
     # (make arguments from (tmp folder, trained checkpoint), what the sentence must say)
     "latin-1 csv for shards": (lambda t, c: latin1_csv(t), "captions.csv is not UTF-8"),
     "latin-1 texts for embed": (latin1_texts, "texts.txt is not UTF-8"),
+    "latin-1 class names for zeroshot": (latin1_classnames, "classes.txt is not UTF-8"),
     "shards --out is a file": (lambda t, c: shards_out_is_a_file(t), "is a file, not a folder"),
     "shards --out holds other files": (lambda t, c: shards_out_holds_other_files(t), "holds other files"),
     "embed --out is a file": (embed_out_is_a_file, "is a file, not a folder"),

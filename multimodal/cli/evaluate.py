@@ -16,6 +16,7 @@ from multimodal.errors import (
     check_input,
     check_output,
     read_json,
+    read_lines,
     writing,
 )
 from multimodal.files import write_json
@@ -249,13 +250,13 @@ def eval_zeroshot(argv: list[str]) -> int:
     templates = zeroshot.read_templates(args.templates)
     if args.images:
         folders, _ = zeroshot.image_folder(args.images)
-        classnames = zeroshot.read_lines(args.classnames, "Class names") if args.classnames else \
+        classnames = read_lines(args.classnames, "Class names") if args.classnames else \
             [f.replace("_", " ") for f in folders]
         if len(classnames) != len(folders):
             raise UserError(f"{args.classnames} names {len(classnames)} classes but {args.images} has "
                             f"{len(folders)} class folders.")
     else:
-        classnames = zeroshot.read_lines(args.classnames, "Class names")
+        classnames = read_lines(args.classnames, "Class names")
     model, name = weights.load_model(args.checkpoint, args.model)
     size = arch.image_size(name)  # JPEGs decoded no larger than the model needs
     samples = zeroshot.image_folder(args.images, size)[1] if args.images else \

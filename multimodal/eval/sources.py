@@ -20,7 +20,7 @@ from multimodal.data.decode import decode_checked, tokenize
 from multimodal.data.faults import BadSample
 from multimodal.data.pipeline import count_samples, expand_urls, read_samples
 from multimodal.data.pixels import EvalTransform
-from multimodal.errors import UserError, read_text
+from multimodal.errors import UserError, read_lines
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
@@ -108,12 +108,7 @@ class TextFileSource(Source):
     has_images = False
 
     def __init__(self, path: Path, part_size: int):
-        if not path.is_file():
-            raise UserError(f"Text file {path} does not exist: pass a file with one text a line with --texts.")
-        self.lines = [line.strip() for line in read_text(path).splitlines()]
-        self.lines = [line for line in self.lines if line]
-        if not self.lines:
-            raise UserError(f"Text file {path} holds no text: write one text a line.")
+        self.lines = read_lines(path, "Text")
         self.size = part_size
 
     def num_parts(self) -> int:

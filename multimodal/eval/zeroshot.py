@@ -15,7 +15,7 @@ from PIL import Image
 
 from multimodal.data.pipeline import expand_urls, read_labelled
 from multimodal.data.pixels import EvalTransform
-from multimodal.errors import UserError
+from multimodal.errors import UserError, read_lines
 from multimodal.eval.sources import IMAGE_SUFFIXES, read_image_file
 from multimodal.model import CLIP
 
@@ -32,15 +32,6 @@ DEFAULT_TEMPLATES = (
     "a {} in the wild.",
     "a photo of many {}s.",
 )
-
-
-def read_lines(path: Path, what: str) -> list[str]:
-    if not path.is_file():
-        raise UserError(f"{what} file {path} does not exist.")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    if not lines:
-        raise UserError(f"{what} file {path} is empty: write one entry a line.")
-    return lines
 
 
 def read_templates(path: Path | None) -> list[str]:
