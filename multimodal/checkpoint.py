@@ -63,8 +63,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
-def check_loadable(path: str | os.PathLike, what: str = "checkpoint") -> None:
-    """Raise a UserError unless `path` is a file that `torch.load(weights_only=True)` reads: a
+def check_loadable(path: str | os.PathLike, what: str = "checkpoint") -> Any:
+    """The checkpoint at `path` as `torch.load(weights_only=True, mmap=True)` reads it, or a UserError: a
     checkpoint holding anything but tensors and plain values (code to run, custom classes) is refused."""
     path = Path(path)
     if not path.is_file():
@@ -73,7 +73,7 @@ def check_loadable(path: str | os.PathLike, what: str = "checkpoint") -> None:
         raise UserError(f"The {what} {path} is empty (0 bytes), as a write that never finished leaves it: pass "
                         "another checkpoint.")
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as exc:
         raise UserError(f"The {what} {path} cannot be loaded safely as a checkpoint (tensors and plain values "
                         f"only): {first_line(exc, 200)}; pass a checkpoint written by `multimodal train`.") from None
@@ -82,8 +82,7 @@ def check_loadable(path: str | os.PathLike, what: str = "checkpoint") -> None:
 def check_resumable(path: str | os.PathLike, module: torch.nn.Module) -> None:
     """Refuse, before a run starts, a checkpoint it cannot continue from: a file that is not a
     Lightning checkpoint (a bare state dict), or one whose weights do not fit the run's model."""
-    check_loadable(path)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    ckpt = check_loadable(path)  # one (memory-mapped) load for both checks
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) \
             or "pytorch-lightning_version" not in ckpt:
         raise UserError(f"{path} is not the checkpoint of a Lightning run (a bare state dict, perhaps): resume from "
