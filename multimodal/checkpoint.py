@@ -10,19 +10,26 @@ does not fsync.) Remote paths (s3://, gs://, ...) keep Lightning's writer.
 Checkpoints load with `torch.load(weights_only=True)`: tensors and plain Python values only.
 `check_loadable` runs that check before a run hands a file to Lightning, so an untrusted file is
 refused with one sentence instead of being unpickled.
+
+Exact resume: `ExactResume` saves every rank's random states and mends the loop state of a checkpoint
+written on an epoch's last step; the DataModule saves the data stream's position itself
+(`ShardDataModule.state_dict`); Lightning saves the rest (weights, optimizer, schedule, scaler, loops).
 """
 
 import os
 import pickle
+import random
 import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.plugins import TorchCheckpointIO
 
+from multimodal import distributed
 from multimodal.errors import UserError, first_line
 from multimodal.files import atomic_file
 
@@ -134,3 +141,37 @@ class FinalCheckpoint(pl.Callback):
             if isinstance(callback, ModelCheckpoint) and callback.save_last \
                     and callback._last_global_step_saved != trainer.global_step:
                 callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+def rng_states() -> dict:
+    """This process's random states as plain Python values: they travel through all_gather_object
+    and load with weights_only."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, cached],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states: dict) -> None:
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(states["torch"], dtype=torch.uint8))
+    if states["cuda"] and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in states["cuda"]])
+
+
+class ExactResume(pl.Callback):
+    """Every rank's random states in each checkpoint (restored on the same number of ranks), and a
+    checkpoint of an epoch's last step resumed as the start of the next (`resume_finished_epoch_at_the_next`).
+    Its hooks run on every rank, as checkpointing does."""
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        checkpoint["rng_states"] = distributed.all_gather_objects(rng_states())
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        resume_finished_epoch_at_the_next(checkpoint)  # before Lightning restores its loops from it
+        states = checkpoint.get("rng_states")
+        if states and len(states) == trainer.world_size:
+            set_rng_states(states[trainer.global_rank])

@@ -9,7 +9,12 @@ With a process group of W > 1 ranks, each rank scores its B local rows against a
 columns (open_clip's "local loss"), labels offset by rank * B. The mean of the ranks' losses then
 equals the single-process loss on the concatenated batch, and the gradients DDP averages equal the
 single-process gradients (tests/test_distributed.py proves both).
+
+`ClipLoss` and `SigLipLoss` are thin callables over the two functions with one call signature, so a
+run chooses its loss once (`LOSSES`) and its step does not branch on a name.
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -70,3 +75,40 @@ def siglip_loss(
     rows = torch.arange(batch, device=logits.device)
     labels[rows, rows + offset] = 1.0
     return -F.logsigmoid(labels * logits).sum() / batch
+
+
+class ContrastiveLoss:
+    """A contrastive loss chosen once (`model.loss`), called as
+    `loss(image_features, text_features, logit_scale, logit_bias, gather=...)`.
+
+    `init_logit_scale` and `init_logit_bias` are the model scalars the loss is meant to start from
+    (None: open_clip's ln(1 / 0.07) temperature, and no bias). Plain callables, not modules: no
+    parameters, and no module hooks in the step (a FLOP counter's would hook the bias, a leaf).
+    """
+
+    init_logit_scale: float | None = None
+    init_logit_bias: float | None = None
+
+
+class ClipLoss(ContrastiveLoss):
+    """`clip_loss`: the bias, if the model has one, is not used."""
+
+    def __call__(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None, *, gather: bool = True) -> torch.Tensor:
+        return clip_loss(image_features, text_features, logit_scale, gather=gather)
+
+
+class SigLipLoss(ContrastiveLoss):
+    """`siglip_loss`, from SigLIP's initial temperature 10 and bias -10 (arXiv:2303.15343, section 3)."""
+
+    init_logit_scale = math.log(10)
+    init_logit_bias = -10.0
+
+    def __call__(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                logit_bias: torch.Tensor | None = None, *, gather: bool = True) -> torch.Tensor:
+        if logit_bias is None:
+            raise ValueError("siglip_loss needs a model with a logit_bias (create it with init_logit_bias).")
+        return siglip_loss(image_features, text_features, logit_scale, logit_bias, gather=gather)
+
+
+LOSSES: dict[str, type[ContrastiveLoss]] = {"clip": ClipLoss, "siglip": SigLipLoss}

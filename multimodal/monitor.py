@@ -1,5 +1,5 @@
 """What a user watches while training runs: throughput and MFU, bad data and non-finite steps, the
-progress bar. Lightning callbacks; `CLIPModule.configure_callbacks` attaches the first two.
+progress bar. Lightning callbacks; `multimodal.recipe` hands the first two to the module, which attaches them.
 
 None of them reads a device value on the host except on logging steps (every
 `trainer.log_every_n_steps` steps) and at the end: on a GPU, a read makes the CPU wait for the
@@ -10,6 +10,7 @@ counts are read, so a run that must stop stops up to `log_every_n_steps` steps l
 
 import sys
 from collections import Counter
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -35,7 +36,9 @@ class Throughput(pl.Callback):
     """Logs samples/s (per device and in all), the fraction of step time spent waiting for data, and,
     from the model FLOPs per sample, TFLOP/s per device and MFU (`multimodal.throughput`)."""
 
-    def __init__(self, count_flops: bool = True, peak: float | None = None, warmup_steps: int = 1):
+    def __init__(self, count_flops: Callable[[], float] | None = None, peak: float | None = None,
+                 warmup_steps: int = 1):
+        """`count_flops()` gives the model FLOPs of one training sample, counted as training starts."""
         self.count_flops, self.peak, self.warmup_steps = count_flops, peak, warmup_steps
         self.timer = StepTimer()
         self.flops_per_sample: float | None = None
@@ -43,8 +46,8 @@ class Throughput(pl.Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.timer = StepTimer(window=max(1, trainer.log_every_n_steps), warmup=self.warmup_steps)
         self.peak = self.peak or peak_tflops(pl_module.device)
-        if self.count_flops:
-            self.flops_per_sample = pl_module.flops_per_sample()
+        if self.count_flops is not None:
+            self.flops_per_sample = self.count_flops()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self.timer.start(batch["image"].shape[0])

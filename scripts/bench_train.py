@@ -114,7 +114,7 @@ def step_only(setting: Setting) -> float:
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
-    from multimodal.module import CLIPModule
+    from multimodal.recipe import build_module
 
     size, warm = arch.image_size(setting.model), 10 if setting.compile else 3
     batch = {"image": torch.randn(setting.batch_size, 3, size, size),
@@ -127,8 +127,8 @@ def step_only(setting: Setting) -> float:
                 synchronize(trainer.strategy.root_device)
                 times.append(time.perf_counter())
 
-    module = CLIPModule(setting.model, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS, warmup_steps=5,
-                        compile=setting.compile, count_flops=False)
+    module = build_module(setting.model, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS, warmup_steps=5,
+                          compile=setting.compile, count_flops=False)
     trainer = pl.Trainer(accelerator="gpu" if setting.gpu else "cpu", devices=1, precision=setting.precision,
                          max_steps=warm + setting.steps + 1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],

@@ -41,11 +41,11 @@ def trained(tmp_path_factory):
 
     from multimodal.data.datamodule import ShardDataModule
     from multimodal.data.shards import write_synthetic
-    from multimodal.module import CLIPModule
+    from multimodal.recipe import build_module
 
     root = tmp_path_factory.mktemp("trained")
     write_synthetic(root / "data", num_samples=64, shard_size=16)
-    module = CLIPModule("tiny", lr=1e-3, warmup_steps=1)
+    module = build_module("tiny", lr=1e-3, warmup_steps=1)
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=root)
     trainer.fit(module, datamodule=ShardDataModule(str(root / "data"), batch_size=8, num_workers=0))

@@ -62,12 +62,12 @@ def test_the_commands_and_their_options_and_defaults():
 
 def test_the_training_options_and_defaults():
     from multimodal.data.datamodule import ShardDataModule
-    from multimodal.module import CLIPModule
+    from multimodal.recipe import build_module
 
-    def defaults(cls) -> dict:
-        return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}
+    def defaults(build) -> dict:
+        return {k: p.default for k, p in inspect.signature(build).parameters.items()}
 
-    assert defaults(CLIPModule) == TRAIN_MODEL
+    assert defaults(build_module) == TRAIN_MODEL
     assert defaults(ShardDataModule) == TRAIN_DATA
     from multimodal.cli.train import TrainCLI
 

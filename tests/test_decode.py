@@ -25,7 +25,7 @@ from multimodal.data.datamodule import ShardDataModule
 from multimodal.data.pipeline import ImageTextStream
 from multimodal.data.pixels import TrainCrop, finish_batch
 from multimodal.data.shards import MANIFEST
-from multimodal.module import CLIPModule
+from multimodal.recipe import build_module
 from tests.test_pipeline import batches, write_tar
 
 CPU = torch.device("cpu")
@@ -163,7 +163,7 @@ def test_training_with_device_decoding_runs_through_lightning(tmp_path):
     data = ShardDataModule(str(shards), batch_size=8, num_workers=1, decode="gpu")
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Pixels()])
-    trainer.fit(CLIPModule("tiny", lr=1e-3, warmup_steps=1), datamodule=data)
+    trainer.fit(build_module("tiny", lr=1e-3, warmup_steps=1), datamodule=data)
     assert trainer.global_step == 3
     assert seen == [(torch.float32, (8, 3, 64, 64), False)] * 3
     auto = ShardDataModule(str(shards), batch_size=8, num_workers=0)

@@ -13,7 +13,7 @@ import torch
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.data.synthetic import SyntheticData
 from multimodal.eval.retrieval import retrieval_metrics
-from multimodal.module import CLIPModule
+from multimodal.recipe import build_module
 from tests.conftest import REPO
 
 PAGES = [REPO / "README.md", REPO / "data" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -45,7 +45,7 @@ def test_the_docs_pages_exist_and_the_readme_is_short():
 @pytest.mark.parametrize("page", TEXT)
 def test_every_config_key_the_docs_name_exists(page):
     sections = {
-        "model": set(inspect.signature(CLIPModule.__init__).parameters),
+        "model": set(inspect.signature(build_module).parameters),
         "data": set(inspect.signature(ShardDataModule.__init__).parameters),
         "trainer": set(inspect.signature(pl.Trainer.__init__).parameters),
     }

@@ -199,11 +199,11 @@ def fit(tmp_path, callbacks, max_steps=8, log_every_n_steps=50, **module_args):
     import pytorch_lightning as pl
 
     from multimodal.data.datamodule import ShardDataModule
-    from multimodal.module import CLIPModule
+    from multimodal.recipe import build_module
 
     if not (tmp_path / "data").exists():
         write_synthetic(tmp_path / "data", num_samples=64, shard_size=16)
-    module = CLIPModule("tiny", lr=1e-3, warmup_steps=1, **module_args)
+    module = build_module("tiny", lr=1e-3, warmup_steps=1, **module_args)
     trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                          default_root_dir=tmp_path, log_every_n_steps=log_every_n_steps)

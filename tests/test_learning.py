@@ -12,7 +12,7 @@ from multimodal.data.pipeline import expand_urls, read_samples
 from multimodal.data.shards import write_coco
 from multimodal.eval.embed import embed_shards
 from multimodal.eval.retrieval import chance_recall, retrieval_metrics
-from multimodal.module import CLIPModule
+from multimodal.recipe import build_module
 from tests.conftest import run_cli
 
 
@@ -22,7 +22,7 @@ def test_tiny_model_memorises_coco_mini(coco_mini, tmp_path):
     write_coco(coco_mini / "annotations" / "captions_train2017.json", coco_mini / "train2017", shards,
                shard_size=20, max_side=96)
     pl.seed_everything(0)
-    module = CLIPModule("tiny", lr=1e-3, weight_decay=0.0, warmup_steps=20)
+    module = build_module("tiny", lr=1e-3, weight_decay=0.0, warmup_steps=20)
     data = ShardDataModule(str(shards), batch_size=40, num_workers=2, shuffle_buffer=80)
     trainer = pl.Trainer(accelerator="cpu", max_steps=250, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)

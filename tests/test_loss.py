@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from multimodal.loss import clip_loss, siglip_loss
+from multimodal.loss import LOSSES, clip_loss, siglip_loss
 
 
 def features(n: int, d: int, seed: int, dtype=torch.float32):
@@ -103,3 +103,18 @@ def test_siglip_gradcheck():
     scale = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
     bias = torch.tensor(-2.0, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(siglip_loss, (image, text, scale, bias))
+
+
+def test_the_loss_chosen_by_name_is_the_function_and_starts_from_its_papers_scalars():
+    """`model.loss` picks a callable once; it computes what open_clip's loss of the same kind does."""
+    image, text = (F.normalize(torch.randn(8, 16), dim=-1) for _ in range(2))
+    scale, bias = torch.tensor(10.0), torch.tensor(-10.0)
+    clip, siglip = LOSSES["clip"](), LOSSES["siglip"]()
+    assert torch.allclose(clip(image, text, scale, None, gather=False),
+                          open_clip.loss.ClipLoss()(image, text, scale), atol=1e-6)
+    assert torch.allclose(siglip(image, text, scale, bias, gather=False),
+                          open_clip.loss.SigLipLoss()(image, text, scale, bias), atol=1e-5)
+    assert (clip.init_logit_scale, clip.init_logit_bias) == (None, None)
+    assert (siglip.init_logit_scale, siglip.init_logit_bias) == (math.log(10), -10.0)
+    with pytest.raises(ValueError, match="logit_bias"):
+        siglip(image, text, scale, None)

@@ -10,6 +10,7 @@ from pytorch_lightning.plugins import MixedPrecision
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.data.shards import write_synthetic
 from multimodal.module import CLIPModule
+from multimodal.recipe import build_module
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def fit(module: CLIPModule, shards: str, steps: int, tmp_path) -> pl.Trainer:
 
 @pytest.mark.parametrize("start,expected", [(10.0, math.log(100)), (-3.0, 0.0)])
 def test_logit_scale_is_clamped_after_each_step(shards, tmp_path, start, expected):
-    module = CLIPModule("tiny", lr=1e-6, warmup_steps=1)
+    module = build_module("tiny", lr=1e-6, warmup_steps=1)
     with torch.no_grad():
         module.model.logit_scale.fill_(start)
     fit(module, shards, steps=2, tmp_path=tmp_path)
@@ -36,7 +37,7 @@ def test_logit_scale_is_clamped_after_each_step(shards, tmp_path, start, expecte
 
 
 def test_learning_rate_follows_warmup_then_cosine_per_step(shards, tmp_path):
-    module = CLIPModule("tiny", lr=1e-3, warmup_steps=4, min_lr_ratio=0.0)
+    module = build_module("tiny", lr=1e-3, warmup_steps=4, min_lr_ratio=0.0)
     lrs = []
 
     class Record(pl.Callback):
@@ -56,7 +57,7 @@ def test_learning_rate_follows_warmup_then_cosine_per_step(shards, tmp_path):
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_steps(shards, tmp_path, precision):
     """On CPU, Lightning turns a plain precision="16-mixed" into bf16; the plugin keeps fp16 + scaling."""
-    module = CLIPModule("tiny", lr=1e-3, warmup_steps=1)
+    module = build_module("tiny", lr=1e-3, warmup_steps=1)
     losses = []
 
     class Record(pl.Callback):

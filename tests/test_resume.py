@@ -12,6 +12,7 @@ from multimodal.data.datamodule import ShardDataModule
 from multimodal.data.shards import write_synthetic
 from multimodal.errors import UserError
 from multimodal.module import CLIPModule
+from multimodal.recipe import build_module
 
 SAMPLES, SHARD, BATCH = 384, 48, 16  # 8 shards, 24 batches: one exact pass per epoch
 
@@ -37,7 +38,7 @@ def fit(shards: Path, root: Path, max_steps: int, ckpt: Path | None = None, work
         resampled: bool = False, max_epochs: int | None = None, every: int | None = None
         ) -> tuple[Keys, CLIPModule, pl.Trainer]:
     pl.seed_everything(0)
-    module = CLIPModule(model_name="tiny", warmup_steps=2, count_flops=False)
+    module = build_module(model_name="tiny", warmup_steps=2, count_flops=False)
     data = ShardDataModule(str(shards), batch_size=BATCH, num_workers=workers, shuffle_buffer=64,
                            resampled=resampled, num_samples=SAMPLES if resampled else None)
     keys = Keys()
@@ -90,7 +91,7 @@ def test_resume_restores_optimizer_scheduler_and_random_state(shards, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert ckpt["global_step"] == 5 and ckpt["lr_schedulers"][0]["last_epoch"] == 5
     assert ckpt["optimizer_states"][0]["state"]  # AdamW moments
-    assert ckpt["stream_position"]["ranks"][0] == {0: [5, 5 * BATCH]}
+    assert ckpt["ShardDataModule"]["ranks"][0] == {0: [5, 5 * BATCH]}
     assert set(ckpt["rng_states"][0]) == {"python", "numpy", "torch", "cuda"}
     _, module, trainer = fit(shards, tmp_path, max_steps=6, workers=0, ckpt=tmp_path / "ckpt" / "last.ckpt")
     assert trainer.global_step == 6
@@ -135,7 +136,7 @@ def test_random_states_round_trip_through_a_checkpoint(tmp_path):
 
     import numpy as np
 
-    from multimodal.module import rng_states, set_rng_states
+    from multimodal.checkpoint import rng_states, set_rng_states
 
     torch.save({"rng": rng_states()}, tmp_path / "s.pt")
     drawn = (random.random(), np.random.rand(), torch.rand(3))

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader
 from multimodal import arch
 from multimodal.errors import UserError
 from multimodal.module import CLIPModule
+from multimodal.recipe import build_module
 from multimodal.weights import export
 from tests.conftest import REPO, run_cli
 
@@ -42,7 +43,7 @@ def step(module: CLIPModule, steps: int = 1, precision: str = "32-true") -> Grad
 
 def module(**kwargs) -> CLIPModule:
     torch.manual_seed(0)
-    return CLIPModule(model_name="tiny", warmup_steps=0, **kwargs)
+    return build_module(model_name="tiny", warmup_steps=0, **kwargs)
 
 
 @pytest.mark.parametrize("loss", ["clip", "siglip"])

@@ -17,8 +17,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.data.shards import write_synthetic
-from multimodal.module import CLIPModule
 from multimodal.monitor import RunProgressBar
+from multimodal.recipe import build_module
 
 LOG_EVERY = 4
 
@@ -62,7 +62,7 @@ def shards(tmp_path_factory):
 def test_training_steps_read_device_values_only_on_logging_steps(shards, tmp_path, precision, micro_batches, decode):
     """fp32; bf16 with gradient-cached micro-batches; and JPEGs decoded on the device (here the CPU)."""
     mode = HostReads()
-    module = CLIPModule("tiny", lr=1e-3, warmup_steps=2, micro_batches=micro_batches)
+    module = build_module("tiny", lr=1e-3, warmup_steps=2, micro_batches=micro_batches)
     trainer = pl.Trainer(accelerator="cpu", precision=precision, max_steps=12, log_every_n_steps=LOG_EVERY,
                          logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_model_summary=False,
                          callbacks=[RunProgressBar(), Record(mode)], gradient_clip_val=1.0, default_root_dir=tmp_path)

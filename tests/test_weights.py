@@ -53,10 +53,10 @@ def test_export_round_trip_through_open_clip(trained, tmp_path, suffix):
 
 
 def test_siglip_export_round_trip_keeps_the_bias(tmp_path):
-    from multimodal.module import CLIPModule
+    from multimodal.recipe import build_module
 
     torch.manual_seed(0)
-    ours = CLIPModule(model_name="tiny", loss="siglip").model.eval()
+    ours = build_module(model_name="tiny", loss="siglip").model.eval()
     with torch.no_grad():
         ours.logit_bias.fill_(-7.5)
     written = export(ours, "tiny", tmp_path / "s.safetensors")

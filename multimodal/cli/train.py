@@ -20,12 +20,12 @@ from multimodal.checkpoint import AtomicCheckpointIO, check_loadable, check_resu
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.errors import UserError, writing
 from multimodal.files import write_text
-from multimodal.module import CLIPModule
 from multimodal.monitor import RunProgressBar
+from multimodal.recipe import build_module
 
 
 class TrainCLI(LightningCLI):
-    """LightningCLI over CLIPModule and ShardDataModule, one run directory per run."""
+    """LightningCLI over the module `recipe.build_module` builds and ShardDataModule, one run directory per run."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.model_name", "data.model_name")
@@ -156,7 +156,7 @@ def _train_cli(argv: list[str]) -> TrainCLI:
         warnings.filterwarnings("ignore", message=message)
     try:
         return TrainCLI(
-            CLIPModule, ShardDataModule, run=False, args=argv, seed_everything_default=0,
+            build_module, ShardDataModule, run=False, args=argv, seed_everything_default=0,
             auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "multimodal train", "description": "Train a CLIP model on webdataset shards.",
                            "exit_on_error": False},

@@ -2,7 +2,9 @@
 
 Its constructor arguments are the `data:` section of the YAML configs. With `synthetic` set,
 `prepare_data` writes the synthetic scenes into the `train_shards` and `val_shards` folders
-first (once per node, skipped when they are already there).
+first (once per node, skipped when they are already there). It normalises pixels on the device
+(`on_after_batch_transfer`) and keeps the stream's position in checkpoints (`state_dict`), so a
+run stopped mid-epoch continues with the samples it had not seen.
 """
 
 import math
@@ -13,7 +15,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from multimodal import arch
+from multimodal import arch, distributed
 from multimodal.data.decode import MAX_IMAGE_PIXELS
 from multimodal.data.pipeline import (
     ImageTextStream,
@@ -83,6 +85,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.decode = decode
         self.crop, self.preprocess = arch.train_crop(model_name), arch.eval_transform(model_name)
         self._resume: dict | None = None
+        self._epoch, self._progress = -1, {}  # this epoch's worker -> (batches, samples consumed)
         arch.resolve(model_name)
         if synthetic is None:  # fail before any work starts, not at the first batch
             expand_urls(train_shards)
@@ -100,9 +103,28 @@ class ShardDataModule(pl.LightningDataModule):
             if folder and count:
                 ensure_synthetic(Path(folder), count, s.shard_size, s.image_size, s.seed, first, option)
 
-    def resume_from(self, position: dict) -> None:
-        """The stream position saved in a checkpoint (CLIPModule.on_save_checkpoint), for the next train_dataloader."""
-        self._resume = position
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Record the stream's position as each training batch arrives, before the step whose
+        checkpoint (ModelCheckpoint saves in `on_train_batch_end`) must include it."""
+        if isinstance(batch, dict) and "worker" in batch:
+            epoch = self.trainer.current_epoch
+            if self._epoch != epoch:
+                self._epoch, self._progress = epoch, {}
+            batches = self._progress.get(batch["worker"], (0, 0))[0]
+            self._progress[batch["worker"]] = (batches + 1, int(batch["consumed"]))
+        return batch
+
+    def state_dict(self) -> dict:
+        """Every rank's stream position, for a mid-epoch resume: (batches, samples) each worker had
+        consumed. Called on every rank when Lightning writes a checkpoint."""
+        progress = distributed.all_gather_objects(self._progress if self._epoch == self.trainer.current_epoch else {})
+        return {"epoch": self.trainer.current_epoch, "global_step": self.trainer.global_step,
+                "world_size": self.trainer.world_size, "num_workers": max(1, self.num_workers),
+                "ranks": [{int(w): list(p) for w, p in rank.items()} for rank in progress]}
+
+    def load_state_dict(self, state: dict) -> None:
+        """The saved position, continued by the next `train_dataloader` (`_resume_args`)."""
+        self._resume = state
 
     def _resume_args(self, rank: int, world: int, num_batches: int) -> dict:
         """ImageTextStream arguments that continue the saved position, once.

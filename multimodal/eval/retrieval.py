@@ -11,6 +11,8 @@ hit at k means rank < k (ties are resolved in the query's favour). Scores are co
 (chunk x chunk) blocks: memory stays bounded by the chunk sizes, never by images x captions.
 """
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -71,6 +73,22 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     metrics["text_retrieval_mean_rank"] = (i2t + 1).float().mean().item()
     metrics["text_retrieval_median_rank"] = (i2t + 1).float().median().item()
     return metrics
+
+
+def first_caption_loss(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,
+                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch_size: int) -> float:
+    """Mean in-batch loss of every image with its first caption, in batches of `batch_size` images
+    (a last batch of one image, which has no negatives, is left out): the held-out loss (`val/loss`).
+    `text_to_image` is (M,), -1 for a caption of no image."""
+    first: dict[int, int] = {}
+    for row, image in enumerate(text_to_image.tolist()):
+        if image >= 0:
+            first.setdefault(image, row)
+    images = sorted(first)
+    images_f, texts_f = image_features[images], text_features[[first[i] for i in images]]  # (N, D) each
+    losses = [loss_fn(images_f[i:i + batch_size], texts_f[i:i + batch_size])
+              for i in range(0, len(images), batch_size) if len(images[i:i + batch_size]) > 1]
+    return torch.stack(losses).mean().item()
 
 
 def chance_recall(num_candidates: int, k: int) -> float:
