@@ -23,7 +23,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from multimodal import distributed
+from multimodal import arch, distributed
 from multimodal.accumulate import cached_step
 from multimodal.checkpoint import FinalCheckpoint, resume_finished_epoch_at_the_next
 from multimodal.distributed import max_over_ranks_
@@ -127,11 +127,12 @@ class CLIPModule(pl.LightningModule):
                          (0.0 <= patch_dropout < 1.0, f"model.patch_dropout must be in [0, 1), got {patch_dropout}")):
             if not ok:
                 raise UserError(f"{rule}.")
+        self.arch = arch.load(model_name)
         self.model = self._build_model()
         # as built: FSDP flattens parameters, and weight decay goes by the original shapes
         self._param_ndims = {name: p.ndim for name, p in self.model.named_parameters()}
         if pretrained:
-            load_weights(self.model, pretrained, model_name)
+            load_weights(self.model, pretrained, self.arch)
         if grad_checkpointing:
             self.model.towers.set_grad_checkpointing(True)
         if compile:  # in place: the parameters keep their names in checkpoints and exports
@@ -146,7 +147,7 @@ class CLIPModule(pl.LightningModule):
         """A fresh model with the configured loss scalars, patch dropout and locked towers."""
         hp = self.hparams
         siglip = hp.loss == "siglip"
-        model = create_model(hp.model_name, init_logit_scale=math.log(10) if siglip else None,
+        model = create_model(self.arch, init_logit_scale=math.log(10) if siglip else None,
                              init_logit_bias=-10.0 if siglip else None, patch_dropout=hp.patch_dropout or None)
         if hp.lock_image:
             model.towers.lock_image_tower(unlocked_groups=hp.lock_image_unlocked_groups)
@@ -193,7 +194,7 @@ class CLIPModule(pl.LightningModule):
         """Model FLOPs of one training sample, counted on a fresh copy: any strategy, compiled or
         sharded, counts the same."""
         copy = self._build_model()
-        return flops_per_sample(copy, self.hparams.model_name, lambda i, t: self._loss(copy, i, t, gather=False))
+        return flops_per_sample(copy, self.arch, lambda i, t: self._loss(copy, i, t, gather=False))
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         # The stream's position, for a mid-epoch resume: recorded as the batch starts, because a
