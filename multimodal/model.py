@@ -10,13 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from multimodal import arch
+from multimodal.arch import Architecture
 
 
 class CLIP(nn.Module):
-    def __init__(self, towers: open_clip.CLIP):
+    def __init__(self, towers: open_clip.CLIP, architecture: Architecture):
         super().__init__()
         self.towers = towers
+        self.architecture = architecture  # what the data and evaluations need of it: tokenizer, transforms
         self.register_load_state_dict_pre_hook(_match_scalar_shapes)
 
     @property
@@ -50,9 +51,9 @@ class CLIP(nn.Module):
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()
 
 
-def create_model(name: str, *, init_logit_scale: float | None = None, init_logit_bias: float | None = None,
-                 patch_dropout: float | None = None) -> CLIP:
-    """A randomly initialised model of architecture `name` (see `multimodal.arch`).
+def create_model(architecture: Architecture, *, init_logit_scale: float | None = None,
+                 init_logit_bias: float | None = None, patch_dropout: float | None = None) -> CLIP:
+    """A randomly initialised model of `architecture` (`multimodal.arch.load`).
 
     `init_logit_bias` adds SigLIP's learnable bias (open_clip's `logit_bias`); `patch_dropout`
     drops that fraction of image patches in training (FLIP, arXiv:2212.00794).
@@ -62,8 +63,7 @@ def create_model(name: str, *, init_logit_scale: float | None = None, init_logit
         kwargs["init_logit_scale"] = init_logit_scale
     if init_logit_bias is not None:
         kwargs["init_logit_bias"] = init_logit_bias
-    towers = open_clip.create_model(arch.resolve(name), pretrained=None, force_patch_dropout=patch_dropout, **kwargs)
-    return CLIP(towers)
+    return CLIP(architecture.create_towers(force_patch_dropout=patch_dropout, **kwargs), architecture)
 
 
 _SCALARS = ("logit_scale", "logit_bias")

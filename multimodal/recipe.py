@@ -11,6 +11,7 @@ its checkpoints (`multimodal export` reads `model_name` there).
 
 from typing import Literal
 
+from multimodal import arch
 from multimodal.errors import UserError
 from multimodal.loss import LOSSES
 from multimodal.model import CLIP, create_model
@@ -85,11 +86,11 @@ def build_module(
                      (0.0 <= patch_dropout < 1.0, f"model.patch_dropout must be in [0, 1), got {patch_dropout}")):
         if not ok:
             raise UserError(f"{rule}.")
-    contrastive = LOSSES[loss]()
+    contrastive, architecture = LOSSES[loss](), arch.load(model_name)
 
     def fresh() -> CLIP:
         """A randomly initialised model as configured (no weights loaded, not compiled)."""
-        model = create_model(model_name, init_logit_scale=contrastive.init_logit_scale,
+        model = create_model(architecture, init_logit_scale=contrastive.init_logit_scale,
                              init_logit_bias=contrastive.init_logit_bias, patch_dropout=patch_dropout or None)
         if lock_image:
             model.towers.lock_image_tower(unlocked_groups=lock_image_unlocked_groups)
@@ -100,12 +101,12 @@ def build_module(
     def count_flops_per_sample() -> float:
         """Counted on a fresh copy, on the meta device: any strategy, compiled or sharded, counts the same."""
         copy = fresh()
-        return flops_per_sample(copy, model_name, lambda i, t: contrastive(i, t, copy.logit_scale.exp(),
+        return flops_per_sample(copy, architecture, lambda i, t: contrastive(i, t, copy.logit_scale.exp(),
                                                                            copy.logit_bias, gather=False))
 
     model = fresh()
     if pretrained:
-        load_weights(model, pretrained, model_name)
+        load_weights(model, pretrained, architecture)
     if grad_checkpointing:
         model.towers.set_grad_checkpointing(True)
     if compile:  # in place: the parameters keep their names in checkpoints and exports

@@ -19,6 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from multimodal import arch
+from multimodal.arch import Architecture
 from multimodal.errors import EXPORT_SUFFIXES, UserError, check_checkpoint, first_line
 from multimodal.files import atomic_file, write_json
 from multimodal.model import CLIP, create_model
@@ -73,8 +74,8 @@ def _load_towers(model: CLIP, state_dict: dict, path: Path, name: str) -> None:
         raise _mismatch(path, name, exc) from None
 
 
-def load_weights(model: CLIP, checkpoint: str | Path, name: str) -> None:
-    """Load a local checkpoint file's towers into `model` (of architecture `name`).
+def load_weights(model: CLIP, checkpoint: str | Path, architecture: Architecture) -> None:
+    """Load a local checkpoint file's towers into `model` (of `architecture`).
 
     Lightning .ckpt files load strictly; open_clip state dicts through open_clip's own loader
     (strict, `weights_only`), which also lets a SigLIP model start from CLIP weights.
@@ -82,7 +83,7 @@ def load_weights(model: CLIP, checkpoint: str | Path, name: str) -> None:
     path = Path(checkpoint)
     check_checkpoint(path)
     if path.suffix == ".ckpt":
-        _load_towers(model, _lightning_towers(path)[0], path, name)
+        _load_towers(model, _lightning_towers(path)[0], path, architecture.name)
         return
     try:
         open_clip.load_checkpoint(model.towers, str(path), strict=True, weights_only=True)
@@ -90,11 +91,11 @@ def load_weights(model: CLIP, checkpoint: str | Path, name: str) -> None:
         raise UserError(f"{path} holds objects other than tensors and plain values, which are never loaded "
                         f"(weights_only=True): {first_line(exc)}") from None
     except (RuntimeError, KeyError, ValueError, AssertionError, SafetensorError, EOFError) as exc:
-        raise _mismatch(path, name, exc) from None
+        raise _mismatch(path, architecture.name, exc) from None
 
 
-def load_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[CLIP, str]:
-    """(model, architecture name) from a local checkpoint file; `model_name` overrides the .ckpt's."""
+def load_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[CLIP, Architecture]:
+    """(model, its architecture) from a local checkpoint file; `model_name` overrides the .ckpt's."""
     path = Path(checkpoint)
     check_checkpoint(path)
     if path.suffix == ".ckpt":
@@ -102,17 +103,19 @@ def load_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[C
         model_name = model_name or hparams.get("model_name")
         if model_name is None:
             raise UserError(f"{path} does not name its architecture: pass --model.")
-        model = create_model(model_name, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
+        architecture = arch.load(model_name)
+        model = create_model(architecture, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
         _load_towers(model, state_dict, path, model_name)  # the checkpoint is read once
-        return model, model_name
+        return model, architecture
     if model_name is None:
         raise UserError(f"{path} is an open_clip state dict, which does not name its architecture: pass --model.")
-    model = create_model(model_name, init_logit_bias=0.0 if _has_logit_bias(path) else None)  # value loaded next
-    load_weights(model, path, model_name)
-    return model, model_name
+    architecture = arch.load(model_name)
+    model = create_model(architecture, init_logit_bias=0.0 if _has_logit_bias(path) else None)  # value loaded next
+    load_weights(model, path, architecture)
+    return model, architecture
 
 
-def export(model: CLIP, model_name: str, out: Path) -> list[Path]:
+def export(model: CLIP, architecture: Architecture, out: Path) -> list[Path]:
     """Write the open_clip state dict to `out` (.safetensors or .pt); returns the files written."""
     if out.suffix not in EXPORT_SUFFIXES:
         raise UserError(f"--out {out} must end in {', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]}.")
@@ -123,12 +126,11 @@ def export(model: CLIP, model_name: str, out: Path) -> list[Path]:
         else:
             torch.save(state_dict, f)
     written = [out]
-    own = model_name.endswith(".json") or model_name in arch.project_models()
-    if own or model.logit_bias is not None:
+    if architecture.own or model.logit_bias is not None:
         # The architecture beside the weights: the project's own, or any with SigLIP's bias,
         # which open_clip's config of the same name would not create.
-        stem = Path(model_name).stem if own else model_name
-        config = dict(arch.config(model_name))
+        stem = architecture.open_clip_name
+        config = architecture.config
         if model.logit_bias is not None:
             config["init_logit_bias"] = float(model.logit_bias.detach())
             stem = stem if stem.lower().endswith("siglip") else f"{stem}-siglip"

@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from multimodal import arch  # noqa: E402
+from multimodal.arch import Architecture  # noqa: E402
 from multimodal.data.pipeline import ImageTextStream, expand_urls  # noqa: E402
 from multimodal.data.pixels import finish_batch  # noqa: E402
 from multimodal.data.shards import write_coco  # noqa: E402
@@ -74,18 +75,18 @@ def shards(data: Path) -> str:
     return "::".join(specs)
 
 
-def ours(spec: str, batch_size: int, workers: int, batches: int, normalize: bool = True,
+def ours(architecture: Architecture, spec: str, batch_size: int, workers: int, batches: int, normalize: bool = True,
          device: torch.device | None = None) -> float:
     """Images/s of our stream. `device`: decode the JPEGs there (`data.decode: gpu`), the workers only
     reading them and drawing crop boxes; the batches are then finished and normalised on the device."""
     urls = expand_urls(spec)
-    crop = arch.train_crop(MODEL)
-    stream = ImageTextStream(urls, crop=crop, tokenizer=arch.tokenizer(MODEL), batch_size=batch_size,
+    crop = architecture.train_crop
+    stream = ImageTextStream(urls, crop=crop, tokenizer=architecture.tokenizer, batch_size=batch_size,
                              num_batches=batches + 3, shuffle_buffer=1000, resampled=True,
                              decode_on_device=device is not None)
     loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
                              pin_memory=device is not None and device.type == "cuda"))
-    preprocess = arch.eval_transform(MODEL)  # its normalisation: open_clip's statistics
+    preprocess = architecture.eval_transform  # its normalisation: open_clip's statistics
 
     def take() -> None:
         batch = next(loader)
@@ -152,15 +153,16 @@ def main() -> None:
     if not (args.data / "annotations").is_dir():
         sys.exit(f"{args.data} is not a COCO folder (annotations/, train2017/, val2017/).")
     torch.set_num_threads(1)
-    spec = shards(args.data)
+    spec, architecture = shards(args.data), arch.load(MODEL)
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
     ours_best = ours_pipeline = theirs_best = ours_gpu = 0.0
     for _ in range(args.repeats):  # alternate, so that neither gets a quieter machine
-        ours_best = max(ours_best, ours(spec, args.batch_size, args.workers, args.batches))
+        ours_best = max(ours_best, ours(architecture, spec, args.batch_size, args.workers, args.batches))
         theirs_best = max(theirs_best, theirs(spec, args.batch_size, args.workers, args.batches))
-        ours_pipeline = max(ours_pipeline, ours(spec, args.batch_size, args.workers, args.batches, normalize=False))
+        ours_pipeline = max(ours_pipeline, ours(architecture, spec, args.batch_size, args.workers, args.batches,
+                                                 normalize=False))
         if gpu is not None:
-            ours_gpu = max(ours_gpu, ours(spec, args.batch_size, args.workers, args.batches, device=gpu))
+            ours_gpu = max(ours_gpu, ours(architecture, spec, args.batch_size, args.workers, args.batches, device=gpu))
     print(f"{args.batches} batches of {args.batch_size} full-size COCO JPEGs -> {MODEL} 224 px train crops, "
           f"{args.workers} workers")
     print(f"  ours      {ours_best:8.1f} images/s, normalised here on the CPU "
@@ -169,8 +171,8 @@ def main() -> None:
         print(f"  ours, JPEGs decoded on {torch.cuda.get_device_name(gpu)} (data.decode gpu) "
               f"{ours_gpu:8.1f} images/s, normalised there")
     print(f"  open_clip {theirs_best:8.1f} images/s")
-    print(f"  ours in this process, no workers: {1e6 / ours(spec, args.batch_size, 0, args.batches // 4):.0f} us "
-          "a sample (read, box, decode, crop, tokenise)")
+    alone = ours(architecture, spec, args.batch_size, 0, args.batches // 4)
+    print(f"  ours in this process, no workers: {1e6 / alone:.0f} us a sample (read, box, decode, crop, tokenise)")
     tar_ours, tar_theirs = tar_reading(spec)
     print(f"  reading the tar shards alone: ours {tar_ours:.0f} us a sample, webdataset (tarfile) {tar_theirs:.0f} us "
           f"({tar_theirs / tar_ours:.1f}x)")

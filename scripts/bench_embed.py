@@ -27,6 +27,7 @@ sys.path.insert(0, str(REPO))
 from bench_data import shards  # noqa: E402
 
 from multimodal import arch  # noqa: E402
+from multimodal.arch import Architecture  # noqa: E402
 from multimodal.eval import embed  # noqa: E402
 from multimodal.model import create_model  # noqa: E402
 
@@ -46,11 +47,13 @@ class OpenClipEval:
         return pixels
 
 
-def rate(model, name: str, spec: str, batch_size: int, workers: int, device: torch.device, reference: bool) -> float:
-    preprocess = OpenClipEval(arch.transforms(name)[1]) if reference else None
+def rate(model, architecture: Architecture, spec: str, batch_size: int, workers: int, device: torch.device,
+         reference: bool) -> float:
+    preprocess = OpenClipEval(architecture.open_clip_transforms()[1]) if reference else None
     start = time.perf_counter()
     with embed.autocast(device):
-        emb = embed.embed_shards(model, name, spec, batch_size, workers, device, progress=False, preprocess=preprocess)
+        emb = embed.embed_shards(model, architecture, spec, batch_size, workers, device, progress=False,
+                                 preprocess=preprocess)
     return emb.image_features.shape[0] / (time.perf_counter() - start)
 
 
@@ -66,16 +69,16 @@ def main() -> None:
     if not (args.data / "annotations").is_dir():
         sys.exit(f"{args.data} is not a COCO folder (annotations/, train2017/, val2017/).")
     device = embed.default_device()
-    name = args.model or ("ViT-B-32" if device.type == "cuda" else "tiny")
+    architecture = arch.load(args.model or ("ViT-B-32" if device.type == "cuda" else "tiny"))
     spec = "::".join([shards(args.data)] * args.passes)
-    model = create_model(name).eval().to(device)
-    rate(model, name, spec, args.batch_size, args.workers, device, reference=False)  # warm-up: files cached
+    model = create_model(architecture).eval().to(device)
+    rate(model, architecture, spec, args.batch_size, args.workers, device, reference=False)  # warm-up: files cached
     ours = theirs = 0.0
     for _ in range(args.repeats):
-        ours = max(ours, rate(model, name, spec, args.batch_size, args.workers, device, reference=False))
-        theirs = max(theirs, rate(model, name, spec, args.batch_size, args.workers, device, reference=True))
+        ours = max(ours, rate(model, architecture, spec, args.batch_size, args.workers, device, reference=False))
+        theirs = max(theirs, rate(model, architecture, spec, args.batch_size, args.workers, device, reference=True))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"embedding full-size COCO JPEGs and their captions, {name} ({arch.image_size(name)} px), "
+    print(f"embedding full-size COCO JPEGs and their captions, {architecture.name} ({architecture.image_size} px), "
           f"batch {args.batch_size}, {args.workers} workers, {where}")
     print(f"  ours      {ours:8.1f} images/s (with their captions)")
     print(f"  open_clip {theirs:8.1f} images/s (eval transform on full-size PIL images)")

@@ -41,6 +41,7 @@ sys.path.insert(0, str(REPO))
 from bench_data import REFERENCE_VENV, reference_python  # noqa: E402
 
 from multimodal import arch  # noqa: E402
+from multimodal.arch import Architecture  # noqa: E402
 from multimodal.data.shards import write_synthetic  # noqa: E402
 from multimodal.loss import clip_loss  # noqa: E402
 from multimodal.model import create_model  # noqa: E402
@@ -52,7 +53,7 @@ LR, WEIGHT_DECAY, BETAS, EPS = 1e-3, 0.1, (0.9, 0.98), 1e-6
 
 @dataclass(frozen=True)
 class Setting:
-    model: str
+    architecture: Architecture
     batch_size: int
     steps: int
     workers: int
@@ -65,14 +66,14 @@ class Setting:
 
     @property
     def shards(self) -> Path:
-        return REPO / ".bench" / f"train-synthetic-{arch.image_size(self.model)}"
+        return REPO / ".bench" / f"train-synthetic-{self.architecture.image_size}"
 
 
 def shards(setting: Setting, samples: int) -> str:
     folder = setting.shards
     if not (folder / "sizes.json").is_file() or sum(1 for _ in folder.glob("*.tar")) * 256 < samples:
         shutil.rmtree(folder, ignore_errors=True)
-        write_synthetic(folder, samples, shard_size=256, image_size=arch.image_size(setting.model))
+        write_synthetic(folder, samples, shard_size=256, image_size=setting.architecture.image_size)
     tars = sorted(folder.glob("*.tar"))
     return str(folder / f"shard-{{000000..{len(tars) - 1:06d}}}.tar")
 
@@ -81,14 +82,14 @@ def bare(setting: Setting) -> float:
     """Samples/s of a plain loop: model, loss and fused AdamW on a batch resident on the device."""
     device = torch.device("cuda" if setting.gpu else "cpu")
     torch.manual_seed(0)
-    model = create_model(setting.model).to(device).train()
+    model = create_model(setting.architecture).to(device).train()
     if setting.compile:
         model.towers.visual.compile()
         model.towers.transformer.compile()
     optimizer = torch.optim.AdamW(param_groups(model, WEIGHT_DECAY), lr=LR, betas=BETAS, eps=EPS, fused=True)
-    size = arch.image_size(setting.model)
+    size = setting.architecture.image_size
     images = torch.randn(setting.batch_size, 3, size, size, device=device)
-    tokens = arch.tokenizer(setting.model)(["a photo of a thing"] * setting.batch_size).to(device)
+    tokens = setting.architecture.tokenizer(["a photo of a thing"] * setting.batch_size).to(device)
     tokens[:, 1:6] = torch.randint(1, 40000, (setting.batch_size, 5), device=device)  # distinct captions
 
     def step() -> None:
@@ -116,9 +117,9 @@ def step_only(setting: Setting) -> float:
 
     from multimodal.recipe import build_module
 
-    size, warm = arch.image_size(setting.model), 10 if setting.compile else 3
+    size, warm = setting.architecture.image_size, 10 if setting.compile else 3
     batch = {"image": torch.randn(setting.batch_size, 3, size, size),
-             "text": arch.tokenizer(setting.model)(["a photo of a thing"] * setting.batch_size)}
+             "text": setting.architecture.tokenizer(["a photo of a thing"] * setting.batch_size)}
     times = []
 
     class Clock(pl.Callback):
@@ -127,8 +128,8 @@ def step_only(setting: Setting) -> float:
                 synchronize(trainer.strategy.root_device)
                 times.append(time.perf_counter())
 
-    module = build_module(setting.model, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS, warmup_steps=5,
-                          compile=setting.compile, count_flops=False)
+    module = build_module(setting.architecture.name, lr=LR, weight_decay=WEIGHT_DECAY, betas=BETAS, eps=EPS,
+                          warmup_steps=5, compile=setting.compile, count_flops=False)
     trainer = pl.Trainer(accelerator="gpu" if setting.gpu else "cpu", devices=1, precision=setting.precision,
                          max_steps=warm + setting.steps + 1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, callbacks=[Clock()],
@@ -147,7 +148,7 @@ def ours(setting: Setting) -> float:
     with tempfile.TemporaryDirectory() as run:
         command = [sys.executable, "-m", "multimodal", "train", "--config", str(REPO / "configs" / "debug.yaml"),
                    "--data.train_shards", str(setting.shards), "--data.synthetic", "null", "--data.val_shards", "null",
-                   "--model.model_name", setting.model, "--model.compile", str(setting.compile).lower(),
+                   "--model.model_name", setting.architecture.name, "--model.compile", str(setting.compile).lower(),
                    "--data.batch_size", str(setting.batch_size), "--data.num_workers", str(setting.workers),
                    "--data.shuffle_buffer", "1000", "--model.lr", str(LR), "--model.weight_decay", str(WEIGHT_DECAY),
                    "--model.warmup_steps", "5", "--trainer.max_steps", str(setting.steps + 2 * LOG_EVERY),
@@ -176,7 +177,8 @@ def theirs(spec: str, setting: Setting) -> float:
         command = [str(python), "-m", "open_clip_train.main", "--train-data", spec, "--dataset-type", "webdataset",
                    "--train-num-samples", str((setting.steps + 2 * LOG_EVERY) * setting.batch_size),
                    "--batch-size", str(setting.batch_size), "--workers", str(setting.workers),
-                   "--model", setting.model, "--precision", "amp_bf16" if setting.gpu else "fp32", "--epochs", "1",
+                   "--model", setting.architecture.name, "--epochs", "1",
+                   "--precision", "amp_bf16" if setting.gpu else "fp32",
                    "--lr", str(LR), "--wd", str(WEIGHT_DECAY), "--beta1", str(BETAS[0]), "--beta2", str(BETAS[1]),
                    "--eps", str(EPS), "--warmup", "5", "--log-every-n-steps", str(LOG_EVERY), "--logs", run,
                    "--name", "bench", "--report-to", "", "--save-frequency", "0",
@@ -203,8 +205,9 @@ def main() -> None:
     parser.add_argument("--no-open-clip", action="store_true", help="leave out open_clip_train")
     args = parser.parse_args()
     gpu = args.accelerator == "gpu" or (args.accelerator == "auto" and torch.cuda.is_available())
-    setting = Setting(args.model or ("ViT-B-32" if gpu else "tiny"), args.batch_size or (256 if gpu else 128),
-                      args.steps, args.workers if args.workers is not None else (12 if gpu else 1), gpu, args.compile)
+    setting = Setting(arch.load(args.model or ("ViT-B-32" if gpu else "tiny")),
+                      args.batch_size or (256 if gpu else 128), args.steps,
+                      args.workers if args.workers is not None else (12 if gpu else 1), gpu, args.compile)
     spec = shards(setting, max(8192, (args.steps + 2 * LOG_EVERY) * setting.batch_size))
     best = {"bare": 0.0, "ours": 0.0, "ours, no data": 0.0, "open_clip": 0.0}
     for _ in range(args.repeats):  # alternate, so that none gets a quieter machine
@@ -214,7 +217,7 @@ def main() -> None:
         if not args.no_open_clip:
             best["open_clip"] = max(best["open_clip"], theirs(spec, setting))
     device = torch.cuda.get_device_name() if gpu else f"CPU, {os.cpu_count()} cores"
-    print(f"{setting.model} ({arch.image_size(setting.model)} px), batch {setting.batch_size}, "
+    print(f"{setting.architecture.name} ({setting.architecture.image_size} px), batch {setting.batch_size}, "
           f"{'bf16' if gpu else 'fp32'}{', compiled' if setting.compile else ''}, {setting.workers} worker(s), "
           f"{setting.steps} steps, {device}"
           + ("" if args.no_open_clip else f" (reference env: {REFERENCE_VENV.name})"))

@@ -13,11 +13,12 @@ from multimodal.model import create_model
 
 def make(loss: str, patch_dropout: float | None = None):
     torch.manual_seed(0)
+    tiny = arch.load("tiny")
     if loss == "siglip":
-        model = create_model("tiny", init_logit_scale=math.log(10), init_logit_bias=-10.0, patch_dropout=patch_dropout)
+        model = create_model(tiny, init_logit_scale=math.log(10), init_logit_bias=-10.0, patch_dropout=patch_dropout)
         fn = lambda i, t: siglip_loss(i, t, model.logit_scale.exp(), model.logit_bias)  # noqa: E731
     else:
-        model = create_model("tiny", patch_dropout=patch_dropout)
+        model = create_model(tiny, patch_dropout=patch_dropout)
         fn = lambda i, t: clip_loss(i, t, model.logit_scale.exp())  # noqa: E731
     return model.train(), fn
 
@@ -27,7 +28,7 @@ def batch(n: int):
     images = torch.randn(n, 3, 64, 64, generator=g)
     words = ["red", "green", "blue", "square", "circle", "small", "large", "left", "right", "a", "two"]
     texts = [" ".join(words[int(i)] for i in torch.randint(len(words), (6,), generator=g)) for _ in range(n)]
-    return images, arch.tokenizer("tiny")(texts)
+    return images, arch.load("tiny").tokenizer(texts)
 
 
 def grads(model) -> dict[str, torch.Tensor]:

@@ -61,7 +61,7 @@ def sample(key: str, image: bytes, suffix: str = "jpg") -> dict:
 
 
 def stream(urls, crop, batch_size, on_device, num_batches=1) -> ImageTextStream:
-    return ImageTextStream(urls, crop=crop, tokenizer=arch.tokenizer("tiny"), batch_size=batch_size,
+    return ImageTextStream(urls, crop=crop, tokenizer=arch.load("tiny").tokenizer, batch_size=batch_size,
                            num_batches=num_batches, shuffle_buffer=0, decode_on_device=on_device)
 
 
@@ -189,7 +189,8 @@ def test_evaluation_pixels_match_open_clips_eval_transform(jpegs, name):
 
     from multimodal.data.decode import decode_image
 
-    ours, theirs = arch.eval_transform(name), arch.transforms(name)[1]
+    architecture = arch.load(name)
+    ours, theirs = architecture.eval_transform, architecture.open_clip_transforms()[1]
     level = 1 / (255 * min(ours.std))  # one uint8 level in normalised units, at most
     full, scaled = [], []
     for raw in wds.tarfile_samples([{"url": url} for url in jpegs]):

@@ -119,7 +119,7 @@ def test_embed_image_folder_and_text_file(trained, tmp_path):
     from multimodal import arch
 
     with torch.no_grad():
-        expected = module.model.eval().encode_text(arch.tokenizer("tiny")(["a red square"]))
+        expected = module.model.eval().encode_text(arch.load("tiny").tokenizer(["a red square"]))
     np.testing.assert_allclose(emb[0], expected[0].numpy(), atol=2e-3)
 
 

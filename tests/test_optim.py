@@ -3,12 +3,13 @@ import math
 import pytest
 import torch
 
+from multimodal import arch
 from multimodal.model import create_model
 from multimodal.optim import param_groups, warmup_cosine
 
 
 def test_no_decay_on_biases_norms_embeddings_and_logit_scale():
-    model = create_model("tiny")
+    model = create_model(arch.load("tiny"))
     decay, no_decay = param_groups(model, weight_decay=0.2)
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     ids = {id(p) for p in no_decay["params"]}
@@ -35,7 +36,7 @@ def test_warmup_then_cosine():
 def test_flattened_parameters_decay_by_their_shapes_as_built():
     """FSDP flattens every parameter to 1-d and prefixes wrapped modules' names: the groups must
     still go by the shapes the model was built with."""
-    model = create_model("tiny")
+    model = create_model(arch.load("tiny"))
     ndims = {name: p.ndim for name, p in model.named_parameters()}
     expected = param_groups(model, weight_decay=0.2)
 

@@ -39,7 +39,8 @@ def good(key: str, captions=("a red square",)) -> dict:
 
 
 def stream(urls, *, batch_size=4, num_batches=3, rank=0, world=1, shuffle_buffer=0, **kw) -> ImageTextStream:
-    return ImageTextStream(urls, crop=arch.train_crop("tiny"), tokenizer=arch.tokenizer("tiny"), batch_size=batch_size,
+    tiny = arch.load("tiny")
+    return ImageTextStream(urls, crop=tiny.train_crop, tokenizer=tiny.tokenizer, batch_size=batch_size,
                            num_batches=num_batches, position=StreamPosition(rank, world),
                            shuffle_buffer=shuffle_buffer, **kw)
 
@@ -155,7 +156,7 @@ def test_crop_boxes_are_torchvisions_random_resized_crop():
     including the centre-crop fallback of images too elongated for the allowed ratios."""
     import torchvision.transforms as T
 
-    crop = arch.train_crop("ViT-B-32")
+    crop = arch.load("ViT-B-32").train_crop
     sizes = [(640, 480), (480, 640), (224, 224), (1000, 90), (90, 1000), (333, 257), (65, 64)]
     for seed in range(300):
         width, height = sizes[seed % len(sizes)]
@@ -171,15 +172,16 @@ def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_trans
     noise = torch.randint(0, 256, (300, 420, 3), generator=g, dtype=torch.uint8)
     smooth = torch.nn.functional.avg_pool2d(noise.permute(2, 0, 1)[None].float(), 9, 1, 4)[0]  # photo-like
     image = Image.fromarray(smooth.permute(1, 2, 0).round().to(torch.uint8).numpy())
-    train, _ = arch.transforms("ViT-B-32")
-    crop = arch.train_crop("ViT-B-32")
+    architecture = arch.load("ViT-B-32")
+    train, _ = architecture.open_clip_transforms()
+    crop = architecture.train_crop
     for seed in range(5):
         torch.manual_seed(seed)
         theirs = train(image)
         torch.manual_seed(seed)
         pixels = crop.pixels(image, crop.box(*image.size, TorchDraws()))
         assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
-        ours = arch.eval_transform("ViT-B-32").normalize(pixels[None])[0]
+        ours = architecture.eval_transform.normalize(pixels[None])[0]
         level = 1 / (255 * 0.26)  # one uint8 level in normalised units
         assert (ours - theirs).abs().mean() < 0.5 * level
         assert (ours - theirs).abs().max() < 4 * level

@@ -150,7 +150,7 @@ def test_a_caption_the_tokenizer_refuses_is_counted_and_the_batch_stays_full(tmp
     from multimodal.data.pipeline import ImageTextStream
     from tests.test_pipeline import batches, good, write_tar
 
-    tokenize = arch.tokenizer("tiny")
+    tokenize = arch.load("tiny").tokenizer
 
     def tokenizer(texts):
         if any("boom" in t for t in texts):
@@ -171,7 +171,7 @@ def test_evaluation_leaves_out_a_text_the_tokenizer_refuses():
     from multimodal import arch
     from multimodal.eval.sources import EmbedBatches, Item
 
-    tokenize = arch.tokenizer("tiny")
+    tokenize = arch.load("tiny").tokenizer
 
     def tokenizer(texts):
         if any("boom" in t for t in texts):

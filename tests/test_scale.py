@@ -20,7 +20,7 @@ def fixed_batch(n: int = 12) -> dict:
     g = torch.Generator().manual_seed(3)
     words = ["red", "green", "blue", "square", "circle", "small", "large", "left", "right", "a", "two"]
     texts = [" ".join(words[int(i)] for i in torch.randint(len(words), (5,), generator=g)) for _ in range(n)]
-    return {"image": torch.randn(n, 3, 64, 64, generator=g), "text": arch.tokenizer("tiny")(texts),
+    return {"image": torch.randn(n, 3, 64, 64, generator=g), "text": arch.load("tiny").tokenizer(texts),
             "skipped": torch.tensor(0)}
 
 
@@ -117,7 +117,7 @@ def test_fine_tunes_from_an_open_clip_state_dict(tmp_path):
     source = module()
     with torch.no_grad():
         source.model.towers.visual.proj.add_(1.0)
-    export(source.model, "tiny", tmp_path / "tiny.safetensors")
+    export(source.model, source.model.architecture, tmp_path / "tiny.safetensors")
     tuned = module(pretrained=str(tmp_path / "tiny.safetensors"))
     for (name, a), b in zip(source.model.state_dict().items(), tuned.model.state_dict().values()):
         assert torch.equal(a, b), name

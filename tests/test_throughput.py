@@ -5,7 +5,7 @@ import csv
 import pytest
 import torch
 
-from multimodal import throughput
+from multimodal import arch, throughput
 from multimodal.loss import clip_loss
 from multimodal.model import create_model
 from multimodal.throughput import StepTimer, flops_per_sample
@@ -13,10 +13,11 @@ from tests.conftest import REPO, run_cli
 
 
 def count(name: str, **lock) -> float:
-    model = create_model(name)
+    architecture = arch.load(name)
+    model = create_model(architecture)
     if lock.get("image"):
         model.towers.lock_image_tower()
-    return flops_per_sample(model, name, lambda i, t: clip_loss(i, t, model.logit_scale.exp(), gather=False))
+    return flops_per_sample(model, architecture, lambda i, t: clip_loss(i, t, model.logit_scale.exp(), gather=False))
 
 
 def transformer_forward_flops(tokens: int, width: int, layers: int) -> float:

@@ -15,14 +15,14 @@ from tests.conftest import run_cli
 
 def probe_inputs(name: str = "tiny"):
     g = torch.Generator().manual_seed(0)
-    return torch.randn(4, 3, 64, 64, generator=g), arch.tokenizer(name)(["a red circle", "two blue squares",
+    return torch.randn(4, 3, 64, 64, generator=g), arch.load(name).tokenizer(["a red circle", "two blue squares",
                                                                          "a cat", "a dog on a skateboard"])
 
 
 def test_lightning_checkpoint_loads_the_trained_weights(trained):
     ckpt, module = trained
-    model, name = load_model(ckpt)
-    assert name == "tiny"
+    model, architecture = load_model(ckpt)
+    assert architecture is arch.load("tiny")
     images, tokens = probe_inputs()
     with torch.no_grad():
         torch.testing.assert_close(model.eval().encode_image(images), module.model.eval().encode_image(images))
@@ -59,7 +59,7 @@ def test_siglip_export_round_trip_keeps_the_bias(tmp_path):
     ours = build_module(model_name="tiny", loss="siglip").model.eval()
     with torch.no_grad():
         ours.logit_bias.fill_(-7.5)
-    written = export(ours, "tiny", tmp_path / "s.safetensors")
+    written = export(ours, arch.load("tiny"), tmp_path / "s.safetensors")
     assert written[1].name == "tiny-siglip.json"
     open_clip.add_model_config(written[1])
     theirs = open_clip.create_model("tiny-siglip", pretrained=str(written[0])).eval()
@@ -73,7 +73,7 @@ def test_siglip_export_round_trip_keeps_the_bias(tmp_path):
 
 def test_mismatched_architecture_is_a_user_error(trained, tmp_path):
     ckpt, module = trained
-    export(module.model, "tiny", tmp_path / "m.safetensors")
+    export(module.model, module.model.architecture, tmp_path / "m.safetensors")
     with pytest.raises(UserError, match="does not match architecture RN50"):
         load_model(tmp_path / "m.safetensors", "RN50")
     with pytest.raises(UserError, match="does not match architecture ViT-B-32"):

@@ -39,16 +39,17 @@ def export(argv: list[str]) -> int:
     check_checkpoint(args.checkpoint)
     from multimodal import weights
 
-    model, name = weights.load_model(args.checkpoint, args.model)
+    model, architecture = weights.load_model(args.checkpoint, args.model)
     with writing(args.out):
-        written = weights.export(model, name, args.out)
+        written = weights.export(model, architecture, args.out)
     for path in written:
         print(f"Wrote {path}")
     if len(written) > 1:
         print(f"Load it with: open_clip.add_model_config('{written[1]}'); "
               f"open_clip.create_model_and_transforms('{written[1].stem}', pretrained='{args.out}')")
     else:
-        print(f"Load it with: open_clip.create_model_and_transforms('{name}', pretrained='{args.out}')")
+        print(f"Load it with: open_clip.create_model_and_transforms('{architecture.open_clip_name}', "
+              f"pretrained='{args.out}')")
     return 0
 
 
@@ -99,24 +100,23 @@ def embed(argv: list[str]) -> int:
     import pytorch_lightning as pl
     import torch
 
-    from multimodal import arch, weights
+    from multimodal import weights
     from multimodal.eval.callbacks import EmbeddingWriter, EmbedModule
     from multimodal.eval.embed import PartWriter
     from multimodal.eval.sources import EmbedBatches
 
     source = _source(args)
-    model, name = weights.load_model(args.checkpoint, args.model)
-    info = {"model": name, "checkpoint": str(args.checkpoint.resolve()), "dtype": args.dtype,
+    model, architecture = weights.load_model(args.checkpoint, args.model)
+    info = {"model": architecture.name, "checkpoint": str(args.checkpoint.resolve()), "dtype": args.dtype,
             "source": {k: str(getattr(args, k)) for k in ("shards", "images", "texts") if getattr(args, k)},
-            "part_size": args.part_size, "dim": arch.config(name)["embed_dim"]}
+            "part_size": args.part_size, "dim": architecture.embed_dim}
     _claim_folder(args.out, info, args.overwrite)
     writer = PartWriter(args.out, info["dim"], args.dtype, images=source.has_images, texts=source.has_texts)
     todo = [p for p in range(source.num_parts()) if not writer.done(p)]
     print(f"{source.num_parts() - len(todo)} of {source.num_parts()} parts already done; embedding {len(todo)}.")
     if not todo:
         return 0
-    preprocess = arch.eval_transform(name)
-    tokenizer = arch.tokenizer(name)
+    preprocess, tokenizer = architecture.eval_transform, architecture.tokenizer
 
     def make_dataset(rank: int, world: int):
         return EmbedBatches(source, todo[rank::world], preprocess, tokenizer, args.batch_size)
@@ -195,8 +195,8 @@ def eval_retrieval(argv: list[str]) -> int:
     from multimodal.eval.retrieval import retrieval_metrics, table
 
     if args.shards:
-        model, name = weights.load_model(args.checkpoint, args.model)
-        emb = embed_shards(model, name, args.shards, args.batch_size, args.num_workers)
+        model, architecture = weights.load_model(args.checkpoint, args.model)
+        emb = embed_shards(model, architecture, args.shards, args.batch_size, args.num_workers)
     else:
         emb = load_folder(args.embeddings)
     if emb.image_features.shape[0] == 0 or (emb.text_to_image < 0).all():
@@ -243,7 +243,7 @@ def eval_zeroshot(argv: list[str]) -> int:
     check_checkpoint(args.checkpoint)
     from tqdm import tqdm
 
-    from multimodal import arch, weights
+    from multimodal import weights
     from multimodal.eval import zeroshot
     from multimodal.eval.embed import autocast, default_device
 
@@ -257,13 +257,13 @@ def eval_zeroshot(argv: list[str]) -> int:
                             f"{len(folders)} class folders.")
     else:
         classnames = read_lines(args.classnames, "Class names")
-    model, name = weights.load_model(args.checkpoint, args.model)
-    size = arch.image_size(name)  # JPEGs decoded no larger than the model needs
+    model, architecture = weights.load_model(args.checkpoint, args.model)
+    size = architecture.image_size  # JPEGs decoded no larger than the model needs
     samples = zeroshot.image_folder(args.images, size)[1] if args.images else \
         zeroshot.labelled_shards(args.shards, size)
     device = default_device()
     with autocast(device):
-        result = zeroshot.evaluate(model, arch.tokenizer(name), arch.eval_transform(name), classnames, templates,
+        result = zeroshot.evaluate(model, architecture.tokenizer, architecture.eval_transform, classnames, templates,
                                    tqdm(samples, unit="img", desc="classifying", mininterval=1.0),
                                    args.batch_size, device)
     print(f"Zero-shot classification of {result['num_images']} images into {len(classnames)} classes "

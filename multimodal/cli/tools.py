@@ -43,7 +43,7 @@ def search(argv: list[str]) -> int:
         check_checkpoint(args.checkpoint)
     import torch
 
-    from multimodal import arch, weights
+    from multimodal import weights
     from multimodal.eval.embed import load_folder, read_info
     from multimodal.eval.search import contact_sheet, first_captions, load_images, top_k
 
@@ -54,14 +54,14 @@ def search(argv: list[str]) -> int:
     candidates = emb.image_features if target == "images" else emb.text_features
     if candidates.shape[0] == 0:
         raise UserError(f"{args.index} holds no {target} embeddings to search.")
-    model, name = weights.load_model(args.checkpoint or info["checkpoint"],
+    model, architecture = weights.load_model(args.checkpoint or info["checkpoint"],
                                      args.model or (None if args.checkpoint else info["model"]))
     model.eval()
     with torch.no_grad():
         if args.text:
-            query = model.encode_text(arch.tokenizer(name)([args.text]))[0]
+            query = model.encode_text(architecture.tokenizer([args.text]))[0]
         else:
-            query = model.encode_image(arch.eval_transform(name)(query_image)[None])[0]
+            query = model.encode_image(architecture.eval_transform(query_image)[None])[0]
     if query.shape[0] != candidates.shape[1]:
         raise UserError(f"The model gives {query.shape[0]}-d embeddings but {args.index} holds "
                         f"{candidates.shape[1]}-d ones: pass the --checkpoint the folder was made with.")

@@ -79,14 +79,14 @@ class ShardDataModule(pl.LightningDataModule):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise UserError(f"data.max_bad_fraction must be between 0 and 1, got {max_bad_fraction}.")
         self.max_bad_fraction, self.max_image_pixels = max_bad_fraction, max_image_pixels
-        self.train_shards, self.val_shards, self.model_name = train_shards, val_shards, model_name
+        self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.resampled, self.num_samples, self.seed, self.synthetic = resampled, num_samples, seed, synthetic
         self.decode = decode
-        self.crop, self.preprocess = arch.train_crop(model_name), arch.eval_transform(model_name)
+        self.arch = arch.load(model_name)
+        self.crop, self.preprocess = self.arch.train_crop, self.arch.eval_transform
         self._resume: dict | None = None
         self._epoch, self._progress = -1, {}  # this epoch's worker -> (batches, samples consumed)
-        arch.resolve(model_name)
         if synthetic is None:  # fail before any work starts, not at the first batch
             expand_urls(train_shards)
             if val_shards:
@@ -170,7 +170,7 @@ class ShardDataModule(pl.LightningDataModule):
                             "devices: lower data.batch_size.")
         resume = self._resume_args(rank, world, num_batches)
         stream = ImageTextStream(
-            urls, crop=self.crop, tokenizer=arch.tokenizer(self.model_name), decode_on_device=self._decode_on_device(),
+            urls, crop=self.crop, tokenizer=self.arch.tokenizer, decode_on_device=self._decode_on_device(),
             batch_size=self.batch_size, num_batches=num_batches, position=StreamPosition(rank, world),
             shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, max_image_pixels=self.max_image_pixels,
             **{"seed": self.seed, **resume},
@@ -227,10 +227,10 @@ class ShardDataModule(pl.LightningDataModule):
         batches_of = [sum(max(1, math.ceil((sizes[p] or 0) / self.batch_size)) for p in range(r, len(sizes), world))
                       for r in range(world)]
         parts = list(range(source.num_parts()))[rank::world]
-        tokenizer = arch.tokenizer(self.model_name)
+        tokenizer = self.arch.tokenizer
         batches = EmbedBatches(source, parts, self.preprocess, tokenizer, self.batch_size)
         loader = DataLoader(batches, batch_size=None, num_workers=min(self.num_workers, len(parts)))
-        size = arch.image_size(self.model_name)
+        size = self.arch.image_size
         padding = {"part": -1, "last": True, "images": torch.zeros(1, 3, size, size, dtype=torch.uint8),
                    "image_rows": [],
                    "texts": tokenizer([""]), "text_rows": []}

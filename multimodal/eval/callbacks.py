@@ -12,7 +12,6 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from multimodal import arch
 from multimodal.data.pixels import EvalTransform
 from multimodal.errors import UserError
 from multimodal.eval import zeroshot
@@ -101,14 +100,13 @@ class ZeroShotCallback(pl.Callback):
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        name = pl_module.hparams.model_name
-        size = arch.image_size(name)
+        architecture = pl_module.model.architecture
+        size = architecture.image_size
         samples = zeroshot.image_folder(Path(self.images), size)[1] if self.images else \
             zeroshot.labelled_shards(self.shards, size)
-        preprocess = arch.eval_transform(name)
         autocast = torch.autocast(pl_module.device.type, enabled=pl_module.device.type == "cuda", dtype=torch.bfloat16)
         with _whole_parameters(trainer), autocast:
-            result = zeroshot.evaluate(pl_module.model, arch.tokenizer(name), preprocess, self.classnames,
-                                       self.templates, samples, self.batch_size, pl_module.device)
+            result = zeroshot.evaluate(pl_module.model, architecture.tokenizer, architecture.eval_transform,
+                                       self.classnames, self.templates, samples, self.batch_size, pl_module.device)
         for key in ("top1", "top5", "mean_per_class_recall"):
             pl_module.log(f"val/zeroshot_{key}", result[key], sync_dist=True)

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from multimodal import arch
+from multimodal.arch import Architecture
 from multimodal.data.pipeline import count_samples
 from multimodal.data.pixels import EvalTransform
 from multimodal.errors import UserError, read_json, reading
@@ -203,15 +203,14 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def embed_shards(model: CLIP, model_name: str, spec: str, batch_size: int = 256, num_workers: int = 0,
+def embed_shards(model: CLIP, architecture: Architecture, spec: str, batch_size: int = 256, num_workers: int = 0,
                  device: torch.device | None = None, progress: bool = True,
                  preprocess: EvalTransform | None = None) -> Embeddings:
     """Every image and caption of the shards `spec`, in one process, batched as `multimodal embed` batches.
-    `preprocess`: the model's eval transform (`arch.eval_transform`) unless given."""
+    `preprocess`: the architecture's eval transform unless given."""
     source = ShardSource(spec)
-    preprocess = preprocess or arch.eval_transform(model_name)
-    dataset = EmbedBatches(source, list(range(source.num_parts())), preprocess, arch.tokenizer(model_name),
-                           batch_size)
+    preprocess = preprocess or architecture.eval_transform
+    dataset = EmbedBatches(source, list(range(source.num_parts())), preprocess, architecture.tokenizer, batch_size)
     device = device or default_device()
     model = model.eval().to(device)
     bar = tqdm(total=count_samples(source.urls), unit="img", desc="embedding", mininterval=1.0, disable=not progress)
