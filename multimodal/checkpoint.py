@@ -8,7 +8,7 @@ file in /tmp, whose move into the run folder is a copy when /tmp is another file
 does not fsync.) Remote paths (s3://, gs://, ...) keep Lightning's writer.
 
 Checkpoints load with `torch.load(weights_only=True)`: tensors and plain Python values only.
-`check_loadable` runs that check before a run hands a file to Lightning, so an untrusted file is
+`weights.read_checkpoint` runs that check before a run hands a file to Lightning, so an untrusted file is
 refused with one sentence instead of being unpickled.
 
 Exact resume: `ExactResume` saves every rank's random states and mends the loop state of a checkpoint
@@ -17,9 +17,7 @@ written on an epoch's last step; the DataModule saves the data stream's position
 """
 
 import os
-import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from multimodal import distributed
 from multimodal.errors import UserError, first_line
 from multimodal.files import atomic_file
+from multimodal.weights import read_checkpoint
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
@@ -70,26 +69,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)
 
 
-def check_loadable(path: str | os.PathLike, what: str = "checkpoint") -> Any:
-    """The checkpoint at `path` as `torch.load(weights_only=True, mmap=True)` reads it, or a UserError: a
-    checkpoint holding anything but tensors and plain values (code to run, custom classes) is refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"The {what} {path} does not exist: pass an existing .ckpt file or run folder.")
-    if path.stat().st_size == 0:
-        raise UserError(f"The {what} {path} is empty (0 bytes), as a write that never finished leaves it: pass "
-                        "another checkpoint.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as exc:
-        raise UserError(f"The {what} {path} cannot be loaded safely as a checkpoint (tensors and plain values "
-                        f"only): {first_line(exc, 200)}; pass a checkpoint written by `multimodal train`.") from None
-
-
 def check_resumable(path: str | os.PathLike, module: torch.nn.Module) -> None:
     """Refuse, before a run starts, a checkpoint it cannot continue from: a file that is not a
     Lightning checkpoint (a bare state dict), or one whose weights do not fit the run's model."""
-    ckpt = check_loadable(path)  # one (memory-mapped) load for both checks
+    ckpt = read_checkpoint(path)  # one (memory-mapped) load for both checks
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) \
             or "pytorch-lightning_version" not in ckpt:
         raise UserError(f"{path} is not the checkpoint of a Lightning run (a bare state dict, perhaps): resume from "

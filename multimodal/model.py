@@ -3,6 +3,7 @@
 `encode_image` / `encode_text` return L2-normalised features; `logit_scale` is the learnable
 log-temperature, initialised to ln(1 / 0.07) as in CLIP (arXiv:2103.00020, section 2.5).
 The wrapped `towers` module is an open_clip model, so its state dict is an open_clip state dict.
+Strategies adapt it from outside (`multimodal.fsdp`).
 """
 
 import open_clip
@@ -18,7 +19,6 @@ class CLIP(nn.Module):
         super().__init__()
         self.towers = towers
         self.architecture = architecture  # what the data and evaluations need of it: tokenizer, transforms
-        self.register_load_state_dict_pre_hook(_match_scalar_shapes)
 
     @property
     def logit_scale(self) -> nn.Parameter:
@@ -28,15 +28,6 @@ class CLIP(nn.Module):
     def logit_bias(self) -> nn.Parameter | None:
         """SigLIP's learnable bias, present when the model was created with `init_logit_bias`."""
         return getattr(self.towers, "logit_bias", None)
-
-    def vectorise_scalars(self) -> None:
-        """Give `logit_scale` (and `logit_bias`) shape (1,) instead of (): FSDP cannot shard 0-d
-        parameters. Values, gradients and the loss are unchanged; state dicts load either way, and
-        `scalar_state` gives a saved one open_clip's shapes back."""
-        for name in ("logit_scale", "logit_bias"):
-            param = getattr(self.towers, name, None)
-            if isinstance(param, nn.Parameter) and param.dim() == 0:
-                setattr(self.towers, name, nn.Parameter(param.detach().reshape(1), requires_grad=param.requires_grad))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) normalised pixels -> (B, D) unit-norm features."""
@@ -65,21 +56,3 @@ def create_model(architecture: Architecture, *, init_logit_scale: float | None =
         kwargs["init_logit_bias"] = init_logit_bias
     return CLIP(architecture.create_towers(force_patch_dropout=patch_dropout, **kwargs), architecture)
 
-
-_SCALARS = ("logit_scale", "logit_bias")
-
-
-def scalar_state(state: dict[str, torch.Tensor]) -> None:
-    """In place: the temperature and bias entries of a state dict to open_clip's shape ()."""
-    for key, value in state.items():
-        if key.rsplit(".", 1)[-1] in _SCALARS and value.numel() == 1:
-            state[key] = value.reshape(())
-
-
-def _match_scalar_shapes(module: CLIP, state: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: a saved temperature or bias of shape () or (1,) takes the
-    model's shape, whichever of the two it has (`vectorise_scalars`)."""
-    for name in _SCALARS:
-        key, param = f"{prefix}towers.{name}", getattr(module.towers, name, None)
-        if key in state and param is not None and {tuple(state[key].shape), tuple(param.shape)} == {(), (1,)}:
-            state[key] = torch.reshape(state[key], param.shape)  # also loads a lazily loaded tensor

@@ -24,8 +24,9 @@ from multimodal.distributed import max_over_ranks_
 from multimodal.errors import UserError
 from multimodal.eval.embed import collect
 from multimodal.eval.retrieval import first_caption_loss, retrieval_metrics
+from multimodal.fsdp import scalar_state, vectorise_scalars
 from multimodal.loss import ContrastiveLoss
-from multimodal.model import CLIP, scalar_state
+from multimodal.model import CLIP
 from multimodal.monitor import is_logging_step
 from multimodal.optim import param_groups, warmup_cosine
 
@@ -70,7 +71,7 @@ class CLIPModule(pl.LightningModule):
         """Before the strategy wraps the model: FSDP needs the loss scalars as 1-element vectors
         (checkpoints keep open_clip's 0-d shape: `on_save_checkpoint`)."""
         if self._fsdp:
-            self.model.vectorise_scalars()
+            vectorise_scalars(self.model)
 
     @property
     def _fsdp(self) -> bool:

@@ -1,6 +1,7 @@
 """Loading trained weights from local files, and exporting them as open_clip state dicts.
 
-Two kinds of checkpoint load here, neither of which can run code:
+Every checkpoint file is read here, and none can run code (`read_checkpoint`, also the check
+before a run resumes):
 - this project's Lightning checkpoints (`.ckpt`), read with `torch.load(weights_only=True)`;
   their hyper-parameters name the architecture;
 - open_clip state dicts (`.pt`, `.bin`, `.pth` through `torch.load(weights_only=True)`,
@@ -11,7 +12,9 @@ project's own architectures the model JSON is written beside it.
 """
 
 import pickle
+import zipfile
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -27,14 +30,20 @@ from multimodal.model import CLIP, create_model
 LIGHTNING_PREFIX = "model.towers."
 
 
-def _torch_load(path: Path) -> dict:
+def read_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
+    """The checkpoint at `path` as `torch.load(weights_only=True, mmap=True)` reads it, or a UserError: a
+    checkpoint holding anything but tensors and plain values (code to run, custom classes) is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"The {what} {path} does not exist: pass an existing .ckpt file or run folder.")
+    if path.stat().st_size == 0:
+        raise UserError(f"The {what} {path} is empty (0 bytes), as a write that never finished leaves it: pass "
+                        "another checkpoint.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UserError(f"{path} holds objects other than tensors and plain values, which are never loaded "
-                        f"(weights_only=True): {first_line(exc)}") from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({first_line(exc)}).") from None
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, EOFError, RuntimeError, ValueError) as exc:
+        raise UserError(f"The {what} {path} cannot be loaded safely as a checkpoint (tensors and plain values "
+                        f"only): {first_line(exc, 200)}; pass a checkpoint written by `multimodal train`.") from None
 
 
 def _mismatch(path: Path, name: str, exc: Exception) -> UserError:
@@ -46,7 +55,7 @@ def _mismatch(path: Path, name: str, exc: Exception) -> UserError:
 
 def _lightning_towers(path: Path) -> tuple[dict, dict]:
     """(towers' state dict, hyper-parameters) of one of this project's Lightning checkpoints."""
-    ckpt = _torch_load(path)
+    ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{path} is not a Lightning checkpoint of this project (no state_dict).")
     towers = {k[len(LIGHTNING_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(LIGHTNING_PREFIX)}
@@ -59,8 +68,8 @@ def _has_logit_bias(path: Path) -> bool:
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 return "logit_bias" in f.keys()
-        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # unreadable: load_weights says why
+        state_dict = read_checkpoint(path)
+    except (UserError, SafetensorError, OSError):  # unreadable: load_weights says why
         return False
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]

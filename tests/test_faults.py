@@ -86,7 +86,7 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
 
 def test_image_files_to_embed_get_the_same_size_guard(tmp_path, monkeypatch, capsys):
     """`embed --images`, `search --image` and `eval zeroshot --images` read files through this guard."""
-    from multimodal.eval.sources import read_image_file
+    from multimodal.data.sources import read_image_file
 
     def decoding(*args, **kwargs):
         raise AssertionError("the bomb was decoded")

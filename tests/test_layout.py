@@ -7,7 +7,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "multimodal"
 LIGHTNING_USERS = {"module.py", "monitor.py", "checkpoint.py", "cli/train.py", "data/datamodule.py",
                    "eval/callbacks.py"}
-TORCH_ONLY = {"loss.py": {"multimodal.distributed"}, "distributed.py": set(), "optim.py": set()}
+TORCH_ONLY = {"loss.py": {"multimodal.distributed"}, "distributed.py": set(), "optim.py": set(), "fsdp.py": set()}
 
 
 def imports(path: Path) -> set[str]:
@@ -31,6 +31,8 @@ def test_import_direction():
         if rel not in LIGHTNING_USERS and not rel.startswith("cli/"):
             assert not any(n.startswith(("pytorch_lightning", "lightning")) for n in names), rel
         assert not any(n.startswith("lightning") for n in names), f"{rel}: use the pytorch_lightning namespace"
+        if rel.startswith("data/"):  # the data layer sits below evaluation
+            assert not any(n.startswith("multimodal.eval") for n in ours), rel
         if not rel.startswith("cli/") and rel != "__main__.py":
             assert not any(n.startswith("multimodal.cli") for n in names), rel
 

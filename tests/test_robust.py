@@ -169,7 +169,7 @@ def test_a_caption_the_tokenizer_refuses_is_counted_and_the_batch_stays_full(tmp
 
 def test_evaluation_leaves_out_a_text_the_tokenizer_refuses():
     from multimodal import arch
-    from multimodal.eval.sources import EmbedBatches, Item
+    from multimodal.data.sources import EmbedBatches, Item
 
     tokenize = arch.load("tiny").tokenizer
 

@@ -64,7 +64,7 @@ def _check_source(args) -> None:
 
 
 def _source(args):
-    from multimodal.eval.sources import ImageFolderSource, ShardSource, TextFileSource
+    from multimodal.data.sources import ImageFolderSource, ShardSource, TextFileSource
 
     if args.shards:
         return ShardSource(args.shards)
@@ -101,9 +101,9 @@ def embed(argv: list[str]) -> int:
     import torch
 
     from multimodal import weights
+    from multimodal.data.sources import EmbedBatches
     from multimodal.eval.callbacks import EmbeddingWriter, EmbedModule
     from multimodal.eval.embed import PartWriter
-    from multimodal.eval.sources import EmbedBatches
 
     source = _source(args)
     model, architecture = weights.load_model(args.checkpoint, args.model)

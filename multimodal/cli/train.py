@@ -16,12 +16,13 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from multimodal import arch, demo
-from multimodal.checkpoint import AtomicCheckpointIO, check_loadable, check_resumable
+from multimodal.checkpoint import AtomicCheckpointIO, check_resumable
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.errors import UserError, writing
 from multimodal.files import write_text
 from multimodal.monitor import RunProgressBar
 from multimodal.recipe import build_module
+from multimodal.weights import read_checkpoint
 
 
 class TrainCLI(LightningCLI):
@@ -46,7 +47,7 @@ class TrainCLI(LightningCLI):
         # disagree; give them one version so config, checkpoints and both logs share a folder.
         resumed_version = self._resume()
         if self.config.get("ckpt_path") and not self.config.get("resume"):
-            check_loadable(self.config.ckpt_path)
+            read_checkpoint(self.config.ckpt_path)
         loggers = self.config.trainer.logger
         if not isinstance(loggers, list) or not loggers:
             return
@@ -84,7 +85,7 @@ class TrainCLI(LightningCLI):
         if not ckpt.is_file():
             raise UserError(f"Nothing to resume at {path}: pass a run folder with checkpoints/last.ckpt, "
                             "or a checkpoint file.")
-        check_loadable(ckpt)
+        read_checkpoint(ckpt)
         self.config.ckpt_path = str(ckpt)
         run = path if path.is_dir() else ckpt.parent.parent
         match = re.fullmatch(r"version_(\d+)", run.name)

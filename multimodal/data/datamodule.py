@@ -21,15 +21,16 @@ from multimodal.data.pipeline import (
     ImageTextStream,
     StreamPosition,
     WorkerProgress,
+    check_split,
     count_samples,
     expand_urls,
     seeded,
 )
 from multimodal.data.pixels import finish_batch
 from multimodal.data.shards import ensure_synthetic
+from multimodal.data.sources import EmbedBatches, ShardSource
 from multimodal.data.synthetic import SyntheticData
 from multimodal.errors import UserError
-from multimodal.eval.sources import EmbedBatches, ShardSource
 
 
 class ShardDataModule(pl.LightningDataModule):
@@ -160,10 +161,8 @@ class ShardDataModule(pl.LightningDataModule):
         if total is None:
             raise UserError(f"The number of samples in {self.train_shards} is unknown (no sizes.json beside the "
                             "shards): set data.num_samples.")
-        slots = world * max(1, self.num_workers)
-        if not self.resampled and len(urls) < slots:
-            raise UserError(f"{len(urls)} shards cannot be split over {world} ranks x {max(1, self.num_workers)} "
-                            "workers: write more, smaller shards, lower data.num_workers, or set data.resampled.")
+        if not self.resampled:  # here, before the workers start, and not in each of them
+            check_split(len(urls), world, max(1, self.num_workers))
         num_batches = total // (self.batch_size * world)
         if num_batches == 0:
             raise UserError(f"{total} training samples do not fill one global batch of {self.batch_size} x {world} "

@@ -171,6 +171,13 @@ class _Ready:
     box: tuple[int, int, int, int] | None = None
 
 
+def check_split(num_shards: int, world_size: int, num_workers: int) -> None:
+    """Every (rank, worker) reads whole shards of its own, so there must be a shard for each."""
+    if num_shards < world_size * num_workers:
+        raise UserError(f"{num_shards} shards cannot be split over {world_size} ranks x {num_workers} "
+                        "workers: write more, smaller shards, lower data.num_workers, or set data.resampled.")
+
+
 class ImageTextStream(IterableDataset):
     """Full batches of {"image": (B, 3, H, W), "text": (B, L), "keys": [B], "bad": {kind: count},
     "skipped": int, "read": int, "worker": int, "consumed": int} for one rank.
@@ -221,9 +228,7 @@ class ImageTextStream(IterableDataset):
             yield (rng.choice(self.urls) for _ in iter(int, 1))
             return
         slot, slots = pos.rank * num_workers + worker, pos.world_size * num_workers
-        if len(self.urls) < slots:
-            raise UserError(f"{len(self.urls)} shards cannot be split over {pos.world_size} ranks x {num_workers} "
-                            "workers: write more, smaller shards, lower data.num_workers, or set data.resampled.")
+        check_split(len(self.urls), pos.world_size, num_workers)
         cycle = 0
         while True:
             order = list(self.urls)

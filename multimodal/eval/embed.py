@@ -26,8 +26,8 @@ from tqdm import tqdm
 from multimodal.arch import Architecture
 from multimodal.data.pipeline import count_samples
 from multimodal.data.pixels import EvalTransform
+from multimodal.data.sources import EmbedBatches, ShardSource
 from multimodal.errors import UserError, read_json, reading
-from multimodal.eval.sources import EmbedBatches, ShardSource
 from multimodal.files import atomic_file, write_text
 from multimodal.model import CLIP
 

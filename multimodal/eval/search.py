@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from multimodal.data.pipeline import fetch_images
+from multimodal.data.sources import read_image_file
 from multimodal.eval.embed import Embeddings
-from multimodal.eval.sources import read_image_file
 
 
 def top_k(candidates: torch.Tensor, query: torch.Tensor, k: int) -> list[tuple[int, float]]:

@@ -15,8 +15,8 @@ from PIL import Image
 
 from multimodal.data.pipeline import expand_urls, read_labelled
 from multimodal.data.pixels import EvalTransform
+from multimodal.data.sources import image_files, read_image_file
 from multimodal.errors import UserError, read_lines
-from multimodal.eval.sources import IMAGE_SUFFIXES, read_image_file
 from multimodal.model import CLIP
 
 # The project's own short prompt set. For the standard 80 ImageNet prompts, pass them as a file.
@@ -79,8 +79,8 @@ def image_folder(folder: Path, min_side: int | None = None
 
     def items():
         for label, name in enumerate(classes):
-            for path in sorted((folder / name).rglob("*")):
-                if path.suffix.lower() in IMAGE_SUFFIXES and (image := read_image_file(path, min_side)) is not None:
+            for path in image_files(folder / name):
+                if (image := read_image_file(path, min_side)) is not None:
                     yield image, label
 
     return classes, items()

@@ -1,4 +1,4 @@
-"""What to embed, cut into parts: shards, a folder of images, or a text file (one text a line).
+"""What to embed or validate on, cut into parts: shards, a folder of images, or a text file (one text a line).
 
 A part is the unit of output and of resuming: one per shard, or `part_size` consecutive images
 or lines. `EmbedBatches` yields the batches of the parts given to one (rank, worker) in order;
@@ -31,6 +31,11 @@ class Item:
     image_row: dict  # what the image index records: key, file_name, ...
     texts: list[str] = field(default_factory=list)
     text_rows: list[dict] = field(default_factory=list)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files under `folder`, at any depth, by suffix (IMAGE_SUFFIXES), sorted."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def read_image_file(path: Path, min_side: int | None = None) -> Image.Image | np.ndarray | None:
@@ -87,7 +92,7 @@ class ImageFolderSource(Source):
         if not folder.is_dir():
             raise UserError(f"Image folder {folder} does not exist: pass a folder of images with --images.")
         self.folder, self.size = folder, part_size
-        self.files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        self.files = image_files(folder)
         if not self.files:
             raise UserError(f"Image folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}).")
 
