@@ -71,7 +71,7 @@ def latin1_csv(root: Path) -> list[str]:
 def latin1_texts(root: Path, ckpt: Path) -> list[str]:
     (root / "texts.txt").write_bytes(LATIN1_CAPTION + b"\n")
     return ["embed", "--checkpoint", str(ckpt), "--texts", str(root / "texts.txt"), "--out", str(root / "emb"),
-            "--num-workers", "0"]
+            "--num_workers", "0"]
 
 
 def latin1_classnames(root: Path, ckpt: Path) -> list[str]:

@@ -39,8 +39,8 @@ def test_debug_config_trains_from_synthetic_shards(tmp_path):
 def test_debug_config_on_real_coco_shards_in_bf16(coco_mini, tmp_path):
     shards = tmp_path / "coco"
     proc = run_cli("shards", "coco", "--captions", str(coco_mini / "annotations" / "captions_val2017.json"),
-                   "--images", str(coco_mini / "val2017"), "--out", str(shards), "--shard-size", "40",
-                   "--max-side", "128", cwd=tmp_path)
+                   "--images", str(coco_mini / "val2017"), "--out", str(shards), "--shard_size", "40",
+                   "--max_side", "128", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Wrote 159 samples in 4 shards" in proc.stdout
     proc = run_cli("train", "--config", DEBUG, "--data.synthetic", "null", "--data.val_shards", "null",

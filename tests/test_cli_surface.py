@@ -7,18 +7,18 @@ import inspect
 
 from multimodal.cli import COMMANDS, evaluate, shards, tools
 
-SHARDS_OPTIONS = {"--images": None, "--out": None, "--shard-size": 1000, "--max-side": None, "--workers": 4,
+SHARDS_OPTIONS = {"--images": None, "--out": None, "--shard_size": 1000, "--max_side": None, "--num_workers": 4,
                   "--overwrite": False}
 SURFACE = {
     "export": {"--checkpoint": None, "--model": None, "--out": None, "--overwrite": False},
     "embed": {"--checkpoint": None, "--model": None, "--shards": None, "--images": None, "--texts": None,
-              "--out": None, "--batch-size": 256, "--dtype": "float16", "--part-size": 10000, "--num-workers": 4,
+              "--out": None, "--batch_size": 256, "--dtype": "float16", "--part_size": 10000, "--num_workers": 4,
               "--accelerator": "auto", "--devices": 1, "--overwrite": False},
     "eval retrieval": {"--checkpoint": None, "--model": None, "--shards": None, "--embeddings": None,
-                       "--ks": [1, 5, 10], "--batch-size": 256, "--num-workers": 4, "--chunk-size": 4096,
+                       "--ks": [1, 5, 10], "--batch_size": 256, "--num_workers": 4, "--chunk_size": 4096,
                        "--out": None},
     "eval zeroshot": {"--checkpoint": None, "--model": None, "--classnames": None, "--templates": None,
-                      "--shards": None, "--images": None, "--batch-size": 128, "--out": None},
+                      "--shards": None, "--images": None, "--batch_size": 128, "--out": None},
     "search": {"--index": None, "--text": None, "--image": None, "--target": None, "--k": 8, "--grid": None,
                "--checkpoint": None, "--model": None},
     "plot": {"run": None, "--out": None},
@@ -36,7 +36,7 @@ TRAIN_DATA = {  # `multimodal train --data.NAME`
     "num_workers": 4, "shuffle_buffer": 2000, "resampled": False, "num_samples": None, "seed": 0, "synthetic": None,
     "max_bad_fraction": 0.1, "max_image_pixels": 89478485, "decode": "auto",
 }
-TRAIN_FLAGS = {"--resume", "--ckpt_path", "--overwrite"}
+TRAIN_FLAGS = {"--resume", "--overwrite"}
 
 
 def options(parser: argparse.ArgumentParser) -> dict:
@@ -75,3 +75,21 @@ def test_the_training_options_and_defaults():
     TrainCLI.add_arguments_to_parser(None, type("P", (), {"add_argument": lambda self, f, **k: added.append(f),
                                                           "link_arguments": lambda self, *a, **k: None})())
     assert set(added) == TRAIN_FLAGS
+
+
+def test_one_option_style_and_kebab_spellings_read_as_it():
+    """Every option is snake_case, as LightningCLI spells `train`'s; `--batch-size` still works (job
+    scripts written for open_clip's style), and values are never rewritten."""
+    from multimodal.cli import snake_case_options
+
+    def names(tree) -> set[str]:
+        return {k for key, value in tree.items() for k in ([key] if not isinstance(value, dict) else names(value))}
+
+    assert not [name for name in names(SURFACE) | TRAIN_FLAGS if "-" in name.removeprefix("--")]
+    given = ["embed", "--batch-size", "8", "--trainer.max-steps=5", "--out", "my-dir", "--text", "a well-lit room",
+             "-h", "--"]
+    assert snake_case_options(given) == ["embed", "--batch_size", "8", "--trainer.max_steps=5", "--out", "my-dir",
+                                         "--text", "a well-lit room", "-h", "--"]
+    kebab = ["--checkpoint", "m.pt", "--texts", "t.txt", "--out", "o", "--num-workers", "0", "--part-size", "7"]
+    args = evaluate.embed_parser().parse_args(snake_case_options(kebab))
+    assert (args.num_workers, args.part_size) == (0, 7)

@@ -41,12 +41,12 @@ def rows(folder: Path, kind: str) -> list[dict]:
 def test_embed_then_eval_equals_eval_from_shards(trained, shards, tmp_path):
     ckpt, _ = trained
     ok(run_cli("embed", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(tmp_path / "emb"),
-               "--dtype", "float32", "--batch-size", "4", "--num-workers", "2", cwd=tmp_path))
+               "--dtype", "float32", "--batch_size", "4", "--num_workers", "2", cwd=tmp_path))
     assert len(rows(tmp_path / "emb", "img")) == 70 and len(rows(tmp_path / "emb", "text")) == 210
     assert np.load(tmp_path / "emb" / "img_emb" / "part-00000.npy").shape == (10, 128)
     ok(run_cli("eval", "retrieval", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "a.json"),
-               "--chunk-size", "16", cwd=tmp_path))
-    proc = ok(run_cli("eval", "retrieval", "--checkpoint", str(ckpt), "--shards", str(shards), "--batch-size", "4",
+               "--chunk_size", "16", cwd=tmp_path))
+    proc = ok(run_cli("eval", "retrieval", "--checkpoint", str(ckpt), "--shards", str(shards), "--batch_size", "4",
                       "--out", str(tmp_path / "b.json"), cwd=tmp_path))
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert a == b and a["num_images"] == 70 and a["num_texts"] == 210
@@ -57,8 +57,8 @@ def test_embed_then_eval_equals_eval_from_shards(trained, shards, tmp_path):
 
 def test_embed_resumes_after_a_kill_without_duplicates_or_gaps(trained, shards, tmp_path):
     ckpt, _ = trained
-    args = ["--checkpoint", str(ckpt), "--shards", str(shards), "--dtype", "float32", "--batch-size", "2",
-            "--num-workers", "0"]
+    args = ["--checkpoint", str(ckpt), "--shards", str(shards), "--dtype", "float32", "--batch_size", "2",
+            "--num_workers", "0"]
     ok(run_cli("embed", *args, "--out", str(tmp_path / "full"), cwd=tmp_path))
     reference = load_folder(tmp_path / "full")
 
@@ -91,10 +91,10 @@ def test_embed_resumes_after_a_kill_without_duplicates_or_gaps(trained, shards, 
 def test_embed_on_two_devices_splits_parts(trained, shards, tmp_path):
     ckpt, _ = trained
     ok(run_cli("embed", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(tmp_path / "two"),
-               "--accelerator", "cpu", "--devices", "2", "--num-workers", "0", "--dtype", "float32",
+               "--accelerator", "cpu", "--devices", "2", "--num_workers", "0", "--dtype", "float32",
                cwd=tmp_path, timeout=300))
     ok(run_cli("embed", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(tmp_path / "one"),
-               "--num-workers", "0", "--dtype", "float32", cwd=tmp_path))
+               "--num_workers", "0", "--dtype", "float32", cwd=tmp_path))
     two, one = load_folder(tmp_path / "two"), load_folder(tmp_path / "one")
     assert two.image_rows == one.image_rows and two.text_rows == one.text_rows
     torch.testing.assert_close(two.image_features, one.image_features)
@@ -107,9 +107,9 @@ def test_embed_image_folder_and_text_file(trained, tmp_path):
         Image.new("RGB", (50 + i, 40), colour).save(tmp_path / "imgs" / ("sub" if i else "") / f"{i}.png")
     (tmp_path / "texts.txt").write_text("a red square\n\ntwo blue circles\nthree green triangles\n")
     ok(run_cli("embed", "--checkpoint", str(ckpt), "--images", str(tmp_path / "imgs"), "--out",
-               str(tmp_path / "ie"), "--part-size", "2", "--num-workers", "0", cwd=tmp_path))
+               str(tmp_path / "ie"), "--part_size", "2", "--num_workers", "0", cwd=tmp_path))
     ok(run_cli("embed", "--checkpoint", str(ckpt), "--texts", str(tmp_path / "texts.txt"), "--out",
-               str(tmp_path / "te"), "--num-workers", "0", cwd=tmp_path))
+               str(tmp_path / "te"), "--num_workers", "0", cwd=tmp_path))
     assert [r["key"] for r in rows(tmp_path / "ie", "img")] == ["0.png", "sub/1.png", "sub/2.png"]
     assert np.load(tmp_path / "ie" / "img_emb" / "part-00001.npy").dtype == np.float16
     assert not (tmp_path / "ie" / "text_emb").exists()
@@ -127,7 +127,7 @@ def test_embedding_folder_with_mismatched_parts(trained, shards, tmp_path):
     ckpt, _ = trained
     out = tmp_path / "emb"
     ok(run_cli("embed", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(out),
-               "--num-workers", "0", cwd=tmp_path))
+               "--num_workers", "0", cwd=tmp_path))
     np.save(out / "img_emb" / "part-00003.npy", np.zeros((4, 128), np.float16))
     proc = run_cli("eval", "retrieval", "--embeddings", str(out), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -14,7 +14,7 @@ def index(trained, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("index")
     write_synthetic(root / "shards", num_samples=24, shard_size=8)
     proc = run_cli("embed", "--checkpoint", str(trained[0]), "--shards", str(root / "shards"), "--out",
-                   str(root / "emb"), "--num-workers", "0", cwd=root)
+                   str(root / "emb"), "--num_workers", "0", cwd=root)
     assert proc.returncode == 0, proc.stderr[-2000:]
     return root / "emb"
 

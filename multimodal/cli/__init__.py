@@ -11,6 +11,8 @@
     multimodal search --index EMB_DIR (--text "a dog on a skateboard" | --image PATH) [--k 8] [--grid out.png]
     multimodal plot RUN_DIR [--out curves.png]
 
+Options have one style, snake_case as LightningCLI spells `train`'s (`--data.num_workers`,
+`--batch_size`); the kebab spelling of a name (`--batch-size`) is read as the same option.
 Mistakes in the input end with one sentence on stderr and exit status 2; `--debug` shows the
 traceback instead.
 """
@@ -39,8 +41,19 @@ USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,search,plot} .
 Add --help after a command for its options; --debug shows tracebacks of input errors."""
 
 
+def snake_case_options(argv: list[str]) -> list[str]:
+    """`--batch-size 8` and `--trainer.max-steps=5` as `--batch_size 8` and `--trainer.max_steps=5`:
+    option names only, never their values."""
+    def one(arg: str) -> str:
+        if not arg.startswith("--") or arg == "--":
+            return arg
+        name, eq, value = arg.partition("=")
+        return "--" + name[2:].replace("-", "_") + eq + value
+    return [one(a) for a in argv]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = snake_case_options(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] not in COMMANDS:

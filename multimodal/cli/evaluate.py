@@ -80,10 +80,10 @@ def embed_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=Path, help="a folder of images (searched recursively)")
     parser.add_argument("--texts", type=Path, help="a text file, one text a line")
     parser.add_argument("--out", type=Path, required=True, help="embedding folder to write (resumed if present)")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"))
-    parser.add_argument("--part-size", type=int, default=10000, help="items per part for --images / --texts")
-    parser.add_argument("--num-workers", type=int, default=4, help="data loading processes per device")
+    parser.add_argument("--part_size", type=int, default=10000, help="items per part for --images / --texts")
+    parser.add_argument("--num_workers", type=int, default=4, help="data loading processes per device")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--devices", type=int, default=1, help="devices on this node (several: DDP, one part set each)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out made by another run")
@@ -169,9 +169,9 @@ def eval_retrieval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", help="shards with several captions per image")
     parser.add_argument("--embeddings", type=Path, help="an embedding folder written by `multimodal embed --shards`")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--num-workers", type=int, default=4)
-    parser.add_argument("--chunk-size", type=int, default=4096, help="block size of the score computation")
+    parser.add_argument("--batch_size", type=int, default=256)
+    parser.add_argument("--num_workers", type=int, default=4)
+    parser.add_argument("--chunk_size", type=int, default=4096, help="block size of the score computation")
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     return parser
 
@@ -221,7 +221,7 @@ def eval_zeroshot_parser() -> argparse.ArgumentParser:
                         help="prompt templates with {} for the class name, one a line (default: a built-in set)")
     parser.add_argument("--shards", help="shards whose samples carry a class index (`cls` member)")
     parser.add_argument("--images", type=Path, help="an ImageFolder-style folder: FOLDER/CLASS/IMAGE")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     return parser
 

@@ -19,9 +19,9 @@ def shards_parser() -> argparse.ArgumentParser:
     for p in (coco, csv):
         p.add_argument("--images", type=Path, required=True, help="folder holding the image files")
         p.add_argument("--out", type=Path, required=True, help="output folder for shard-NNNNNN.tar and sizes.json")
-        p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-        p.add_argument("--max-side", type=int, default=None, help="downscale images whose longer side exceeds this")
-        p.add_argument("--workers", type=int, default=4, help="threads reading and resizing images (default 4)")
+        p.add_argument("--shard_size", type=int, default=1000, help="samples per shard (default 1000)")
+        p.add_argument("--max_side", type=int, default=None, help="downscale images whose longer side exceeds this")
+        p.add_argument("--num_workers", type=int, default=4, help="threads reading and resizing images (default 4)")
         p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     return parser
 
@@ -36,7 +36,8 @@ def write_shards(argv: list[str]) -> int:
     check_output(args.out, "--out", "folder")
     from multimodal.data import shards
 
-    common = dict(shard_size=args.shard_size, max_side=args.max_side, workers=args.workers, overwrite=args.overwrite)
+    common = dict(shard_size=args.shard_size, max_side=args.max_side, workers=args.num_workers,
+                  overwrite=args.overwrite)
     if args.source == "coco":
         report = shards.write_coco(args.captions, args.images, args.out, **common)
     else:

@@ -33,7 +33,6 @@ class TrainCLI(LightningCLI):
         parser.add_argument("--resume", type=str | None, default=None,
                             help="Continue a run: its folder (runs/NAME/version_N: its last.ckpt, logging on in that "
                                  "folder) or a checkpoint file. Mid-epoch, the data stream continues where it stopped.")
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="The checkpoint to resume from.")
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="Allow a run to write into an existing, non-empty run folder given by a logger's "
                                  "version (never needed with --resume, nor with the default: a new version_N).")
@@ -46,8 +45,6 @@ class TrainCLI(LightningCLI):
         # TensorBoard and CSV loggers each pick "the next free version" on their own and can
         # disagree; give them one version so config, checkpoints and both logs share a folder.
         resumed_version = self._resume()
-        if self.config.get("ckpt_path") and not self.config.get("resume"):
-            read_checkpoint(self.config.ckpt_path)
         loggers = self.config.trainer.logger
         if not isinstance(loggers, list) or not loggers:
             return
@@ -64,7 +61,7 @@ class TrainCLI(LightningCLI):
         else:  # a folder named by the config: never written into by a new run unless asked
             version = first.version
             folder = root / (version if isinstance(version, str) else f"version_{version}")
-            if folder.is_dir() and any(folder.iterdir()) and not self.config.get("ckpt_path") \
+            if folder.is_dir() and any(folder.iterdir()) and not self.ckpt_path \
                     and not self.config.get("overwrite"):
                 raise UserError(f"The run folder {folder} already holds a run: pass --resume {folder} to continue "
                                 "it, --overwrite to write into it anyway, or leave the logger's version unset.")
@@ -77,7 +74,8 @@ class TrainCLI(LightningCLI):
         return super()._instantiate_trainer(config, callbacks)
 
     def _resume(self) -> tuple[Path, int] | None:
-        """Turn --resume into ckpt_path; (logger root, version) when it names a run folder."""
+        """Turn --resume into `ckpt_path`; (logger root, version) when it names a run folder."""
+        self.ckpt_path: str | None = None
         if not self.config.get("resume"):
             return None
         path = Path(self.config.resume)
@@ -86,7 +84,7 @@ class TrainCLI(LightningCLI):
             raise UserError(f"Nothing to resume at {path}: pass a run folder with checkpoints/last.ckpt, "
                             "or a checkpoint file.")
         read_checkpoint(ckpt)
-        self.config.ckpt_path = str(ckpt)
+        self.ckpt_path = str(ckpt)
         run = path if path.is_dir() else ckpt.parent.parent
         match = re.fullmatch(r"version_(\d+)", run.name)
         return (run.parent, int(match.group(1))) if match else None
@@ -227,12 +225,12 @@ def train(argv: list[str]) -> int:
 
 def _train(argv: list[str]) -> int:
     cli = _train_cli(argv)
-    if cli.config.get("ckpt_path"):
-        check_resumable(cli.config.ckpt_path, cli.model)
+    if cli.ckpt_path:
+        check_resumable(cli.ckpt_path, cli.model)
     if cli.config.get("resume"):
         _keep_csv_metrics(cli.trainer)
     _atomic_checkpoints(cli.trainer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
     return 0
 
 
@@ -244,7 +242,7 @@ def run_demo(argv: list[str]) -> int:
 def _run_demo(argv: list[str]) -> int:
     cli = _train_cli(["--config", str(arch.CONFIG_DIR / "demo.yaml"), *argv])
     _atomic_checkpoints(cli.trainer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.config.ckpt_path, weights_only=True)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
     if cli.trainer.is_global_zero:
         data = cli.datamodule
         demo.report(cli.model.model.cpu(), cli.model.model.architecture, data.val_shards, Path(cli.trainer.log_dir))

@@ -78,7 +78,7 @@ def write_shards(samples: Iterable[Sample], out_dir: Path, shard_size: int, tota
                  desc: str = "writing shards") -> dict[str, int]:
     """Write `samples` into `out_dir/shard-NNNNNN.tar` files of `shard_size` samples each."""
     if shard_size <= 0:
-        raise UserError(f"--shard-size must be a positive number of samples, got {shard_size}.")
+        raise UserError(f"--shard_size must be a positive number of samples, got {shard_size}.")
     sizes: dict[str, int] = {}
     stream = iter(tqdm(samples, total=total, desc=desc, unit="img", mininterval=1.0))
     while (first := next(stream, None)) is not None:  # a shard at a time, streamed into its file
@@ -165,7 +165,7 @@ def _write_entries(entries: list[ImageEntry], images_dir: Path, out_dir: Path, s
         raise UserError(f"Image folder {images_dir} does not exist: "
                         "pass the folder that holds the images with --images.")
     if max_side is not None and max_side <= 0:
-        raise UserError(f"--max-side must be a positive number of pixels, got {max_side}.")
+        raise UserError(f"--max_side must be a positive number of pixels, got {max_side}.")
     prepare_out_dir(out_dir, overwrite)
     failures: list[tuple[str, str]] = []
     samples = _encode_all(entries, images_dir, max_side, workers, failures)
