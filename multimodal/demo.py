@@ -4,7 +4,6 @@ from pathlib import Path
 
 import torch
 
-from multimodal.arch import Architecture
 from multimodal.eval.embed import embed_shards
 from multimodal.eval.retrieval import chance_recall, retrieval_metrics, table
 from multimodal.eval.search import contact_sheet, load_images, top_k
@@ -22,9 +21,9 @@ QUERIES = (
 )
 
 
-def report(model: CLIP, architecture: Architecture, shards: str, run_dir: Path, batch_size: int = 256) -> dict:
+def report(model: CLIP, shards: str, run_dir: Path, batch_size: int = 256) -> dict:
     """Embed the held-out `shards`; print and write retrieval.json/.txt, curves.png and retrieval.png."""
-    emb = embed_shards(model, architecture, shards, batch_size, progress=False)
+    emb = embed_shards(model, shards, batch_size, progress=False)
     metrics = retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image, ks=KS)
     num_images, num_texts = emb.image_features.shape[0], emb.text_features.shape[0]
     ratio = metrics["image_retrieval_recall@5"] / chance_recall(num_images, 5)
@@ -40,7 +39,7 @@ def report(model: CLIP, architecture: Architecture, shards: str, run_dir: Path, 
     curves = plot_run(run_dir) if (run_dir / "metrics.csv").is_file() else None  # none before the first log
 
     with torch.no_grad():
-        queries = model.eval().encode_text(architecture.tokenizer(list(QUERIES)))
+        queries = model.eval().encode_text(model.architecture.tokenizer(list(QUERIES)))
     lines = []
     for text, query in zip(QUERIES, queries):
         hits = top_k(emb.image_features, query, 6)

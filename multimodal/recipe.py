@@ -101,12 +101,12 @@ def build_module(
     def count_flops_per_sample() -> float:
         """Counted on a fresh copy, on the meta device: any strategy, compiled or sharded, counts the same."""
         copy = fresh()
-        return flops_per_sample(copy, architecture, lambda i, t: contrastive(i, t, copy.logit_scale.exp(),
+        return flops_per_sample(copy, lambda i, t: contrastive(i, t, copy.logit_scale.exp(),
                                                                            copy.logit_bias, gather=False))
 
     model = fresh()
     if pretrained:
-        load_weights(model, pretrained, architecture)
+        load_weights(model, pretrained)
     if grad_checkpointing:
         model.towers.set_grad_checkpointing(True)
     if compile:  # in place: the parameters keep their names in checkpoints and exports

@@ -14,7 +14,6 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from multimodal.arch import Architecture
 from multimodal.model import CLIP
 
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s, by a substring of torch.cuda.get_device_name().
@@ -42,17 +41,17 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def flops_per_sample(model: CLIP, architecture: Architecture,
-                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batch: int = 2) -> float:
+def flops_per_sample(model: CLIP, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     batch: int = 2) -> float:
     """Forward + backward FLOPs of one (image, text) training sample of `model`.
 
     The model is moved to the meta device: shapes only, no arithmetic, so that counting a ViT-L
     takes a second. Pass a copy.
     """
     model = model.to("meta").train()
-    size = architecture.image_size
+    size = model.architecture.image_size
     images = torch.zeros(batch, 3, size, size, device="meta")
-    tokens = architecture.tokenizer(["a photo of a thing"] * batch).to("meta")
+    tokens = model.architecture.tokenizer(["a photo of a thing"] * batch).to("meta")
     params = [p for p in model.parameters() if p.requires_grad]
     with FlopCounterMode(display=False) as counter:
         loss = loss_fn(model.encode_image(images), model.encode_text(tokens))

@@ -22,7 +22,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from multimodal import arch
-from multimodal.arch import Architecture
 from multimodal.errors import EXPORT_SUFFIXES, UserError, check_checkpoint, first_line
 from multimodal.files import atomic_file, write_json
 from multimodal.model import CLIP, create_model
@@ -83,8 +82,8 @@ def _load_towers(model: CLIP, state_dict: dict, path: Path, name: str) -> None:
         raise _mismatch(path, name, exc) from None
 
 
-def load_weights(model: CLIP, checkpoint: str | Path, architecture: Architecture) -> None:
-    """Load a local checkpoint file's towers into `model` (of `architecture`).
+def load_weights(model: CLIP, checkpoint: str | Path) -> None:
+    """Load a local checkpoint file's towers into `model`.
 
     Lightning .ckpt files load strictly; open_clip state dicts through open_clip's own loader
     (strict, `weights_only`), which also lets a SigLIP model start from CLIP weights.
@@ -92,7 +91,7 @@ def load_weights(model: CLIP, checkpoint: str | Path, architecture: Architecture
     path = Path(checkpoint)
     check_checkpoint(path)
     if path.suffix == ".ckpt":
-        _load_towers(model, _lightning_towers(path)[0], path, architecture.name)
+        _load_towers(model, _lightning_towers(path)[0], path, model.architecture.name)
         return
     try:
         open_clip.load_checkpoint(model.towers, str(path), strict=True, weights_only=True)
@@ -100,11 +99,11 @@ def load_weights(model: CLIP, checkpoint: str | Path, architecture: Architecture
         raise UserError(f"{path} holds objects other than tensors and plain values, which are never loaded "
                         f"(weights_only=True): {first_line(exc)}") from None
     except (RuntimeError, KeyError, ValueError, AssertionError, SafetensorError, EOFError) as exc:
-        raise _mismatch(path, architecture.name, exc) from None
+        raise _mismatch(path, model.architecture.name, exc) from None
 
 
-def load_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[CLIP, Architecture]:
-    """(model, its architecture) from a local checkpoint file; `model_name` overrides the .ckpt's."""
+def load_model(checkpoint: str | Path, model_name: str | None = None) -> CLIP:
+    """The model of a local checkpoint file (`model.architecture` says which); `model_name` overrides the .ckpt's."""
     path = Path(checkpoint)
     check_checkpoint(path)
     if path.suffix == ".ckpt":
@@ -115,16 +114,16 @@ def load_model(checkpoint: str | Path, model_name: str | None = None) -> tuple[C
         architecture = arch.load(model_name)
         model = create_model(architecture, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
         _load_towers(model, state_dict, path, model_name)  # the checkpoint is read once
-        return model, architecture
+        return model
     if model_name is None:
         raise UserError(f"{path} is an open_clip state dict, which does not name its architecture: pass --model.")
     architecture = arch.load(model_name)
     model = create_model(architecture, init_logit_bias=0.0 if _has_logit_bias(path) else None)  # value loaded next
-    load_weights(model, path, architecture)
-    return model, architecture
+    load_weights(model, path)
+    return model
 
 
-def export(model: CLIP, architecture: Architecture, out: Path) -> list[Path]:
+def export(model: CLIP, out: Path) -> list[Path]:
     """Write the open_clip state dict to `out` (.safetensors or .pt); returns the files written."""
     if out.suffix not in EXPORT_SUFFIXES:
         raise UserError(f"--out {out} must end in {', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]}.")
@@ -134,7 +133,7 @@ def export(model: CLIP, architecture: Architecture, out: Path) -> list[Path]:
             f.write(save_safetensors(state_dict))
         else:
             torch.save(state_dict, f)
-    written = [out]
+    written, architecture = [out], model.architecture
     if architecture.own or model.logit_bias is not None:
         # The architecture beside the weights: the project's own, or any with SigLIP's bias,
         # which open_clip's config of the same name would not create.

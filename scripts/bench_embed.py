@@ -52,7 +52,7 @@ def rate(model, architecture: Architecture, spec: str, batch_size: int, workers:
     preprocess = OpenClipEval(architecture.open_clip_transforms()[1]) if reference else None
     start = time.perf_counter()
     with embed.autocast(device):
-        emb = embed.embed_shards(model, architecture, spec, batch_size, workers, device, progress=False,
+        emb = embed.embed_shards(model, spec, batch_size, workers, device, progress=False,
                                  preprocess=preprocess)
     return emb.image_features.shape[0] / (time.perf_counter() - start)
 

@@ -141,7 +141,7 @@ def zero_byte_ckpt(root: Path) -> list[str]:
 def resume_state_dict(root: Path, ckpt: Path) -> list[str]:
     from multimodal.weights import load_model
 
-    model, _ = load_model(ckpt)
+    model = load_model(ckpt)
     torch.save(model.towers.state_dict(), root / "towers.ckpt")
     return ["train", "--config", DEBUG, "--resume", str(root / "towers.ckpt")]
 

@@ -61,7 +61,7 @@ def test_fsdp_trains_the_same_weights_as_ddp(runs):
 def test_fsdp_logs_validation_and_its_checkpoint_loads_as_an_open_clip_model(runs):
     metrics = (runs / "runs" / "debug" / "version_1" / "metrics.csv").read_text()
     assert "val/loss" in metrics and "val/image_retrieval_recall@1" in metrics
-    model, _ = load_model(runs / "runs" / "debug" / "version_1" / "checkpoints" / "last.ckpt")
+    model = load_model(runs / "runs" / "debug" / "version_1" / "checkpoints" / "last.ckpt")
     assert model.logit_scale.shape == ()
 
 

@@ -28,7 +28,7 @@ def test_tiny_model_memorises_coco_mini(coco_mini, tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
 
-    emb = embed_shards(module.model, module.model.architecture, str(shards), progress=False)
+    emb = embed_shards(module.model, str(shards), progress=False)
     assert emb.image_features.shape[0] == 80 and emb.text_features.shape[0] >= 400
     metrics = retrieval_metrics(emb.image_features, emb.text_features, emb.text_to_image)
     chance = chance_recall(80, 1)
@@ -40,7 +40,7 @@ def test_tiny_model_memorises_coco_mini(coco_mini, tmp_path):
     # and resizes with torch; open_clip's eval transform takes the whole PIL image. Same recall.
     full = tmp_path / "full"
     write_coco(coco_mini / "annotations" / "captions_train2017.json", coco_mini / "train2017", full, shard_size=20)
-    fast = embed_shards(module.model, module.model.architecture, str(full), progress=False)
+    fast = embed_shards(module.model, str(full), progress=False)
     ours = retrieval_metrics(fast.image_features, fast.text_features, fast.text_to_image)
     theirs = open_clip_recall(module.model, "tiny", str(full))
     print(json.dumps({"ours": ours, "open_clip_transform": theirs}, indent=1))

@@ -117,7 +117,7 @@ def test_fine_tunes_from_an_open_clip_state_dict(tmp_path):
     source = module()
     with torch.no_grad():
         source.model.towers.visual.proj.add_(1.0)
-    export(source.model, source.model.architecture, tmp_path / "tiny.safetensors")
+    export(source.model, tmp_path / "tiny.safetensors")
     tuned = module(pretrained=str(tmp_path / "tiny.safetensors"))
     for (name, a), b in zip(source.model.state_dict().items(), tuned.model.state_dict().values()):
         assert torch.equal(a, b), name

@@ -13,11 +13,10 @@ from tests.conftest import REPO, run_cli
 
 
 def count(name: str, **lock) -> float:
-    architecture = arch.load(name)
-    model = create_model(architecture)
+    model = create_model(arch.load(name))
     if lock.get("image"):
         model.towers.lock_image_tower()
-    return flops_per_sample(model, architecture, lambda i, t: clip_loss(i, t, model.logit_scale.exp(), gather=False))
+    return flops_per_sample(model, lambda i, t: clip_loss(i, t, model.logit_scale.exp(), gather=False))
 
 
 def transformer_forward_flops(tokens: int, width: int, layers: int) -> float:

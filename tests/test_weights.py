@@ -21,8 +21,8 @@ def probe_inputs(name: str = "tiny"):
 
 def test_lightning_checkpoint_loads_the_trained_weights(trained):
     ckpt, module = trained
-    model, architecture = load_model(ckpt)
-    assert architecture is arch.load("tiny")
+    model = load_model(ckpt)
+    assert model.architecture is arch.load("tiny")
     images, tokens = probe_inputs()
     with torch.no_grad():
         torch.testing.assert_close(model.eval().encode_image(images), module.model.eval().encode_image(images))
@@ -47,7 +47,7 @@ def test_export_round_trip_through_open_clip(trained, tmp_path, suffix):
         torch.testing.assert_close(theirs.encode_text(tokens, normalize=True), ours.encode_text(tokens))
         assert theirs.logit_scale.item() == pytest.approx(ours.logit_scale.item())
     # ... and our loader reads the exported file back given its architecture.
-    again, _ = load_model(out, "tiny")
+    again = load_model(out, "tiny")
     with torch.no_grad():
         torch.testing.assert_close(again.eval().encode_image(images), ours.encode_image(images))
 
@@ -59,7 +59,7 @@ def test_siglip_export_round_trip_keeps_the_bias(tmp_path):
     ours = build_module(model_name="tiny", loss="siglip").model.eval()
     with torch.no_grad():
         ours.logit_bias.fill_(-7.5)
-    written = export(ours, arch.load("tiny"), tmp_path / "s.safetensors")
+    written = export(ours, tmp_path / "s.safetensors")
     assert written[1].name == "tiny-siglip.json"
     open_clip.add_model_config(written[1])
     theirs = open_clip.create_model("tiny-siglip", pretrained=str(written[0])).eval()
@@ -67,13 +67,13 @@ def test_siglip_export_round_trip_keeps_the_bias(tmp_path):
     images, tokens = probe_inputs()
     with torch.no_grad():
         torch.testing.assert_close(theirs.encode_image(images, normalize=True), ours.encode_image(images))
-    again, _ = load_model(written[0], "tiny")  # our loader sees the bias in the file
+    again = load_model(written[0], "tiny")  # our loader sees the bias in the file
     assert again.logit_bias.item() == -7.5
 
 
 def test_mismatched_architecture_is_a_user_error(trained, tmp_path):
     ckpt, module = trained
-    export(module.model, module.model.architecture, tmp_path / "m.safetensors")
+    export(module.model, tmp_path / "m.safetensors")
     with pytest.raises(UserError, match="does not match architecture RN50"):
         load_model(tmp_path / "m.safetensors", "RN50")
     with pytest.raises(UserError, match="does not match architecture ViT-B-32"):

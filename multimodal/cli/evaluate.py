@@ -39,16 +39,16 @@ def export(argv: list[str]) -> int:
     check_checkpoint(args.checkpoint)
     from multimodal import weights
 
-    model, architecture = weights.load_model(args.checkpoint, args.model)
+    model = weights.load_model(args.checkpoint, args.model)
     with writing(args.out):
-        written = weights.export(model, architecture, args.out)
+        written = weights.export(model, args.out)
     for path in written:
         print(f"Wrote {path}")
     if len(written) > 1:
         print(f"Load it with: open_clip.add_model_config('{written[1]}'); "
               f"open_clip.create_model_and_transforms('{written[1].stem}', pretrained='{args.out}')")
     else:
-        print(f"Load it with: open_clip.create_model_and_transforms('{architecture.open_clip_name}', "
+        print(f"Load it with: open_clip.create_model_and_transforms('{model.architecture.open_clip_name}', "
               f"pretrained='{args.out}')")
     return 0
 
@@ -106,17 +106,17 @@ def embed(argv: list[str]) -> int:
     from multimodal.eval.embed import PartWriter
 
     source = _source(args)
-    model, architecture = weights.load_model(args.checkpoint, args.model)
-    info = {"model": architecture.name, "checkpoint": str(args.checkpoint.resolve()), "dtype": args.dtype,
+    model = weights.load_model(args.checkpoint, args.model)
+    info = {"model": model.architecture.name, "checkpoint": str(args.checkpoint.resolve()), "dtype": args.dtype,
             "source": {k: str(getattr(args, k)) for k in ("shards", "images", "texts") if getattr(args, k)},
-            "part_size": args.part_size, "dim": architecture.embed_dim}
+            "part_size": args.part_size, "dim": model.architecture.embed_dim}
     _claim_folder(args.out, info, args.overwrite)
     writer = PartWriter(args.out, info["dim"], args.dtype, images=source.has_images, texts=source.has_texts)
     todo = [p for p in range(source.num_parts()) if not writer.done(p)]
     print(f"{source.num_parts() - len(todo)} of {source.num_parts()} parts already done; embedding {len(todo)}.")
     if not todo:
         return 0
-    preprocess, tokenizer = architecture.eval_transform, architecture.tokenizer
+    preprocess, tokenizer = model.architecture.eval_transform, model.architecture.tokenizer
 
     def make_dataset(rank: int, world: int):
         return EmbedBatches(source, todo[rank::world], preprocess, tokenizer, args.batch_size)
@@ -195,8 +195,8 @@ def eval_retrieval(argv: list[str]) -> int:
     from multimodal.eval.retrieval import retrieval_metrics, table
 
     if args.shards:
-        model, architecture = weights.load_model(args.checkpoint, args.model)
-        emb = embed_shards(model, architecture, args.shards, args.batch_size, args.num_workers)
+        model = weights.load_model(args.checkpoint, args.model)
+        emb = embed_shards(model, args.shards, args.batch_size, args.num_workers)
     else:
         emb = load_folder(args.embeddings)
     if emb.image_features.shape[0] == 0 or (emb.text_to_image < 0).all():
@@ -257,7 +257,8 @@ def eval_zeroshot(argv: list[str]) -> int:
                             f"{len(folders)} class folders.")
     else:
         classnames = read_lines(args.classnames, "Class names")
-    model, architecture = weights.load_model(args.checkpoint, args.model)
+    model = weights.load_model(args.checkpoint, args.model)
+    architecture = model.architecture
     size = architecture.image_size  # JPEGs decoded no larger than the model needs
     samples = zeroshot.image_folder(args.images, size)[1] if args.images else \
         zeroshot.labelled_shards(args.shards, size)

@@ -54,14 +54,14 @@ def search(argv: list[str]) -> int:
     candidates = emb.image_features if target == "images" else emb.text_features
     if candidates.shape[0] == 0:
         raise UserError(f"{args.index} holds no {target} embeddings to search.")
-    model, architecture = weights.load_model(args.checkpoint or info["checkpoint"],
+    model = weights.load_model(args.checkpoint or info["checkpoint"],
                                      args.model or (None if args.checkpoint else info["model"]))
     model.eval()
     with torch.no_grad():
         if args.text:
-            query = model.encode_text(architecture.tokenizer([args.text]))[0]
+            query = model.encode_text(model.architecture.tokenizer([args.text]))[0]
         else:
-            query = model.encode_image(architecture.eval_transform(query_image)[None])[0]
+            query = model.encode_image(model.architecture.eval_transform(query_image)[None])[0]
     if query.shape[0] != candidates.shape[1]:
         raise UserError(f"The model gives {query.shape[0]}-d embeddings but {args.index} holds "
                         f"{candidates.shape[1]}-d ones: pass the --checkpoint the folder was made with.")

@@ -245,5 +245,5 @@ def _run_demo(argv: list[str]) -> int:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
     if cli.trainer.is_global_zero:
         data = cli.datamodule
-        demo.report(cli.model.model.cpu(), cli.model.model.architecture, data.val_shards, Path(cli.trainer.log_dir))
+        demo.report(cli.model.model.cpu(), data.val_shards, Path(cli.trainer.log_dir))
     return 0

@@ -23,7 +23,6 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from multimodal.arch import Architecture
 from multimodal.data.pipeline import count_samples
 from multimodal.data.pixels import EvalTransform
 from multimodal.data.sources import EmbedBatches, ShardSource
@@ -203,12 +202,12 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def embed_shards(model: CLIP, architecture: Architecture, spec: str, batch_size: int = 256, num_workers: int = 0,
+def embed_shards(model: CLIP, spec: str, batch_size: int = 256, num_workers: int = 0,
                  device: torch.device | None = None, progress: bool = True,
                  preprocess: EvalTransform | None = None) -> Embeddings:
     """Every image and caption of the shards `spec`, in one process, batched as `multimodal embed` batches.
-    `preprocess`: the architecture's eval transform unless given."""
-    source = ShardSource(spec)
+    `preprocess`: the model architecture's eval transform unless given."""
+    source, architecture = ShardSource(spec), model.architecture
     preprocess = preprocess or architecture.eval_transform
     dataset = EmbedBatches(source, list(range(source.num_parts())), preprocess, architecture.tokenizer, batch_size)
     device = device or default_device()
