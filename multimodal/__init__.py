@@ -2,9 +2,9 @@
 
 The library layers, bottom to top (imports only flow upwards):
   loss, distributed, optim      torch only
-  arch, model                   open_clip towers, a pure nn.Module
+  arch, model, fsdp             open_clip towers, a pure nn.Module, and FSDP's shapes applied from outside
   data/, eval/                  shard I/O, streaming pipeline, metrics (no Lightning)
-  module, data.datamodule       the Lightning adapters
+  module, data.datamodule       the Lightning adapters; recipe builds what the module trains
   cli, demo                     the `multimodal` command
 """
 
@@ -16,12 +16,7 @@ import os
 # huggingface_hub reads this once when imported (open_clip imports it), so it is set here first.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# Notices a user of this project cannot act on, printed at every start: Lightning's advertisement for
-# its cloud logger, and open_clip's warning that a model it built has no pretrained weights (this
-# project builds models empty on purpose and loads their weights itself).
-import logging  # noqa: E402
+# Notices a user of this project cannot act on (Lightning's logger tip, open_clip's "no pretrained weights").
+from multimodal import notices  # noqa: E402
 
-from multimodal.errors import Unactionable  # noqa: E402
-
-logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(Unactionable("litlogger"))
-logging.getLogger().addFilter(Unactionable("No pretrained weights loaded for model"))
+notices.install()

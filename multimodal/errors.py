@@ -9,7 +9,6 @@ work starts. Anything else that escapes is a bug and keeps its traceback.
 
 import csv
 import json
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,17 +16,6 @@ from pathlib import Path
 
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".safetensors")
 EXPORT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")  # open_clip state dicts
-
-
-class Unactionable(logging.Filter):
-    """Drops log records holding one of `texts`: notices a user of this project cannot act on."""
-
-    def __init__(self, *texts: str):
-        super().__init__()
-        self.texts = texts
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(text in record.getMessage() for text in self.texts)
 
 
 class UserError(Exception):

@@ -21,6 +21,7 @@ from multimodal.data.datamodule import ShardDataModule
 from multimodal.errors import UserError, writing
 from multimodal.files import write_text
 from multimodal.monitor import RunProgressBar
+from multimodal.notices import QUIET
 from multimodal.recipe import build_module
 from multimodal.weights import read_checkpoint
 
@@ -134,20 +135,6 @@ def run_version(root: Path) -> int:
     if claimed_root == str(root) and claimed.isdigit():
         return int(claimed)
     return max(_taken(root), default=0)
-
-
-# Lightning's warnings about our deliberate choices: args passed from Python, two loggers sharing
-# one folder, __len__ on the IterableDataset (exact per rank by construction), no validation
-# shards (an empty val loader), a deprecation inside Lightning itself; and mid-epoch resume, which the stream
-# does position (ImageTextStream's `resume`), though not through Lightning's loader state.
-QUIET = (
-    ".*args parameter is intended to run from within Python.*",
-    ".*Experiment logs directory .* exists and is not empty.*",
-    ".*Your `IterableDataset` has `__len__` defined.*",
-    ".*Total length of `list` across ranks is zero.*",
-    ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*",
-    ".*resuming from a checkpoint that ended before the epoch ended and your dataloader is not resumable.*",
-)
 
 
 def _train_cli(argv: list[str]) -> TrainCLI:

@@ -253,9 +253,9 @@ def ensure_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_siz
     marker = out_dir / SYNTHETIC
     settings = _synthetic_settings(num_samples, shard_size, image_size, seed, first_index)
     if marker.is_file():
-        with reading(marker):
-            if json.loads(marker.read_text()) == settings and (out_dir / MANIFEST).is_file():
-                return False
+        if read_json(marker, f"delete {marker} to write the synthetic scenes afresh") == settings \
+                and (out_dir / MANIFEST).is_file():
+            return False
     elif out_dir.is_dir() and any(out_dir.iterdir()):
         raise UserError(f"{option} {out_dir} holds files that are not this project's synthetic data: pass "
                         f"--data.synthetic null to train on the shards there, or give {option} a new folder "
