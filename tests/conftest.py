@@ -28,10 +28,37 @@ def flickr() -> Path:
 
 
 def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m multimodal ARGS` in `cwd`, as a user would run it (`env`: extra variables)."""
+    """`python -m multimodal ARGS` in `cwd`, in a new process (`env`: extra variables): for what only a
+    process of its own can show (DDP re-launching the command, a SIGKILL, a traceback); `cli` for the rest."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "multimodal", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(capfd):
+    """`multimodal ARGS` in `cwd` through the command's own entry point (`multimodal.cli.main`), in this
+    process: what a user's command does, without importing torch, Lightning and open_clip anew (about
+    7 s a call on this project's machine). Returns (returncode, stdout, stderr) as `run_cli` does."""
+    from multimodal.cli import main
+
+    def run(*args: str, cwd: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+        saved_env, saved_cwd = dict(os.environ), os.getcwd()
+        capfd.readouterr()
+        try:
+            os.environ.update(env or {})
+            os.chdir(cwd)
+            code = main(list(args))
+        except SystemExit as exc:  # argparse's and jsonargparse's own exits (--help, --print_config)
+            code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        finally:
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(list(args), code, out, err)
+
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -129,7 +129,7 @@ class Payload:
 
 
 @pytest.mark.parametrize("command", ["resume", "pretrained", "export"])
-def test_a_checkpoint_carrying_code_is_refused_unrun(tmp_path, command):
+def test_a_checkpoint_carrying_code_is_refused_unrun(cli, tmp_path, command):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.ckpt"
     with open(evil, "wb") as f:
@@ -137,7 +137,7 @@ def test_a_checkpoint_carrying_code_is_refused_unrun(tmp_path, command):
     args = {"resume": ["train", "--config", DEBUG, "--resume", str(evil)],
             "pretrained": ["train", "--config", DEBUG, "--model.pretrained", str(evil)],
             "export": ["export", "--checkpoint", str(evil), "--out", str(tmp_path / "m.safetensors")]}[command]
-    proc = run_cli(*args, cwd=tmp_path)
+    proc = cli(*args, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
     assert not marker.exists()
@@ -145,15 +145,15 @@ def test_a_checkpoint_carrying_code_is_refused_unrun(tmp_path, command):
     assert marker.exists()
 
 
-def test_a_new_run_never_writes_into_an_existing_run_folder(tmp_path):
+def test_a_new_run_never_writes_into_an_existing_run_folder(cli, tmp_path):
     (tmp_path / "runs" / "debug" / "mine").mkdir(parents=True)
     (tmp_path / "runs" / "debug" / "mine" / "notes.txt").write_text("keep me")
     args = ["train", "--config", DEBUG, "--trainer.max_steps", "2", "--data.synthetic.train_samples", "128",
             "--trainer.logger", json.dumps([{"class_path": "pytorch_lightning.loggers.CSVLogger",
                                              "init_args": {"save_dir": "runs", "name": "debug", "version": "mine"}}])]
-    proc = run_cli(*args, cwd=tmp_path)
+    proc = cli(*args, cwd=tmp_path)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr.strip().splitlines()[-1], proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "runs" / "debug" / "mine").iterdir()) == ["notes.txt"]
-    proc = run_cli(*args, "--overwrite", "true", cwd=tmp_path)
+    proc = cli(*args, "--overwrite", "true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "runs" / "debug" / "mine" / "notes.txt").read_text() == "keep me"

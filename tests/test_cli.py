@@ -13,9 +13,9 @@ from tests.conftest import REPO, run_cli
 DEBUG = str(REPO / "configs" / "debug.yaml")
 
 
-def test_debug_config_trains_from_synthetic_shards(tmp_path):
-    proc = run_cli("train", "--config", DEBUG, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2",
-                   cwd=tmp_path)
+def test_debug_config_trains_from_synthetic_shards(cli, tmp_path):
+    proc = cli("train", "--config", DEBUG, "--trainer.max_steps", "6", "--trainer.log_every_n_steps", "2",
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "debug" / "version_0"
     assert (tmp_path / "runs" / "debug" / "data" / "train" / "sizes.json").is_file()
@@ -30,22 +30,22 @@ def test_debug_config_trains_from_synthetic_shards(tmp_path):
     assert {"train/loss", "train/logit_scale", "train/lr", "train/samples_per_second",
             "train/samples_per_second_per_device"} <= logged
     # A second run gets its own folder; the data is not written again.
-    again = run_cli("train", "--config", DEBUG, "--trainer.max_steps", "2", cwd=tmp_path)
+    again = cli("train", "--config", DEBUG, "--trainer.max_steps", "2", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "runs" / "debug" / "version_1" / "config.yaml").is_file()
     assert "synthetic train" not in again.stderr
 
 
-def test_debug_config_on_real_coco_shards_in_bf16(coco_mini, tmp_path):
+def test_debug_config_on_real_coco_shards_in_bf16(cli, coco_mini, tmp_path):
     shards = tmp_path / "coco"
-    proc = run_cli("shards", "coco", "--captions", str(coco_mini / "annotations" / "captions_val2017.json"),
-                   "--images", str(coco_mini / "val2017"), "--out", str(shards), "--shard_size", "40",
-                   "--max_side", "128", cwd=tmp_path)
+    proc = cli("shards", "coco", "--captions", str(coco_mini / "annotations" / "captions_val2017.json"),
+               "--images", str(coco_mini / "val2017"), "--out", str(shards), "--shard_size", "40",
+               "--max_side", "128", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Wrote 159 samples in 4 shards" in proc.stdout
-    proc = run_cli("train", "--config", DEBUG, "--data.synthetic", "null", "--data.val_shards", "null",
-                   "--data.train_shards", f"{shards}/shard-{{000000..000003}}.tar", "--data.num_workers", "2",
-                   "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "3", cwd=tmp_path)
+    proc = cli("train", "--config", DEBUG, "--data.synthetic", "null", "--data.val_shards", "null",
+               "--data.train_shards", f"{shards}/shard-{{000000..000003}}.tar", "--data.num_workers", "2",
+               "--trainer.precision", "bf16-mixed", "--trainer.max_steps", "3", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 

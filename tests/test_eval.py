@@ -38,16 +38,16 @@ def rows(folder: Path, kind: str) -> list[dict]:
             for line in p.read_text().splitlines()]
 
 
-def test_embed_then_eval_equals_eval_from_shards(trained, shards, tmp_path):
+def test_embed_then_eval_equals_eval_from_shards(cli, trained, shards, tmp_path):
     ckpt, _ = trained
-    ok(run_cli("embed", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(tmp_path / "emb"),
-               "--dtype", "float32", "--batch_size", "4", "--num_workers", "2", cwd=tmp_path))
+    ok(cli("embed", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(tmp_path / "emb"),
+           "--dtype", "float32", "--batch_size", "4", "--num_workers", "2", cwd=tmp_path))
     assert len(rows(tmp_path / "emb", "img")) == 70 and len(rows(tmp_path / "emb", "text")) == 210
     assert np.load(tmp_path / "emb" / "img_emb" / "part-00000.npy").shape == (10, 128)
-    ok(run_cli("eval", "retrieval", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "a.json"),
-               "--chunk_size", "16", cwd=tmp_path))
-    proc = ok(run_cli("eval", "retrieval", "--checkpoint", str(ckpt), "--shards", str(shards), "--batch_size", "4",
-                      "--out", str(tmp_path / "b.json"), cwd=tmp_path))
+    ok(cli("eval", "retrieval", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "a.json"),
+           "--chunk_size", "16", cwd=tmp_path))
+    proc = ok(cli("eval", "retrieval", "--checkpoint", str(ckpt), "--shards", str(shards), "--batch_size", "4",
+                  "--out", str(tmp_path / "b.json"), cwd=tmp_path))
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert a == b and a["num_images"] == 70 and a["num_texts"] == 210
     assert {f"image_retrieval_recall@{k}" for k in (1, 5, 10)} <= a.keys()
@@ -55,11 +55,11 @@ def test_embed_then_eval_equals_eval_from_shards(trained, shards, tmp_path):
     assert "text -> image" in proc.stdout and "chance" in proc.stdout
 
 
-def test_embed_resumes_after_a_kill_without_duplicates_or_gaps(trained, shards, tmp_path):
+def test_embed_resumes_after_a_kill_without_duplicates_or_gaps(cli, trained, shards, tmp_path):
     ckpt, _ = trained
     args = ["--checkpoint", str(ckpt), "--shards", str(shards), "--dtype", "float32", "--batch_size", "2",
             "--num_workers", "0"]
-    ok(run_cli("embed", *args, "--out", str(tmp_path / "full"), cwd=tmp_path))
+    ok(cli("embed", *args, "--out", str(tmp_path / "full"), cwd=tmp_path))
     reference = load_folder(tmp_path / "full")
 
     out = tmp_path / "resumed"
@@ -77,7 +77,7 @@ def test_embed_resumes_after_a_kill_without_duplicates_or_gaps(trained, shards, 
         finished[-1].unlink()
     (out / "img_emb" / ".part-00006.npy.partial").write_bytes(b"partial")
     before = len(list((out / "text_index").glob("part-*.jsonl")))
-    proc = ok(run_cli("embed", *args, "--out", str(out), cwd=tmp_path))
+    proc = ok(cli("embed", *args, "--out", str(out), cwd=tmp_path))
     assert f"{before} of 7 parts already done" in proc.stdout
     resumed = load_folder(out)
     assert [r["key"] for r in resumed.image_rows] == [r["key"] for r in reference.image_rows]
@@ -100,16 +100,16 @@ def test_embed_on_two_devices_splits_parts(trained, shards, tmp_path):
     torch.testing.assert_close(two.image_features, one.image_features)
 
 
-def test_embed_image_folder_and_text_file(trained, tmp_path):
+def test_embed_image_folder_and_text_file(cli, trained, tmp_path):
     ckpt, module = trained
     (tmp_path / "imgs" / "sub").mkdir(parents=True)
     for i, colour in enumerate(COLOURS.values()):
         Image.new("RGB", (50 + i, 40), colour).save(tmp_path / "imgs" / ("sub" if i else "") / f"{i}.png")
     (tmp_path / "texts.txt").write_text("a red square\n\ntwo blue circles\nthree green triangles\n")
-    ok(run_cli("embed", "--checkpoint", str(ckpt), "--images", str(tmp_path / "imgs"), "--out",
-               str(tmp_path / "ie"), "--part_size", "2", "--num_workers", "0", cwd=tmp_path))
-    ok(run_cli("embed", "--checkpoint", str(ckpt), "--texts", str(tmp_path / "texts.txt"), "--out",
-               str(tmp_path / "te"), "--num_workers", "0", cwd=tmp_path))
+    ok(cli("embed", "--checkpoint", str(ckpt), "--images", str(tmp_path / "imgs"), "--out",
+           str(tmp_path / "ie"), "--part_size", "2", "--num_workers", "0", cwd=tmp_path))
+    ok(cli("embed", "--checkpoint", str(ckpt), "--texts", str(tmp_path / "texts.txt"), "--out",
+           str(tmp_path / "te"), "--num_workers", "0", cwd=tmp_path))
     assert [r["key"] for r in rows(tmp_path / "ie", "img")] == ["0.png", "sub/1.png", "sub/2.png"]
     assert np.load(tmp_path / "ie" / "img_emb" / "part-00001.npy").dtype == np.float16
     assert not (tmp_path / "ie" / "text_emb").exists()
@@ -123,18 +123,18 @@ def test_embed_image_folder_and_text_file(trained, tmp_path):
     np.testing.assert_allclose(emb[0], expected[0].numpy(), atol=2e-3)
 
 
-def test_embedding_folder_with_mismatched_parts(trained, shards, tmp_path):
+def test_embedding_folder_with_mismatched_parts(cli, trained, shards, tmp_path):
     ckpt, _ = trained
     out = tmp_path / "emb"
-    ok(run_cli("embed", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(out),
-               "--num_workers", "0", cwd=tmp_path))
+    ok(cli("embed", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(out),
+           "--num_workers", "0", cwd=tmp_path))
     np.save(out / "img_emb" / "part-00003.npy", np.zeros((4, 128), np.float16))
-    proc = run_cli("eval", "retrieval", "--embeddings", str(out), cwd=tmp_path)
+    proc = cli("eval", "retrieval", "--embeddings", str(out), cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "img_emb/part-00003.npy has 4 rows but img_index/part-00003.jsonl lists 10" in proc.stderr
     # Embedding into that folder with another model is refused, and nothing is lost.
-    proc = run_cli("embed", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(out),
-                   "--dtype", "float32", cwd=tmp_path)
+    proc = cli("embed", "--checkpoint", str(ckpt), "--shards", str(shards), "--out", str(out),
+               "--dtype", "float32", cwd=tmp_path)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert (out / "img_emb" / "part-00000.npy").is_file()
 
@@ -156,7 +156,7 @@ def colour_folder(root: Path) -> Path:
     return root
 
 
-def test_zeroshot_on_image_folder_and_on_shards_agree(trained, tmp_path):
+def test_zeroshot_on_image_folder_and_on_shards_agree(cli, trained, tmp_path):
     ckpt, _ = trained
     folder = colour_folder(tmp_path / "colours")
     with wds.TarWriter(str(tmp_path / "cls.tar"), encoder=False) as w:
@@ -168,24 +168,24 @@ def test_zeroshot_on_image_folder_and_on_shards_agree(trained, tmp_path):
     (tmp_path / "templates.txt").write_text("a {} shape\nsomething {}\n")
     common = ["--checkpoint", str(ckpt), "--classnames", str(tmp_path / "names.txt"), "--templates",
               str(tmp_path / "templates.txt")]
-    ok(run_cli("eval", "zeroshot", *common, "--images", str(folder), "--out", str(tmp_path / "a.json"), cwd=tmp_path))
-    ok(run_cli("eval", "zeroshot", *common, "--shards", str(tmp_path / "cls.tar"), "--out", str(tmp_path / "b.json"),
-               cwd=tmp_path))
+    ok(cli("eval", "zeroshot", *common, "--images", str(folder), "--out", str(tmp_path / "a.json"), cwd=tmp_path))
+    ok(cli("eval", "zeroshot", *common, "--shards", str(tmp_path / "cls.tar"), "--out", str(tmp_path / "b.json"),
+           cwd=tmp_path))
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
     assert a == b and a["num_images"] == 12 and a["num_classes"] == 3 and a["top5"] == 1.0
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
-    proc = run_cli("eval", "zeroshot", "--checkpoint", str(ckpt), "--classnames", str(empty), "--images",
-                   str(folder), cwd=tmp_path)
+    proc = cli("eval", "zeroshot", "--checkpoint", str(ckpt), "--classnames", str(empty), "--images",
+               str(folder), cwd=tmp_path)
     assert proc.returncode == 2 and "is empty" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_validation_and_zeroshot_callback_during_training(tmp_path):
+def test_validation_and_zeroshot_callback_during_training(cli, tmp_path):
     folder = colour_folder(tmp_path / "colours")
     callback = json.dumps({"class_path": "multimodal.eval.callbacks.ZeroShotCallback",
                            "init_args": {"images": str(folder)}})
-    ok(run_cli("train", "--config", str(REPO / "configs" / "debug.yaml"), "--trainer.max_steps", "6",
-               "--trainer.val_check_interval", "3", "--trainer.callbacks+", callback, cwd=tmp_path))
+    ok(cli("train", "--config", str(REPO / "configs" / "debug.yaml"), "--trainer.max_steps", "6",
+           "--trainer.val_check_interval", "3", "--trainer.callbacks+", callback, cwd=tmp_path))
     import csv
 
     metrics = list(csv.DictReader((tmp_path / "runs" / "debug" / "version_0" / "metrics.csv").open()))

@@ -167,6 +167,7 @@ def test_training_goes_through_bad_samples_a_cut_shard_and_a_missing_url(tmp_pat
     cut(sorted(shards.glob("*.tar"))[-1])
     assert 9 <= replaced <= 40
     spec = f"{shards}::{base}/missing-00000.tar"
+    # in a process of its own, as a user runs it: its data worker logs the skipped samples to its stderr
     proc = run_cli("train", "--config", DEBUG, "--data.synthetic", "null", "--data.val_shards", "null",
                    "--data.train_shards", spec, "--data.num_samples", "512", "--trainer.max_steps", "24",
                    "--trainer.log_every_n_steps", "4", cwd=tmp_path)
@@ -182,13 +183,13 @@ def test_training_goes_through_bad_samples_a_cut_shard_and_a_missing_url(tmp_pat
     assert "train/bad/missing_shard" in header
 
 
-def test_too_many_bad_samples_stop_the_run_with_one_sentence(tmp_path):
+def test_too_many_bad_samples_stop_the_run_with_one_sentence(cli, tmp_path):
     shards = tmp_path / "shards"
     write_synthetic(shards, 1600, 200, image_size=64)
     inject(shards, 0.3)
-    proc = run_cli("train", "--config", DEBUG, "--data.synthetic", "null", "--data.val_shards", "null",
-                   "--data.train_shards", str(shards), "--data.max_bad_fraction", "0.1", "--trainer.max_steps", "60",
-                   cwd=tmp_path)
+    proc = cli("train", "--config", DEBUG, "--data.synthetic", "null", "--data.val_shards", "null",
+               "--data.train_shards", str(shards), "--data.max_bad_fraction", "0.1", "--trainer.max_steps", "60",
+               cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "more than data.max_bad_fraction = 0.1" in last, last
@@ -275,15 +276,15 @@ def test_two_ranks_on_uneven_shards_finish_and_agree_to_skip_a_nonfinite_step(tm
     assert (tmp_path / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt").is_file()
 
 
-def test_a_data_worker_error_is_one_sentence(tmp_path):
+def test_a_data_worker_error_is_one_sentence(cli, tmp_path):
     """An error raised inside a DataLoader worker reaches the user as its one sentence, not as the
     worker's traceback that PyTorch re-raises it with."""
     shards = tmp_path / "shards"
     shards.mkdir()
     write_tar(shards / "shard-000000.tar", [{"__key__": f"{i}", "jpg": jpeg(side=16)} for i in range(50)])
     (shards / MANIFEST).write_text(json.dumps({"shard-000000.tar": 50}))
-    proc = run_cli("train", "--config", DEBUG, "--data.synthetic", "null", "--data.val_shards", "null",
-                   "--data.train_shards", str(shards), "--data.batch_size", "8", cwd=tmp_path)
+    proc = cli("train", "--config", DEBUG, "--data.synthetic", "null", "--data.val_shards", "null",
+               "--data.train_shards", str(shards), "--data.batch_size", "8", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 10000 samples in a row") and "Caught" not in last, last

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 RECIPES = sorted((REPO / "configs" / "cluster").glob("*.yaml"))
@@ -75,7 +75,7 @@ def test_there_are_recipes_for_the_three_architectures():
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
-def test_recipe_parses_and_states_its_global_batch(recipe, tmp_path):
+def test_recipe_parses_and_states_its_global_batch(cli, recipe, tmp_path):
     text = recipe.read_text()
     config = yaml.safe_load(text)
     stated = re.search(r"# global batch: (\d+) = (\d+) per GPU x (\d+) GPUs x (\d+) nodes", text)
@@ -85,21 +85,21 @@ def test_recipe_parses_and_states_its_global_batch(recipe, tmp_path):
     assert nodes == config["trainer"]["num_nodes"] and total == per_gpu * gpus * nodes
     assert config["trainer"]["precision"] == "bf16-mixed"
     assert re.search(r"Expected throughput to check: [\d.]+ GFLOPs per sample.*?~[\d,]+ samples/s", text, re.S)
-    proc = run_cli("train", "--config", str(recipe), "--print_config", cwd=tmp_path)
+    proc = cli("train", "--config", str(recipe), "--print_config", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     printed = yaml.safe_load(proc.stdout)
     assert printed["model"]["model_name"] == config["model"]["model_name"]
     assert printed["model"]["lr"] == config["model"]["lr"]
 
 
-def test_checkpoints_every_n_steps_keep_the_last_k(tmp_path):
+def test_checkpoints_every_n_steps_keep_the_last_k(cli, tmp_path):
     """The recipes' checkpointing: every N steps, the K newest kept, plus last.ckpt, and epoch ends."""
     recipe = yaml.safe_load((REPO / "configs" / "cluster" / "vit-b-32.yaml").read_text())
     callbacks = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
     callbacks[0]["init_args"].update(every_n_train_steps=6, save_top_k=2)
     callbacks[1]["init_args"].update(save_top_k=2)
-    proc = run_cli("train", "--config", DEBUG, "--data.val_shards", "null", "--data.synthetic.val_samples", "0",
-                   "--trainer.max_steps", "20", "--trainer.callbacks", json.dumps(callbacks), cwd=tmp_path)
+    proc = cli("train", "--config", DEBUG, "--data.val_shards", "null", "--data.synthetic.val_samples", "0",
+               "--trainer.max_steps", "20", "--trainer.callbacks", json.dumps(callbacks), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "runs" / "debug" / "version_0" / "checkpoints").iterdir())
     # the run stops at max_steps=20 inside epoch 1, which Lightning counts as that epoch's end

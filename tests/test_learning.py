@@ -13,7 +13,6 @@ from multimodal.data.shards import write_coco
 from multimodal.eval.embed import embed_shards
 from multimodal.eval.retrieval import chance_recall, retrieval_metrics
 from multimodal.recipe import build_module
-from tests.conftest import run_cli
 
 
 @pytest.mark.slow
@@ -67,8 +66,8 @@ def open_clip_recall(model, name: str, spec: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-def test_demo_learns_composition_of_held_out_scenes(tmp_path):
-    proc = run_cli("demo", "--trainer.max_steps", "150", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+def test_demo_learns_composition_of_held_out_scenes(cli, tmp_path):
+    proc = cli("demo", "--trainer.max_steps", "150", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "runs" / "demo" / "version_0" / "retrieval.json").read_text())
     assert result["num_images"] == 500

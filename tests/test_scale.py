@@ -11,7 +11,7 @@ from multimodal.errors import UserError
 from multimodal.module import CLIPModule
 from multimodal.recipe import build_module
 from multimodal.weights import export
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 
@@ -135,15 +135,15 @@ def test_compiled_towers_train_and_keep_their_names():
     assert set(m.state_dict()) == names and not any("_orig_mod" in n for n in names)
 
 
-def test_siglip_with_micro_batches_through_the_cli(tmp_path):
-    proc = run_cli("train", "--config", DEBUG, "--model.loss", "siglip", "--model.micro_batches", "2",
-                   "--trainer.max_steps", "5", "--trainer.val_check_interval", "5", cwd=tmp_path)
+def test_siglip_with_micro_batches_through_the_cli(cli, tmp_path):
+    proc = cli("train", "--config", DEBUG, "--model.loss", "siglip", "--model.micro_batches", "2",
+               "--trainer.max_steps", "5", "--trainer.val_check_interval", "5", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = (tmp_path / "runs" / "debug" / "version_0" / "metrics.csv").read_text()
     assert "train/logit_bias" in metrics and "val/loss" in metrics
 
 
-def test_bad_scale_options_are_one_sentence(tmp_path):
-    proc = run_cli("train", "--config", DEBUG, "--model.micro_batches", "0", cwd=tmp_path)
+def test_bad_scale_options_are_one_sentence(cli, tmp_path):
+    proc = cli("train", "--config", DEBUG, "--model.micro_batches", "0", cwd=tmp_path)
     assert proc.returncode != 0 and "micro_batches must be 1 or more" in proc.stderr
     assert "Traceback" not in proc.stderr

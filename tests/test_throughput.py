@@ -9,7 +9,7 @@ from multimodal import arch, throughput
 from multimodal.loss import clip_loss
 from multimodal.model import create_model
 from multimodal.throughput import StepTimer, flops_per_sample
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 
 
 def count(name: str, **lock) -> float:
@@ -70,10 +70,10 @@ def test_peak_is_unknown_off_gpu():
     assert throughput.peak_tflops(torch.device("cpu")) is None
 
 
-def test_training_logs_throughput_data_wait_and_mfu(tmp_path):
-    proc = run_cli("train", "--config", str(REPO / "configs" / "debug.yaml"), "--trainer.max_steps", "10",
-                   "--model.peak_tflops", "1.0", "--data.val_shards", "null", "--data.synthetic.val_samples", "0",
-                   cwd=tmp_path)
+def test_training_logs_throughput_data_wait_and_mfu(cli, tmp_path):
+    proc = cli("train", "--config", str(REPO / "configs" / "debug.yaml"), "--trainer.max_steps", "10",
+               "--model.peak_tflops", "1.0", "--data.val_shards", "null", "--data.synthetic.val_samples", "0",
+               cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(tmp_path / "runs" / "debug" / "version_0" / "metrics.csv") as f:
         rows = [r for r in csv.DictReader(f) if r.get("train/mfu")]

@@ -10,7 +10,6 @@ import torch
 from multimodal import arch
 from multimodal.errors import UserError
 from multimodal.weights import export, load_model
-from tests.conftest import run_cli
 
 
 def probe_inputs(name: str = "tiny"):
@@ -30,10 +29,10 @@ def test_lightning_checkpoint_loads_the_trained_weights(trained):
 
 
 @pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
-def test_export_round_trip_through_open_clip(trained, tmp_path, suffix):
+def test_export_round_trip_through_open_clip(cli, trained, tmp_path, suffix):
     ckpt, module = trained
     out = tmp_path / f"model{suffix}"
-    proc = run_cli("export", "--checkpoint", str(ckpt), "--out", str(out), cwd=tmp_path)
+    proc = cli("export", "--checkpoint", str(ckpt), "--out", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "tiny.json").is_file()
 
@@ -71,7 +70,7 @@ def test_siglip_export_round_trip_keeps_the_bias(tmp_path):
     assert again.logit_bias.item() == -7.5
 
 
-def test_mismatched_architecture_is_a_user_error(trained, tmp_path):
+def test_mismatched_architecture_is_a_user_error(cli, trained, tmp_path):
     ckpt, module = trained
     export(module.model, tmp_path / "m.safetensors")
     with pytest.raises(UserError, match="does not match architecture RN50"):
@@ -80,8 +79,8 @@ def test_mismatched_architecture_is_a_user_error(trained, tmp_path):
         load_model(ckpt, "ViT-B-32")
     with pytest.raises(UserError, match="pass --model"):
         load_model(tmp_path / "m.safetensors")
-    proc = run_cli("export", "--checkpoint", str(ckpt), "--model", "ViT-B-32", "--out", str(tmp_path / "x.pt"),
-                   cwd=tmp_path)
+    proc = cli("export", "--checkpoint", str(ckpt), "--model", "ViT-B-32", "--out", str(tmp_path / "x.pt"),
+               cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "does not match architecture ViT-B-32" in proc.stderr.strip().splitlines()[-1]
 
