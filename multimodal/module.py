@@ -22,7 +22,7 @@ from multimodal.accumulate import cached_step
 from multimodal.checkpoint import ExactResume, FinalCheckpoint
 from multimodal.distributed import max_over_ranks_
 from multimodal.errors import UserError
-from multimodal.eval.embed import collect
+from multimodal.eval.embed import collect, encode_batch
 from multimodal.eval.retrieval import first_caption_loss, retrieval_metrics
 from multimodal.fsdp import scalar_state, vectorise_scalars
 from multimodal.loss import ContrastiveLoss
@@ -147,8 +147,7 @@ class CLIPModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Embeds every image and caption of the held-out shards (`EmbedBatches` batches)."""
-        images = self.model.encode_image(batch["images"]).float().cpu() if batch["images"] is not None else None
-        texts = self.model.encode_text(batch["texts"]).float().cpu() if batch["texts"] is not None else None
+        images, texts = encode_batch(self.model, batch)  # pixels normalised by the DataModule
         # The loss's scalars as this step sees them: inside the strategy's forward, where an FSDP
         # model holds whole parameters (outside it, a rank may hold none of logit_scale).
         bias = self.model.logit_bias

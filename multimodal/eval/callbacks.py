@@ -15,7 +15,7 @@ from tqdm import tqdm
 from multimodal.data.pixels import EvalTransform
 from multimodal.errors import UserError
 from multimodal.eval import zeroshot
-from multimodal.eval.embed import PartWriter
+from multimodal.eval.embed import PartWriter, encode_batch
 from multimodal.model import CLIP
 
 
@@ -35,11 +35,7 @@ class EmbedModule(pl.LightningModule):
                           prefetch_factor=4 if self.num_workers else None)
 
     def predict_step(self, batch: dict, batch_idx: int):
-        images = batch["images"]
-        if images is not None:
-            images = self.model.encode_image(self.preprocess.normalize(images)).float().cpu()
-        texts = self.model.encode_text(batch["texts"]).float().cpu() if batch["texts"] is not None else None
-        return images, texts
+        return encode_batch(self.model, batch, self.preprocess.normalize)
 
 
 class EmbeddingWriter(BasePredictionWriter):

@@ -14,7 +14,7 @@ part whose index files exist is complete, and a resumed run skips it.
 
 import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,15 +43,18 @@ class Embeddings:
 
 
 @torch.no_grad()
-def encode_batch(model: CLIP, batch: dict, preprocess: EvalTransform, device: torch.device
-                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(image_features, text_features) of one `EmbedBatches` batch, float32 on the CPU (None where
-    absent); its uint8 images are normalised on `device`."""
+def encode_batch(model: CLIP, batch: dict, normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 device: torch.device | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(image_features, text_features) of one `EmbedBatches` batch, float32 on the CPU (None where the
+    batch has no images or no texts). `device`: where to move the batch first (None: where it is);
+    `normalize`: applied to its uint8 images there (None: normalised already)."""
     images, texts = batch["images"], batch["texts"]
     if images is not None:
-        images = model.encode_image(preprocess.normalize(images.to(device, non_blocking=True))).float().cpu()
+        images = images.to(device, non_blocking=True) if device is not None else images
+        images = model.encode_image(normalize(images) if normalize else images).float().cpu()
     if texts is not None:
-        texts = model.encode_text(texts.to(device, non_blocking=True)).float().cpu()
+        texts = texts.to(device, non_blocking=True) if device is not None else texts
+        texts = model.encode_text(texts).float().cpu()
     return images, texts
 
 
@@ -217,7 +220,7 @@ def embed_shards(model: CLIP, spec: str, batch_size: int = 256, num_workers: int
     def outputs():
         for batch in DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda"):
             with autocast(device):
-                image_features, text_features = encode_batch(model, batch, preprocess, device)
+                image_features, text_features = encode_batch(model, batch, preprocess.normalize, device)
             bar.update(len(batch["image_rows"]))
             yield batch, image_features, text_features
 
