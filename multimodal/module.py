@@ -147,7 +147,7 @@ class CLIPModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         """Embeds every image and caption of the held-out shards (`EmbedBatches` batches)."""
-        images, texts = encode_batch(self.model, batch)  # pixels normalised by the DataModule
+        _, images, texts = encode_batch(self.model, batch)  # decoded and normalised by the DataModule
         # The loss's scalars as this step sees them: inside the strategy's forward, where an FSDP
         # model holds whole parameters (outside it, a rank may hold none of logit_scale).
         bias = self.model.logit_bias

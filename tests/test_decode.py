@@ -202,3 +202,70 @@ def test_evaluation_pixels_match_open_clips_eval_transform(jpegs, name):
           f"p99 {scaled.quantile(0.99):.0f} levels")
     assert full.max() <= 1.1 and full.mean() < 0.05
     assert scaled.mean() < MEAN_LEVELS and scaled.quantile(0.99) <= P99_LEVELS, (scaled.mean(), scaled.quantile(0.99))
+
+
+@pytest.mark.parametrize("name", ["ViT-B-32", "tiny"])
+def test_evaluation_on_the_device_path_has_the_workers_rows_and_their_pixels_to_within_the_tolerance(jpegs, name):
+    """`embed --decode gpu`: the workers send JPEG bytes, the batch is decoded and given the eval transform
+    where it is encoded. Same rows and captions as the workers' path; pixels within the training path's
+    tolerance of it (the workers decode at a reduced DCT scale, the device at full size), and within a
+    level in 255 of open_clip's eval transform on the full-size PIL image."""
+    import webdataset as wds
+
+    from multimodal.data.decode import decode_image
+    from multimodal.data.pixels import finish_eval_batch
+    from multimodal.data.sources import EmbedBatches, ShardSource
+
+    architecture = arch.load(name)
+    preprocess, tokenizer = architecture.eval_transform, architecture.tokenizer
+    reference, level = architecture.open_clip_transforms()[1], 1 / (255 * min(preprocess.std))
+    photos = {raw["__key__"]: raw["jpg"] for raw in wds.tarfile_samples([{"url": url} for url in jpegs])}
+    from_open_clip = []
+
+    def embed_batches(on_device: bool) -> list[dict]:
+        return list(EmbedBatches(ShardSource("::".join(jpegs)), [0, 1], preprocess, tokenizer, 16, on_device))
+
+    diffs = []
+    for ours, theirs in zip(embed_batches(True), embed_batches(False), strict=True):
+        assert ours["images"] is None and len(ours["jpeg_lengths"]) == 16  # every JPEG sent as bytes
+        ours = finish_eval_batch(ours, preprocess, CPU)
+        assert ours["image_rows"] == theirs["image_rows"] and ours["text_rows"] == theirs["text_rows"]
+        assert torch.equal(ours["texts"], theirs["texts"])
+        assert ours["images"].shape == theirs["images"].shape == (16, 3, preprocess.size, preprocess.size)
+        diffs.append((ours["images"].int() - theirs["images"].int()).abs().float().flatten())
+        for row, pixels in zip(ours["image_rows"], preprocess.normalize(ours["images"])):
+            expected = reference(decode_image(photos[row["key"]]))
+            from_open_clip.append((pixels - expected).abs().flatten() / level)
+    diff, exact = torch.cat(diffs), torch.cat(from_open_clip)
+    print(f"eval device vs worker pixels, {name}: mean {diff.mean():.2f}, p99 {diff.quantile(0.99):.0f} levels; "
+          f"vs open_clip's eval transform: mean {exact.mean():.3f}, max {exact.max():.2f} levels")
+    assert diff.mean() < MEAN_LEVELS and diff.quantile(0.99) <= P99_LEVELS, (diff.mean(), diff.quantile(0.99))
+    assert exact.max() <= 1.1 and exact.mean() < 0.05, (exact.mean(), exact.max())
+
+
+def test_an_image_no_decoder_reads_is_left_out_of_an_evaluation_batch_with_its_captions(tmp_path, capsys):
+    """The corrupt JPEG reaches the device path and fails there and on the CPU: its row and its caption
+    leave the batch, the captions of the others point at their images' new rows. A CMYK JPEG and a PNG
+    are decoded by the workers, after the device's JPEGs."""
+    from multimodal.data.pixels import finish_eval_batch
+    from multimodal.data.sources import EmbedBatches, ShardSource
+
+    good = [sample(f"g{i}", photo(i, size=(96, 80))) for i in range(4)]
+    url = write_tar(tmp_path / "odd.tar", [good[0], good[1], sample("corrupt", corrupt_jpeg()),
+                                          sample("cmyk", cmyk_jpeg()), sample("png", png(), "png"), good[2], good[3]])
+    architecture = arch.load("tiny")
+    preprocess = architecture.eval_transform
+    [device] = EmbedBatches(ShardSource(url), [0], preprocess, architecture.tokenizer, 16, decode_on_device=True)
+    [worker] = EmbedBatches(ShardSource(url), [0], preprocess, architecture.tokenizer, 16)
+    assert [r["key"] for r in device["image_rows"]] == ["g0", "g1", "corrupt", "g2", "g3", "cmyk", "png"]
+    assert "corrupt" not in [r["key"] for r in worker["image_rows"]]  # the workers' decoder refused it
+
+    device = finish_eval_batch(device, preprocess, CPU)
+    assert "skipping" in capsys.readouterr().out
+    keys = [r["key"] for r in device["image_rows"]]
+    assert keys == ["g0", "g1", "g2", "g3", "cmyk", "png"] and device["images"].shape[0] == 6
+    assert [keys[r["image"]] for r in device["text_rows"]] == [r["key"] for r in device["text_rows"]]
+    assert device["texts"].shape[0] == len(device["text_rows"]) == 6
+    by_key = dict(zip((r["key"] for r in worker["image_rows"]), worker["images"]))
+    for key in ("cmyk", "png"):  # decoded by the workers in both modes: the same pixels
+        assert torch.equal(device["images"][keys.index(key)], by_key[key])

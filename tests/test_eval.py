@@ -123,6 +123,24 @@ def test_embed_image_folder_and_text_file(cli, trained, tmp_path):
     np.testing.assert_allclose(emb[0], expected[0].numpy(), atol=2e-3)
 
 
+def test_embed_with_jpegs_decoded_where_they_are_encoded_gives_the_same_embeddings(cli, trained, tmp_path):
+    """`--decode gpu` (on this CPU run: decoded in the main process by the device path's code) against
+    the workers' decoding: the same rows, embeddings within float noise of the pixels' tolerance."""
+    from tests.test_decode import photo
+
+    ckpt, _ = trained
+    (tmp_path / "imgs").mkdir()
+    for i in range(6):
+        (tmp_path / "imgs" / f"{i}.jpg").write_bytes(photo(i, size=(160 + 8 * i, 120)))
+    for decode in ("cpu", "gpu"):
+        ok(cli("embed", "--checkpoint", str(ckpt), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / decode),
+               "--num_workers", "0", "--dtype", "float32", "--decode", decode, cwd=tmp_path))
+    workers, device = load_folder(tmp_path / "cpu"), load_folder(tmp_path / "gpu")
+    assert device.image_rows == workers.image_rows and len(device.image_rows) == 6
+    cosine = (device.image_features * workers.image_features).sum(-1)
+    assert cosine.min() > 0.99, cosine
+
+
 def test_embedding_folder_with_mismatched_parts(cli, trained, shards, tmp_path):
     ckpt, _ = trained
     out = tmp_path / "emb"

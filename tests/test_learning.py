@@ -41,10 +41,14 @@ def test_tiny_model_memorises_coco_mini(coco_mini, tmp_path):
     write_coco(coco_mini / "annotations" / "captions_train2017.json", coco_mini / "train2017", full, shard_size=20)
     fast = embed_shards(module.model, str(full), progress=False)
     ours = retrieval_metrics(fast.image_features, fast.text_features, fast.text_to_image)
+    # And decoded where they are encoded (`--decode gpu`; on this CPU run, by the same code in this process).
+    device = embed_shards(module.model, str(full), progress=False, decode="gpu")
+    on_device = retrieval_metrics(device.image_features, device.text_features, device.text_to_image)
     theirs = open_clip_recall(module.model, "tiny", str(full))
-    print(json.dumps({"ours": ours, "open_clip_transform": theirs}, indent=1))
+    print(json.dumps({"ours": ours, "ours_decoded_on_device": on_device, "open_clip_transform": theirs}, indent=1))
     for key in (k for k in theirs if "recall@" in k):
         assert abs(ours[key] - theirs[key]) <= RECALL_TOLERANCE, key
+        assert abs(on_device[key] - theirs[key]) <= RECALL_TOLERANCE, key
 
 
 RECALL_TOLERANCE = 0.02  # absolute, on 80 images and 400 captions: 8 captions or 1.6 images

@@ -86,6 +86,9 @@ def embed_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=4, help="data loading processes per device")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--devices", type=int, default=1, help="devices on this node (several: DDP, one part set each)")
+    parser.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
+                        help="where JPEGs are decoded: gpu (nvJPEG, the batch together), cpu (the loader workers), "
+                             "auto: gpu on a GPU")
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out made by another run")
     return parser
 
@@ -101,6 +104,7 @@ def embed(argv: list[str]) -> int:
     import torch
 
     from multimodal import weights
+    from multimodal.data.pixels import decode_on_device
     from multimodal.data.sources import EmbedBatches
     from multimodal.eval.callbacks import EmbeddingWriter, EmbedModule
     from multimodal.eval.embed import PartWriter
@@ -118,12 +122,14 @@ def embed(argv: list[str]) -> int:
         return 0
     preprocess, tokenizer = model.architecture.eval_transform, model.architecture.tokenizer
 
+    gpu = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    on_device = decode_on_device(args.decode, torch.device("cuda" if gpu else "cpu"))
+
     def make_dataset(rank: int, world: int):
-        return EmbedBatches(source, todo[rank::world], preprocess, tokenizer, args.batch_size)
+        return EmbedBatches(source, todo[rank::world], preprocess, tokenizer, args.batch_size, on_device)
 
     sizes = [source.part_size(p) for p in todo[0::args.devices]]
     total = sum(sizes) if all(s is not None for s in sizes) else None
-    gpu = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
     trainer = pl.Trainer(
         accelerator=args.accelerator, devices=args.devices, strategy="ddp" if args.devices > 1 else "auto",
         precision="bf16-mixed" if gpu else "32-true", logger=False, enable_progress_bar=False,
@@ -172,6 +178,9 @@ def eval_retrieval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--chunk_size", type=int, default=4096, help="block size of the score computation")
+    parser.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
+                        help="where JPEGs are decoded: gpu (nvJPEG, the batch together), cpu (the loader workers), "
+                             "auto: gpu on a GPU")
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     return parser
 
@@ -196,7 +205,7 @@ def eval_retrieval(argv: list[str]) -> int:
 
     if args.shards:
         model = weights.load_model(args.checkpoint, args.model)
-        emb = embed_shards(model, args.shards, args.batch_size, args.num_workers)
+        emb = embed_shards(model, args.shards, args.batch_size, args.num_workers, decode=args.decode)
     else:
         emb = load_folder(args.embeddings)
     if emb.image_features.shape[0] == 0 or (emb.text_to_image < 0).all():

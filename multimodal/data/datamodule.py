@@ -26,7 +26,7 @@ from multimodal.data.pipeline import (
     expand_urls,
     seeded,
 )
-from multimodal.data.pixels import finish_batch
+from multimodal.data.pixels import decode_on_device, finish_batch, finish_eval_batch, keep_jpegs_on_host
 from multimodal.data.shards import ensure_synthetic
 from multimodal.data.sources import EmbedBatches, ShardSource
 from multimodal.data.synthetic import SyntheticData
@@ -180,26 +180,23 @@ class ShardDataModule(pl.LightningDataModule):
         )
 
     def _decode_on_device(self) -> bool:
-        if self.decode == "auto":
-            return self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return self.decode == "gpu"
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        return decode_on_device(self.decode, device)
 
     def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """As Lightning moves a batch, except the JPEG bytes to decode on the device: its decoder reads them
-        from host memory (`pixels.finish_batch`)."""
-        jpeg = batch.pop("jpeg", None) if isinstance(batch, dict) else None
-        batch = super().transfer_batch_to_device(batch, device, dataloader_idx)
-        if jpeg is not None:
-            batch["jpeg"] = jpeg
-        return batch
+        """As Lightning moves a batch, except the JPEG bytes to decode on the device (`pixels.finish_batch`)."""
+        return keep_jpegs_on_host(batch, lambda b: super(ShardDataModule, self).transfer_batch_to_device(
+            b, device, dataloader_idx))
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """On the device: JPEGs decoded (`data.decode: gpu`), then uint8 pixels normalised (training
         `image`, validation `images`): uint8 travels as a quarter of float32's bytes."""
         if not isinstance(batch, dict):
             return batch
-        if "jpeg" in batch:
+        if "jpeg" in batch and "text" in batch:
             batch = finish_batch(batch, self.crop, batch["text"].device)
+        elif "jpeg" in batch:  # a validation batch (`EmbedBatches`)
+            batch = finish_eval_batch(batch, self.preprocess, self.trainer.strategy.root_device)
         for key in ("image", "images"):  # training and evaluation share open_clip's statistics
             pixels = batch.get(key)
             if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
@@ -227,7 +224,8 @@ class ShardDataModule(pl.LightningDataModule):
                       for r in range(world)]
         parts = list(range(source.num_parts()))[rank::world]
         tokenizer = self.arch.tokenizer
-        batches = EmbedBatches(source, parts, self.preprocess, tokenizer, self.batch_size)
+        batches = EmbedBatches(source, parts, self.preprocess, tokenizer, self.batch_size,
+                               decode_on_device=self._decode_on_device())
         loader = DataLoader(batches, batch_size=None, num_workers=min(self.num_workers, len(parts)))
         size = self.arch.image_size
         padding = {"part": -1, "last": True, "images": torch.zeros(1, 3, size, size, dtype=torch.uint8),

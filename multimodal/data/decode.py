@@ -24,6 +24,7 @@ from multimodal.data.faults import BadSample
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's warning threshold: 1/4 GiB of 24-bit pixels
+JPEG_COLOURS_ON_DEVICE = ("YCbCr", "Gray")  # CMYK and YCCK JPEGs are decoded by the CPU
 # The only formats PIL may read for us, whatever a member or file is named: PIL sniffs the bytes, and
 # among its other plugins EPS and PDF hand the data to Ghostscript.
 PIL_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")  # (MPO opens as JPEG)
@@ -108,9 +109,20 @@ def read_sample(raw: dict, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Sample:
     return Sample(raw[image_key], size, colourspace, captions, record)
 
 
-def decode_checked(data: bytes, min_side: int | None = None) -> Image.Image | np.ndarray:
-    """`decode_image` of an image whose header passed `checked_header`; raises BadSample."""
-    checked_header(data)
+def decodable_on_device(data: bytes, colourspace: str) -> bool:
+    """Whether a JPEG goes to the device decoder: colours it decodes, and whole (ends with its EOI
+    marker; a cut file goes to the worker's decoder, which names it a truncated image)."""
+    return colourspace in JPEG_COLOURS_ON_DEVICE and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
+
+
+def decode_checked(data: bytes, min_side: int | None = None, on_device: bool = False
+                   ) -> Image.Image | np.ndarray | bytes:
+    """`decode_image` of an image whose header passed `checked_header`; raises BadSample. With
+    `on_device`, a JPEG the device's decoder reads comes back undecoded, its bytes, for
+    `pixels.finish_eval_batch` to decode with the rest of its batch."""
+    _, colourspace = checked_header(data)
+    if on_device and decodable_on_device(data, colourspace):
+        return data
     return decode_image(data, min_side)
 
 
@@ -132,10 +144,13 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image | np.n
         raise BadSample("truncated image" if "truncat" in str(exc).lower() else "corrupt image") from exc
 
 
-def decode_sample(raw: dict, min_side: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS
-                  ) -> tuple[Image.Image | np.ndarray, list[str], dict]:
-    """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample with its kind."""
+def decode_sample(raw: dict, min_side: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS,
+                  on_device: bool = False) -> tuple[Image.Image | np.ndarray | bytes, list[str], dict]:
+    """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample with its kind.
+    `on_device`: JPEGs the device decodes are left as bytes (`decode_checked`)."""
     sample = read_sample(raw, max_pixels)
+    if on_device and decodable_on_device(sample.data, sample.jpeg_colourspace):
+        return sample.data, sample.captions, sample.record
     return decode_image(sample.data, min_side), sample.captions, sample.record
 
 

@@ -31,6 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from multimodal.data.decode import (
     IMAGE_KEYS,
     MAX_IMAGE_PIXELS,
+    decodable_on_device,
     decode_checked,
     decode_image,
     decode_sample,
@@ -38,7 +39,7 @@ from multimodal.data.decode import (
     tokenize,
 )
 from multimodal.data.faults import BadSample, FaultCounter, bad_sample_count
-from multimodal.data.pixels import TrainCrop, decodable_on_device, pack
+from multimodal.data.pixels import TrainCrop, pack
 from multimodal.data.shards import MANIFEST, read_manifest
 from multimodal.data.tario import tarfile_samples
 from multimodal.errors import UserError
@@ -97,12 +98,14 @@ def count_samples(urls: list[str]) -> int | None:
 
 
 def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue,
-                 min_side: int | None = None) -> Iterator[tuple[str, Image.Image | np.ndarray, list[str], dict]]:
+                 min_side: int | None = None, on_device: bool = False
+                 ) -> Iterator[tuple[str, Image.Image | np.ndarray | bytes, list[str], dict]]:
     """(key, image, captions, json record) for every decodable sample of `urls`, in order, once.
-    `min_side`: decode JPEGs to arrays at the smallest DCT scale keeping both sides >= it (`decode_image`)."""
+    `min_side`: decode JPEGs to arrays at the smallest DCT scale keeping both sides >= it (`decode_image`);
+    `on_device`: leave the JPEGs a device decodes as their bytes (`decode_sample`)."""
     for raw in tarfile_samples(urls, handler=on_error):
         try:
-            image, captions, record = decode_sample(raw, min_side)
+            image, captions, record = decode_sample(raw, min_side, on_device=on_device)
         except BadSample:
             continue
         yield raw["__key__"], image, captions, record

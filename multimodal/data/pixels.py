@@ -20,6 +20,7 @@ is `EvalTransform`, from DCT-scaled pixels too. Normalisation always happens on 
 
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -36,7 +37,6 @@ from multimodal.errors import UserError
 Box = tuple[int, int, int, int]  # (top, left, height, width), in pixels of the image it applies to
 
 
-JPEG_COLOURS_ON_DEVICE = ("YCbCr", "Gray")  # CMYK and YCCK JPEGs are decoded by the workers
 MAX_ASPECT = 4  # evaluation keeps at most the middle 4:1 of longer images (the centre crop is 1:1)
 
 
@@ -167,12 +167,6 @@ def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     return out
 
 
-def decodable_on_device(data: bytes, colourspace: str) -> bool:
-    """Whether a JPEG goes to the device decoder: colours it decodes, and whole (ends with its EOI
-    marker; a cut file goes to the worker's decoder, which names it a truncated image)."""
-    return colourspace in JPEG_COLOURS_ON_DEVICE and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
-
-
 def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
     """JPEG bytes (1-D uint8 CPU tensors) -> (3, H, W) uint8 RGB images on `device`, decoded together
     (nvJPEG's batched decoder on CUDA). An image that cannot be decoded comes back as its exception."""
@@ -238,4 +232,59 @@ def finish_batch(batch: dict, crop: TrainCrop, device: torch.device) -> dict:
         batch["bad"] = dict(Counter(batch.get("bad", {})) + bad)
         batch["skipped"] = batch.get("skipped", 0) + sum(bad.values())
     batch["image"] = torch.cat([torch.stack(pixels), batch["image"]]) if pixels else batch["image"]
+    return batch
+
+
+def decode_on_device(decode: str, device: torch.device) -> bool:
+    """`decode` ("auto", "cpu" or "gpu", as `data.decode` and `--decode` say) for a run on `device`:
+    "auto" decodes JPEGs on the device when it is a GPU; "gpu" on a CPU run decodes them in the main
+    process with the device path's code (what the tests check against the workers' path)."""
+    return decode == "gpu" or (decode == "auto" and device.type == "cuda")
+
+
+def finish_eval_batch(batch: dict, preprocess: EvalTransform, device: torch.device) -> dict:
+    """An `EmbedBatches` batch's JPEGs decoded together on `device` and resized and centre-cropped there
+    (`preprocess.pixels`), put before the worker-decoded pixels in "images", all on `device`.
+
+    A JPEG the device's decoder refuses is decoded again on the CPU. One that fails there too is left
+    out with its captions, with a line saying so, as the workers leave out images they cannot decode.
+    """
+    jpegs = unpack(batch.pop("jpeg"), batch.pop("jpeg_lengths"))
+    pixels: list[torch.Tensor | None] = []
+    for row, data, image in zip(batch["image_rows"], jpegs, decode_jpegs(jpegs, device)):
+        try:
+            if isinstance(image, Exception):
+                image = decode_image(data.numpy().tobytes(), preprocess.size)
+            pixels.append(preprocess.pixels(image).to(device, non_blocking=True))
+        except BadSample as exc:
+            print(f"skipping {row.get('file_name') or row.get('key')}: {exc.kind}")
+            pixels.append(None)
+    dropped = [i for i, p in enumerate(pixels) if p is None]
+    if dropped:
+        batch = drop_images(batch, dropped)
+    images = [p for p in pixels if p is not None]
+    if batch["images"] is not None:
+        images.extend(batch["images"].to(device, non_blocking=True).unbind())
+    batch["images"] = torch.stack(images) if images else None
+    return batch
+
+
+def drop_images(batch: dict, dropped: list[int]) -> dict:
+    """An `EmbedBatches` batch without the images at positions `dropped` and without their captions."""
+    keep = [i for i in range(len(batch["image_rows"])) if i not in set(dropped)]
+    new_position = {old: new for new, old in enumerate(keep)}
+    texts = [j for j, row in enumerate(batch["text_rows"]) if row.get("image") not in set(dropped)]
+    return {**batch, "image_rows": [batch["image_rows"][i] for i in keep],
+            "text_rows": [{**row, "image": new_position[row["image"]]} if "image" in row else row
+                          for row in (batch["text_rows"][j] for j in texts)],
+            "texts": batch["texts"][texts] if batch["texts"] is not None and texts else None}
+
+
+def keep_jpegs_on_host(batch, move: Callable):
+    """`move` (Lightning's transfer to the device) of a batch, except its JPEG bytes: the device's
+    decoder reads them from host memory (`decode_jpegs`)."""
+    jpeg = batch.pop("jpeg", None) if isinstance(batch, dict) else None
+    batch = move(batch)
+    if jpeg is not None:
+        batch["jpeg"] = jpeg
     return batch

@@ -19,7 +19,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from multimodal.data.decode import decode_checked, tokenize
 from multimodal.data.faults import BadSample
 from multimodal.data.pipeline import count_samples, expand_urls, read_samples
-from multimodal.data.pixels import EvalTransform
+from multimodal.data.pixels import EvalTransform, pack
 from multimodal.errors import UserError, read_lines
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -27,7 +27,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
 @dataclass(eq=False)  # items are compared by identity: an array's == is element-wise
 class Item:
-    image: Image.Image | np.ndarray | None  # None for a text-only item
+    image: Image.Image | np.ndarray | bytes | None  # None for a text-only item; bytes: a JPEG for the device
     image_row: dict  # what the image index records: key, file_name, ...
     texts: list[str] = field(default_factory=list)
     text_rows: list[dict] = field(default_factory=list)
@@ -38,11 +38,12 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def read_image_file(path: Path, min_side: int | None = None) -> Image.Image | np.ndarray | None:
-    """An image file as `decode.decode_image` gives it, or None, with a line saying why it was skipped:
+def read_image_file(path: Path, min_side: int | None = None, on_device: bool = False
+                    ) -> Image.Image | np.ndarray | bytes | None:
+    """An image file as `decode.decode_checked` gives it, or None, with a line saying why it was skipped:
     unreadable, not an image, or more than MAX_IMAGE_PIXELS pixels declared (refused before decoding)."""
     try:
-        return decode_checked(path.read_bytes(), min_side)
+        return decode_checked(path.read_bytes(), min_side, on_device)
     except OSError as exc:
         print(f"skipping {path}: {exc.strerror or exc}")
     except BadSample as bad:
@@ -62,9 +63,10 @@ class Source:
     def part_size(self, part: int) -> int | None:
         return None
 
-    def items(self, part: int, min_side: int | None = None) -> Iterator[Item]:
+    def items(self, part: int, min_side: int | None = None, on_device: bool = False) -> Iterator[Item]:
         """The items of `part`; `min_side`: JPEGs may be decoded at a reduced DCT scale that keeps both
-        sides at least this (`decode.decode_image`), as (H, W, 3) uint8 arrays."""
+        sides at least this (`decode.decode_image`), as (H, W, 3) uint8 arrays; `on_device`: the JPEGs
+        a device decodes are left as their bytes."""
         raise NotImplementedError
 
 
@@ -78,9 +80,9 @@ class ShardSource(Source):
     def part_size(self, part: int) -> int | None:
         return count_samples([self.urls[part]])
 
-    def items(self, part: int, min_side: int | None = None) -> Iterator[Item]:
+    def items(self, part: int, min_side: int | None = None, on_device: bool = False) -> Iterator[Item]:
         url = self.urls[part]
-        for key, image, captions, record in read_samples([url], min_side=min_side):
+        for key, image, captions, record in read_samples([url], min_side=min_side, on_device=on_device):
             row = {"key": key, "url": url, **({"file_name": record["file_name"]} if "file_name" in record else {})}
             yield Item(image, row, captions, [{"key": key, "caption": c} for c in captions])
 
@@ -102,9 +104,9 @@ class ImageFolderSource(Source):
     def part_size(self, part: int) -> int:
         return len(self.files[part * self.size:(part + 1) * self.size])
 
-    def items(self, part: int, min_side: int | None = None) -> Iterator[Item]:
+    def items(self, part: int, min_side: int | None = None, on_device: bool = False) -> Iterator[Item]:
         for path in self.files[part * self.size:(part + 1) * self.size]:
-            image = read_image_file(path, min_side)
+            image = read_image_file(path, min_side, on_device)
             if image is not None:
                 yield Item(image, {"key": path.relative_to(self.folder).as_posix(), "file_name": str(path)})
 
@@ -122,7 +124,7 @@ class TextFileSource(Source):
     def part_size(self, part: int) -> int:
         return len(self.lines[part * self.size:(part + 1) * self.size])
 
-    def items(self, part: int, min_side: int | None = None) -> Iterator[Item]:
+    def items(self, part: int, min_side: int | None = None, on_device: bool = False) -> Iterator[Item]:
         first = part * self.size
         for i, line in enumerate(self.lines[first:first + self.size], start=first):
             yield Item(None, {}, [line], [{"key": f"{i:09d}", "caption": line}])
@@ -134,29 +136,36 @@ class EmbedBatches(IterableDataset):
     A batch: {"part", "last", "images": (n, 3, H, W) uint8 or None, "image_rows": [n dicts],
     "texts": (m, L) or None, "text_rows": [m dicts]}. The images are `preprocess.pixels` of images
     decoded no larger than it needs; the consumer normalises them on its device (`preprocess.normalize`).
+    With `decode_on_device`, the JPEGs a device decodes travel as their bytes ("jpeg", "jpeg_lengths":
+    `pixels.pack`), first in "image_rows", and `pixels.finish_eval_batch` turns them into pixels there.
     """
 
     def __init__(self, source: Source, parts: list[int], preprocess: EvalTransform, tokenizer: Callable,
-                 batch_size: int):
+                 batch_size: int, decode_on_device: bool = False):
         super().__init__()
-        self.source, self.parts = source, parts
+        self.source, self.parts, self.decode_on_device = source, parts, decode_on_device
         self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
 
     def _batch(self, part: int, items: list[Item], last: bool) -> dict:
-        with_image = [i for i in items if i.image is not None]
+        jpegs = [i for i in items if isinstance(i.image, bytes)]
+        decoded = [i for i in items if i.image is not None and not isinstance(i.image, bytes)]
+        with_image = jpegs + decoded
         text_rows = []
         for item in items:  # a caption row points at its image's row within this batch
             image = {"image": with_image.index(item)} if item.image is not None else {}
             text_rows.extend({**row, **image} for row in item.text_rows)
         texts = [t for i in items for t in i.texts]
         tokens, text_rows = self._tokens(texts, text_rows)
-        return {
+        batch = {
             "part": part, "last": last,
-            "images": torch.stack([self.preprocess.pixels(i.image) for i in with_image]) if with_image else None,
+            "images": torch.stack([self.preprocess.pixels(i.image) for i in decoded]) if decoded else None,
             "image_rows": [i.image_row for i in with_image],
             "texts": tokens,
             "text_rows": text_rows,
         }
+        if jpegs:
+            batch["jpeg"], batch["jpeg_lengths"] = pack([i.image for i in jpegs])
+        return batch
 
     def _tokens(self, texts: list[str], rows: list[dict]) -> tuple[torch.Tensor | None, list[dict]]:
         """The texts tokenised together; (rare) one the tokenizer refuses is left out with its row."""
@@ -170,7 +179,7 @@ class EmbedBatches(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         for part in self.parts[worker::num_workers]:
             pending: list[Item] = []
-            for item in self.source.items(part, min_side=self.preprocess.size):
+            for item in self.source.items(part, min_side=self.preprocess.size, on_device=self.decode_on_device):
                 if len(pending) == self.batch_size:
                     yield self._batch(part, pending, last=False)
                     pending = []

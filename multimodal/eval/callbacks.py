@@ -12,7 +12,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from multimodal.data.pixels import EvalTransform
+from multimodal.data.pixels import EvalTransform, keep_jpegs_on_host
 from multimodal.errors import UserError
 from multimodal.eval import zeroshot
 from multimodal.eval.embed import PartWriter, encode_batch
@@ -34,8 +34,12 @@ class EmbedModule(pl.LightningModule):
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           prefetch_factor=4 if self.num_workers else None)
 
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        return keep_jpegs_on_host(batch, lambda b: super(EmbedModule, self).transfer_batch_to_device(
+            b, device, dataloader_idx))
+
     def predict_step(self, batch: dict, batch_idx: int):
-        return encode_batch(self.model, batch, self.preprocess.normalize)
+        return encode_batch(self.model, batch, self.preprocess)
 
 
 class EmbeddingWriter(BasePredictionWriter):
@@ -53,7 +57,7 @@ class EmbeddingWriter(BasePredictionWriter):
                         mininterval=1.0, dynamic_ncols=True)
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        image_features, text_features = prediction
+        batch, image_features, text_features = prediction  # the batch as encoded: its rows of images kept
         self.writer.add(batch, image_features, text_features)
         self.bar.update(len(batch["image_rows"]) if self.unit == "img" else len(batch["text_rows"]))
 

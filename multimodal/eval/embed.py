@@ -14,7 +14,7 @@ part whose index files exist is complete, and a resumed run skips it.
 
 import contextlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from multimodal.data.pipeline import count_samples
-from multimodal.data.pixels import EvalTransform
+from multimodal.data.pixels import EvalTransform, decode_on_device, finish_eval_batch
 from multimodal.data.sources import EmbedBatches, ShardSource
 from multimodal.errors import UserError, read_json, reading
 from multimodal.files import atomic_file, write_text
@@ -43,19 +43,22 @@ class Embeddings:
 
 
 @torch.no_grad()
-def encode_batch(model: CLIP, batch: dict, normalize: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 device: torch.device | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """(image_features, text_features) of one `EmbedBatches` batch, float32 on the CPU (None where the
-    batch has no images or no texts). `device`: where to move the batch first (None: where it is);
-    `normalize`: applied to its uint8 images there (None: normalised already)."""
+def encode_batch(model: CLIP, batch: dict, preprocess: EvalTransform | None = None,
+                 ) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
+    """(batch, image_features, text_features) of one `EmbedBatches` batch, the features float32 on the
+    CPU (None where the batch has no images or no texts), on the model's device. With `preprocess`, the
+    batch's JPEG bytes are decoded there and its uint8 pixels normalised there (`pixels.finish_eval_batch`;
+    the batch returned has the rows of the images kept); without, the batch is ready (a DataModule's)."""
+    device = next(model.parameters()).device
+    if preprocess is not None and "jpeg" in batch:
+        batch = finish_eval_batch(batch, preprocess, device)
     images, texts = batch["images"], batch["texts"]
     if images is not None:
-        images = images.to(device, non_blocking=True) if device is not None else images
-        images = model.encode_image(normalize(images) if normalize else images).float().cpu()
+        images = images.to(device, non_blocking=True)
+        images = model.encode_image(preprocess.normalize(images) if preprocess else images).float().cpu()
     if texts is not None:
-        texts = texts.to(device, non_blocking=True) if device is not None else texts
-        texts = model.encode_text(texts).float().cpu()
-    return images, texts
+        texts = model.encode_text(texts.to(device, non_blocking=True)).float().cpu()
+    return batch, images, texts
 
 
 class _Part:
@@ -207,20 +210,22 @@ def autocast(device: torch.device):
 
 def embed_shards(model: CLIP, spec: str, batch_size: int = 256, num_workers: int = 0,
                  device: torch.device | None = None, progress: bool = True,
-                 preprocess: EvalTransform | None = None) -> Embeddings:
+                 preprocess: EvalTransform | None = None, decode: str = "auto") -> Embeddings:
     """Every image and caption of the shards `spec`, in one process, batched as `multimodal embed` batches.
-    `preprocess`: the model architecture's eval transform unless given."""
+    `preprocess`: the model architecture's eval transform unless given; `decode`: where JPEGs are decoded
+    (`decode_on_device`)."""
     source, architecture = ShardSource(spec), model.architecture
     preprocess = preprocess or architecture.eval_transform
-    dataset = EmbedBatches(source, list(range(source.num_parts())), preprocess, architecture.tokenizer, batch_size)
     device = device or default_device()
+    dataset = EmbedBatches(source, list(range(source.num_parts())), preprocess, architecture.tokenizer, batch_size,
+                           decode_on_device=decode_on_device(decode, device))
     model = model.eval().to(device)
     bar = tqdm(total=count_samples(source.urls), unit="img", desc="embedding", mininterval=1.0, disable=not progress)
 
     def outputs():
         for batch in DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda"):
             with autocast(device):
-                image_features, text_features = encode_batch(model, batch, preprocess.normalize, device)
+                batch, image_features, text_features = encode_batch(model, batch, preprocess)
             bar.update(len(batch["image_rows"]))
             yield batch, image_features, text_features
 
