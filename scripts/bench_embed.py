@@ -1,15 +1,18 @@
 """Benchmark: embedding images and captions, our evaluation pipeline against open_clip's eval transform.
 
     python scripts/bench_embed.py [--data ../shared/data/coco-mini] [--workers 2] [--batch-size 256] [--passes 5]
+    python scripts/bench_embed.py --decode gpu    (the device path on the CPU too)
 
 Both embed every image and all its captions of the same shards of full-size COCO JPEGs (about
 640 x 480, written once into .bench/ by bench_data.py; 239 images, listed `--passes` times), with the
 same model, batch size and DataLoader workers, through `multimodal.eval.embed.embed_shards`:
 - ours: JPEGs decoded by libjpeg-turbo at the smallest DCT scale keeping the shorter side at the
   model's input size, resized by torch's antialiased kernel, uint8 to the device, normalised there;
+- ours, decoded on the GPU (where CUDA is present, or with `--decode gpu`): the workers hand over the
+  JPEG bytes; each batch is decoded together by nvJPEG, resized and centre-cropped on the GPU;
 - open_clip: every image decoded at full size by PIL and put through open_clip's eval transform
   (PIL resize, centre crop, normalisation on the CPU), as clip_benchmark and open_clip do.
-Prints images/s of both (their captions included) and the ratio. The model: `tiny` (64 px) on the
+Prints images/s of each (their captions included) and the ratios to open_clip. The model: `tiny` (64 px) on the
 CPU, where the model costs little and the pipeline shows; ViT-B-32 with bf16 on a GPU.
 """
 
@@ -48,12 +51,13 @@ class OpenClipEval:
 
 
 def rate(model, architecture: Architecture, spec: str, batch_size: int, workers: int, device: torch.device,
-         reference: bool) -> float:
-    preprocess = OpenClipEval(architecture.open_clip_transforms()[1]) if reference else None
+         path: str) -> float:
+    """Images/s through `path`: "workers" or "gpu" (ours, decoded there) or "open_clip" (the reference)."""
+    preprocess = OpenClipEval(architecture.open_clip_transforms()[1]) if path == "open_clip" else None
     start = time.perf_counter()
     with embed.autocast(device):
         emb = embed.embed_shards(model, spec, batch_size, workers, device, progress=False,
-                                 preprocess=preprocess)
+                                 preprocess=preprocess, decode="gpu" if path == "gpu" else "cpu")
     return emb.image_features.shape[0] / (time.perf_counter() - start)
 
 
@@ -65,6 +69,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=2, help="alternate the two this many times, keep the best")
     parser.add_argument("--passes", type=int, default=5, help="list the shards this many times (more images)")
+    parser.add_argument("--decode", choices=("auto", "gpu"), default="auto",
+                        help="also time ours decoded on the device: auto (where CUDA is present) or gpu (always)")
     args = parser.parse_args()
     if not (args.data / "annotations").is_dir():
         sys.exit(f"{args.data} is not a COCO folder (annotations/, train2017/, val2017/).")
@@ -72,17 +78,23 @@ def main() -> None:
     architecture = arch.load(args.model or ("ViT-B-32" if device.type == "cuda" else "tiny"))
     spec = "::".join([shards(args.data)] * args.passes)
     model = create_model(architecture).eval().to(device)
-    rate(model, architecture, spec, args.batch_size, args.workers, device, reference=False)  # warm-up: files cached
-    ours = theirs = 0.0
+    paths = ["workers", *(["gpu"] if args.decode == "gpu" or device.type == "cuda" else []), "open_clip"]
+    rate(model, architecture, spec, args.batch_size, args.workers, device, "workers")  # warm-up: files cached
+    best = dict.fromkeys(paths, 0.0)
     for _ in range(args.repeats):
-        ours = max(ours, rate(model, architecture, spec, args.batch_size, args.workers, device, reference=False))
-        theirs = max(theirs, rate(model, architecture, spec, args.batch_size, args.workers, device, reference=True))
+        for path in paths:
+            best[path] = max(best[path], rate(model, architecture, spec, args.batch_size, args.workers, device, path))
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"embedding full-size COCO JPEGs and their captions, {architecture.name} ({architecture.image_size} px), "
           f"batch {args.batch_size}, {args.workers} workers, {where}")
-    print(f"  ours      {ours:8.1f} images/s (with their captions)")
-    print(f"  open_clip {theirs:8.1f} images/s (eval transform on full-size PIL images)")
-    print(f"  ratio     {ours / theirs:8.2f}x (ours / open_clip)")
+    labels = {"workers": "ours", "gpu": "ours, --decode gpu", "open_clip": "open_clip"}
+    notes = {"workers": "with their captions; JPEGs decoded by the workers",
+             "gpu": f"with their captions; JPEGs decoded a batch at a time on the {device.type.upper()}",
+             "open_clip": "eval transform on full-size PIL images"}
+    for path in paths:
+        print(f"  {labels[path]:<20} {best[path]:8.1f} images/s ({notes[path]})")
+    for path in paths[:-1]:
+        print(f"  ratio, {labels[path]:<18} {best[path] / best['open_clip']:6.2f}x (/ open_clip)")
 
 
 if __name__ == "__main__":
