@@ -189,8 +189,11 @@ def test_zeroshot_on_image_folder_and_on_shards_agree(cli, trained, tmp_path):
     ok(cli("eval", "zeroshot", *common, "--images", str(folder), "--out", str(tmp_path / "a.json"), cwd=tmp_path))
     ok(cli("eval", "zeroshot", *common, "--shards", str(tmp_path / "cls.tar"), "--out", str(tmp_path / "b.json"),
            cwd=tmp_path))
-    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    ok(cli("eval", "zeroshot", *common, "--images", str(folder), "--decode", "gpu", "--num_workers", "0",
+           "--out", str(tmp_path / "c.json"), cwd=tmp_path))  # decoded a batch at a time, in this process
+    a, b, c = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc")
     assert a == b and a["num_images"] == 12 and a["num_classes"] == 3 and a["top5"] == 1.0
+    assert c["num_images"] == 12 and abs(c["top1"] - a["top1"]) <= 1 / 12
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     proc = cli("eval", "zeroshot", "--checkpoint", str(ckpt), "--classnames", str(empty), "--images",

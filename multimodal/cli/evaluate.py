@@ -220,6 +220,12 @@ def eval_retrieval(argv: list[str]) -> int:
     return 0
 
 
+def _labelled_source(args):
+    from multimodal.data.sources import ClassFolderSource, LabelledShardSource
+
+    return ClassFolderSource(args.images) if args.images else LabelledShardSource(args.shards)
+
+
 def eval_zeroshot_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal eval zeroshot", description="Zero-shot classification.")
     add_checkpoint_args(parser)
@@ -231,6 +237,10 @@ def eval_zeroshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shards", help="shards whose samples carry a class index (`cls` member)")
     parser.add_argument("--images", type=Path, help="an ImageFolder-style folder: FOLDER/CLASS/IMAGE")
     parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--num_workers", type=int, default=4, help="data loading processes")
+    parser.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
+                        help="where JPEGs are decoded: gpu (the batch together, where the model runs), cpu (the "
+                             "loader workers), auto: gpu on a GPU")
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     return parser
 
@@ -238,6 +248,8 @@ def eval_zeroshot_parser() -> argparse.ArgumentParser:
 def eval_zeroshot(argv: list[str]) -> int:
     args = eval_zeroshot_parser().parse_args(argv)
     positive("batch-size", args.batch_size)
+    if args.num_workers < 0:
+        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}.")
     if args.out is not None:
         check_output(args.out, "--out", "file", (".json",))
     if bool(args.shards) == bool(args.images):
@@ -250,32 +262,32 @@ def eval_zeroshot(argv: list[str]) -> int:
         if path is not None:
             check_input(path, option, "pass a text file with one entry a line")
     check_checkpoint(args.checkpoint)
+    from torch.utils.data import DataLoader
     from tqdm import tqdm
 
     from multimodal import weights
+    from multimodal.data.pixels import decode_on_device
+    from multimodal.data.sources import EmbedBatches
     from multimodal.eval import zeroshot
     from multimodal.eval.embed import autocast, default_device
 
     templates = zeroshot.read_templates(args.templates)
-    if args.images:
-        folders, _ = zeroshot.image_folder(args.images)
-        classnames = read_lines(args.classnames, "Class names") if args.classnames else \
-            [f.replace("_", " ") for f in folders]
-        if len(classnames) != len(folders):
-            raise UserError(f"{args.classnames} names {len(classnames)} classes but {args.images} has "
-                            f"{len(folders)} class folders.")
-    else:
-        classnames = read_lines(args.classnames, "Class names")
-    model = weights.load_model(args.checkpoint, args.model)
-    architecture = model.architecture
-    size = architecture.image_size  # JPEGs decoded no larger than the model needs
-    samples = zeroshot.image_folder(args.images, size)[1] if args.images else \
-        zeroshot.labelled_shards(args.shards, size)
+    source = _labelled_source(args)
+    classnames = read_lines(args.classnames, "Class names") if args.classnames else \
+        [name.replace("_", " ") for name in source.classes]
+    if args.images and len(classnames) != len(source.classes):
+        raise UserError(f"{args.classnames} names {len(classnames)} classes but {args.images} has "
+                        f"{len(source.classes)} class folders.")
     device = default_device()
+    model = weights.load_model(args.checkpoint, args.model).to(device)
+    preprocess = model.architecture.eval_transform
+    batches = EmbedBatches(source, list(range(source.num_parts())), preprocess, model.architecture.tokenizer,
+                           args.batch_size, decode_on_device(args.decode, device))
+    loader = DataLoader(batches, batch_size=None, num_workers=min(args.num_workers, source.num_parts()),
+                        pin_memory=device.type == "cuda")
     with autocast(device):
-        result = zeroshot.evaluate(model, architecture.tokenizer, architecture.eval_transform, classnames, templates,
-                                   tqdm(samples, unit="img", desc="classifying", mininterval=1.0),
-                                   args.batch_size, device)
+        result = zeroshot.evaluate(model, classnames, templates, tqdm(loader, unit="batch", desc="classifying",
+                                                                      mininterval=1.0), preprocess)
     print(f"Zero-shot classification of {result['num_images']} images into {len(classnames)} classes "
           f"({len(templates)} templates): top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, "
           f"mean per-class recall {result['mean_per_class_recall']:.4f}")

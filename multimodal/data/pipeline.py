@@ -112,15 +112,17 @@ def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.wa
 
 
 def read_labelled(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue,
-                  min_side: int | None = None) -> Iterator[tuple[str, Image.Image | np.ndarray, int]]:
-    """(key, image, class index) for every sample of `urls` with a decodable image and `cls` member."""
+                  min_side: int | None = None, on_device: bool = False
+                  ) -> Iterator[tuple[str, Image.Image | np.ndarray | bytes, int]]:
+    """(key, image, class index) for every sample of `urls` with a decodable image and `cls` member;
+    `min_side` and `on_device` as for `read_samples`."""
     for raw in tarfile_samples(urls, handler=on_error):
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None or "cls" not in raw:
             continue
         try:
             label = int(raw["cls"].decode("utf-8").strip())
-            image = decode_checked(raw[image_key], min_side)
+            image = decode_checked(raw[image_key], min_side, on_device)
         except (ValueError, BadSample):
             continue
         yield raw["__key__"], image, label

@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from multimodal.data.decode import decode_checked, tokenize
 from multimodal.data.faults import BadSample
-from multimodal.data.pipeline import count_samples, expand_urls, read_samples
+from multimodal.data.pipeline import count_samples, expand_urls, read_labelled, read_samples
 from multimodal.data.pixels import EvalTransform, pack
 from multimodal.errors import UserError, read_lines
 
@@ -85,6 +85,47 @@ class ShardSource(Source):
         for key, image, captions, record in read_samples([url], min_side=min_side, on_device=on_device):
             row = {"key": key, "url": url, **({"file_name": record["file_name"]} if "file_name" in record else {})}
             yield Item(image, row, captions, [{"key": key, "caption": c} for c in captions])
+
+
+class LabelledShardSource(ShardSource):
+    """Shards whose samples carry a class index (a `cls` member): one image item each, its row holding
+    the "label"; samples without one are left out."""
+
+    has_texts = False
+
+    def items(self, part: int, min_side: int | None = None, on_device: bool = False) -> Iterator[Item]:
+        url = self.urls[part]
+        for key, image, label in read_labelled([url], min_side=min_side, on_device=on_device):
+            yield Item(image, {"key": key, "url": url, "label": label})
+
+
+class ClassFolderSource(Source):
+    """An ImageFolder-style folder (FOLDER/CLASS/IMAGE): the class folders in sorted order are labels
+    0, 1, ...; an image item's row holds its "label"; `part_size` images a part."""
+
+    has_texts = False
+
+    def __init__(self, folder: Path, part_size: int = 10000):
+        if not folder.is_dir():
+            raise UserError(f"Image folder {folder} does not exist: pass an ImageFolder-style folder.")
+        self.classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not self.classes:
+            raise UserError(f"{folder} has no class sub-folders: use the ImageFolder layout FOLDER/CLASS/IMAGE.")
+        self.folder, self.size = folder, part_size
+        self.files = [(path, label) for label, name in enumerate(self.classes) for path in image_files(folder / name)]
+
+    def num_parts(self) -> int:
+        return max(1, math.ceil(len(self.files) / self.size))
+
+    def part_size(self, part: int) -> int:
+        return len(self.files[part * self.size:(part + 1) * self.size])
+
+    def items(self, part: int, min_side: int | None = None, on_device: bool = False) -> Iterator[Item]:
+        for path, label in self.files[part * self.size:(part + 1) * self.size]:
+            image = read_image_file(path, min_side, on_device)
+            if image is not None:
+                yield Item(image, {"key": path.relative_to(self.folder).as_posix(), "file_name": str(path),
+                                   "label": label})
 
 
 class ImageFolderSource(Source):

@@ -12,7 +12,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from multimodal.data.pixels import EvalTransform, keep_jpegs_on_host
+from multimodal.data.pixels import EvalTransform, decode_on_device, keep_jpegs_on_host
+from multimodal.data.sources import ClassFolderSource, EmbedBatches, LabelledShardSource
 from multimodal.errors import UserError
 from multimodal.eval import zeroshot
 from multimodal.eval.embed import PartWriter, encode_batch
@@ -90,23 +91,20 @@ class ZeroShotCallback(pl.Callback):
             raise UserError("ZeroShotCallback needs exactly one of images or shards.")
         if shards and not classnames:
             raise UserError("ZeroShotCallback with shards needs classnames.")
-        self.images, self.shards, self.batch_size = images, shards, batch_size
+        self.source = ClassFolderSource(Path(images)) if images else LabelledShardSource(shards)
+        self.batch_size = batch_size
         self.templates = zeroshot.read_templates(Path(templates) if templates else None)
-        self.classnames = zeroshot.read_lines(Path(classnames), "Class names") if classnames else None
-        if images:
-            folders, _ = zeroshot.image_folder(Path(images))
-            self.classnames = self.classnames or [f.replace("_", " ") for f in folders]
+        self.classnames = zeroshot.read_lines(Path(classnames), "Class names") if classnames else \
+            [name.replace("_", " ") for name in self.source.classes]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         architecture = pl_module.model.architecture
-        size = architecture.image_size
-        samples = zeroshot.image_folder(Path(self.images), size)[1] if self.images else \
-            zeroshot.labelled_shards(self.shards, size)
+        batches = EmbedBatches(self.source, list(range(self.source.num_parts())), architecture.eval_transform,
+                               architecture.tokenizer, self.batch_size, decode_on_device("auto", pl_module.device))
         autocast = torch.autocast(pl_module.device.type, enabled=pl_module.device.type == "cuda", dtype=torch.bfloat16)
         with _whole_parameters(trainer), autocast:
-            result = zeroshot.evaluate(pl_module.model, architecture.tokenizer, architecture.eval_transform,
-                                       self.classnames, self.templates, samples, self.batch_size, pl_module.device)
+            result = zeroshot.evaluate(pl_module.model, self.classnames, self.templates, batches)
         for key in ("top1", "top5", "mean_per_class_recall"):
             pl_module.log(f"val/zeroshot_{key}", result[key], sync_dist=True)

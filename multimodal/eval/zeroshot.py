@@ -5,18 +5,15 @@ Each class's weight is the normalised mean of the normalised text embeddings of 
 (balanced accuracy), as clip_benchmark reports them.
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from multimodal.data.pipeline import expand_urls, read_labelled
 from multimodal.data.pixels import EvalTransform
-from multimodal.data.sources import image_files, read_image_file
 from multimodal.errors import UserError, read_lines
+from multimodal.eval.embed import encode_batch
 from multimodal.model import CLIP
 
 # The project's own short prompt set. For the standard 80 ImageNet prompts, pass them as a file.
@@ -67,55 +64,28 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> di
     }
 
 
-def image_folder(folder: Path, min_side: int | None = None
-                 ) -> tuple[list[str], Iterator[tuple[Image.Image | np.ndarray, int]]]:
-    """ImageFolder layout: (sorted class folder names, (image, label) pairs); `min_side`: see `decode_image`.
-    Unreadable images and ones of more than MAX_IMAGE_PIXELS pixels are skipped, with a line saying so."""
-    if not folder.is_dir():
-        raise UserError(f"Image folder {folder} does not exist.")
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-    if not classes:
-        raise UserError(f"{folder} has no class sub-folders: use the ImageFolder layout FOLDER/CLASS/IMAGE.")
-
-    def items():
-        for label, name in enumerate(classes):
-            for path in image_files(folder / name):
-                if (image := read_image_file(path, min_side)) is not None:
-                    yield image, label
-
-    return classes, items()
-
-
-def labelled_shards(spec: str, min_side: int | None = None) -> Iterator[tuple[Image.Image | np.ndarray, int]]:
-    for _, image, label in read_labelled(expand_urls(spec), min_side=min_side):
-        yield image, label
-
-
 @torch.no_grad()
-def evaluate(model: CLIP, tokenizer: Callable, preprocess: EvalTransform, classnames: list[str],
-             templates: list[str], samples: Iterator[tuple[Image.Image | np.ndarray, int]], batch_size: int = 128,
-             device: torch.device | str = "cpu") -> dict[str, float]:
-    model = model.eval().to(device)
-    weights = classifier(model, tokenizer, classnames, templates, device)
-    logits, labels, images, batch_labels = [], [], [], []
-
-    def flush():
-        if images:
-            features = model.encode_image(preprocess.normalize(torch.stack(images).to(device))).float()
-            logits.append((features @ weights.T).cpu())
-            labels.extend(batch_labels)
-            images.clear()
-            batch_labels.clear()
-
-    for image, label in samples:
-        if not 0 <= label < len(classnames):
-            raise UserError(f"A sample has class {label}, outside the {len(classnames)} class names given.")
-        images.append(preprocess.pixels(image))
-        batch_labels.append(label)
-        if len(images) == batch_size:
-            flush()
-    flush()
+def evaluate(model: CLIP, classnames: list[str], templates: list[str], batches: Iterable[dict],
+             preprocess: EvalTransform | None = None) -> dict[str, float]:
+    """Top-1, top-5 and mean per-class recall of the labelled images in `batches` (`EmbedBatches` of a
+    `LabelledShardSource` or `ClassFolderSource`: each image row holds its "label"), encoded where the
+    model is (`eval.embed.encode_batch`: JPEG bytes decoded there, pixels normalised with `preprocess`,
+    the architecture's eval transform unless given)."""
+    model = model.eval()
+    preprocess = preprocess or model.architecture.eval_transform
+    device = next(model.parameters()).device
+    weights = classifier(model, model.architecture.tokenizer, classnames, templates, device).float().cpu()  # (C, D)
+    logits, labels = [], []
+    for batch in batches:
+        batch, features, _ = encode_batch(model, batch, preprocess)
+        if features is None:
+            continue
+        labels.extend(row["label"] for row in batch["image_rows"])
+        logits.append(features @ weights.T)  # (B, C)
     if not logits:
         raise UserError("No labelled image was found to classify.")
+    if not all(0 <= label < len(classnames) for label in labels):
+        wrong = next(label for label in labels if not 0 <= label < len(classnames))
+        raise UserError(f"A sample has class {wrong}, outside the {len(classnames)} class names given.")
     result = accuracy(torch.cat(logits), torch.tensor(labels), len(classnames))
     return {**result, "num_images": len(labels), "num_classes": len(classnames)}
