@@ -101,8 +101,8 @@ def build_module(
     def count_flops_per_sample() -> float:
         """Counted on a fresh copy, on the meta device: any strategy, compiled or sharded, counts the same."""
         copy = fresh()
-        return flops_per_sample(copy, lambda i, t: contrastive(i, t, copy.logit_scale.exp(),
-                                                                           copy.logit_bias, gather=False))
+        return flops_per_sample(copy, lambda i, t: contrastive(i, t, copy.logit_scale.exp(), copy.logit_bias,
+                                                               gather=False))
 
     model = fresh()
     if pretrained:

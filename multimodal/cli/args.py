@@ -19,6 +19,17 @@ def add_checkpoint_args(parser: argparse.ArgumentParser, required: bool = True, 
                              "overrides the one a .ckpt names")
 
 
-def positive(option: str, value: int) -> None:
-    if value <= 0:
-        raise UserError(f"--{option} must be a positive integer, got {value}.")
+def add_decode_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
+                        help="where JPEGs are decoded: gpu (the batch together, where the model runs: nvJPEG on "
+                             "CUDA), cpu (the loader workers), auto: gpu on a GPU")
+
+
+def check_counts(args: argparse.Namespace, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
+                 ) -> None:
+    """The named integer options of `args` are at least 1 (`positive`) or at least 0 (`non_negative`)."""
+    for names, least in ((positive, 1), (non_negative, 0)):
+        for name in names:
+            value = getattr(args, name)
+            if value < least:
+                raise UserError(f"--{name} must be {'a positive integer' if least else '0 or more'}, got {value}.")

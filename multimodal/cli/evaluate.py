@@ -8,7 +8,7 @@ import argparse
 import shutil
 from pathlib import Path
 
-from multimodal.cli.args import add_checkpoint_args, positive
+from multimodal.cli.args import add_checkpoint_args, add_decode_arg, check_counts
 from multimodal.errors import (
     EXPORT_SUFFIXES,
     UserError,
@@ -86,17 +86,14 @@ def embed_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=4, help="data loading processes per device")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--devices", type=int, default=1, help="devices on this node (several: DDP, one part set each)")
-    parser.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
-                        help="where JPEGs are decoded: gpu (nvJPEG, the batch together), cpu (the loader workers), "
-                             "auto: gpu on a GPU")
+    add_decode_arg(parser)
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out made by another run")
     return parser
 
 
 def embed(argv: list[str]) -> int:
     args = embed_parser().parse_args(argv)
-    for name in ("batch_size", "part_size", "devices"):
-        positive(name.replace("_", "-"), getattr(args, name))
+    check_counts(args, positive=("batch_size", "part_size", "devices"), non_negative=("num_workers",))
     check_output(args.out, "--out", "folder")
     _check_source(args)
     check_checkpoint(args.checkpoint)
@@ -178,17 +175,14 @@ def eval_retrieval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--chunk_size", type=int, default=4096, help="block size of the score computation")
-    parser.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
-                        help="where JPEGs are decoded: gpu (nvJPEG, the batch together), cpu (the loader workers), "
-                             "auto: gpu on a GPU")
+    add_decode_arg(parser)
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     return parser
 
 
 def eval_retrieval(argv: list[str]) -> int:
     args = eval_retrieval_parser().parse_args(argv)
-    for name in ("batch_size", "chunk_size"):
-        positive(name.replace("_", "-"), getattr(args, name))
+    check_counts(args, positive=("batch_size", "chunk_size"), non_negative=("num_workers",))
     if args.out is not None:
         check_output(args.out, "--out", "file", (".json",))
     if bool(args.shards) == bool(args.embeddings):
@@ -238,18 +232,14 @@ def eval_zeroshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--images", type=Path, help="an ImageFolder-style folder: FOLDER/CLASS/IMAGE")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_workers", type=int, default=4, help="data loading processes")
-    parser.add_argument("--decode", default="auto", choices=("auto", "cpu", "gpu"),
-                        help="where JPEGs are decoded: gpu (the batch together, where the model runs), cpu (the "
-                             "loader workers), auto: gpu on a GPU")
+    add_decode_arg(parser)
     parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
     return parser
 
 
 def eval_zeroshot(argv: list[str]) -> int:
     args = eval_zeroshot_parser().parse_args(argv)
-    positive("batch-size", args.batch_size)
-    if args.num_workers < 0:
-        raise UserError(f"--num_workers must be 0 or more, got {args.num_workers}.")
+    check_counts(args, positive=("batch_size",), non_negative=("num_workers",))
     if args.out is not None:
         check_output(args.out, "--out", "file", (".json",))
     if bool(args.shards) == bool(args.images):

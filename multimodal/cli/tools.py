@@ -6,7 +6,7 @@ Arguments are parsed and checked before torch, open_clip or matplotlib is import
 import argparse
 from pathlib import Path
 
-from multimodal.cli.args import add_checkpoint_args
+from multimodal.cli.args import add_checkpoint_args, check_counts
 from multimodal.errors import UserError, check_checkpoint, check_input, check_output, reading, writing
 from multimodal.files import save_image
 from multimodal.plot import plot_run
@@ -32,8 +32,7 @@ def search(argv: list[str]) -> int:
     args = search_parser().parse_args(argv)
     if bool(args.text) == bool(args.image):
         raise UserError("Pass exactly one query: --text or --image.")
-    if args.k <= 0:
-        raise UserError(f"--k must be a positive integer, got {args.k}.")
+    check_counts(args, positive=("k",))
     if args.grid is not None:
         check_output(args.grid, "--grid", "file", GRID_SUFFIXES)
     check_input(args.index, "Embedding folder", "pass a folder written by `multimodal embed` with --index", "folder")

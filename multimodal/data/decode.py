@@ -109,7 +109,7 @@ def read_sample(raw: dict, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Sample:
     return Sample(raw[image_key], size, colourspace, captions, record)
 
 
-def decodable_on_device(data: bytes, colourspace: str) -> bool:
+def decodable_on_device(data: bytes, colourspace: str | None) -> bool:
     """Whether a JPEG goes to the device decoder: colours it decodes, and whole (ends with its EOI
     marker; a cut file goes to the worker's decoder, which names it a truncated image)."""
     return colourspace in JPEG_COLOURS_ON_DEVICE and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
@@ -121,9 +121,13 @@ def decode_checked(data: bytes, min_side: int | None = None, on_device: bool = F
     `on_device`, a JPEG the device's decoder reads comes back undecoded, its bytes, for
     `pixels.finish_eval_batch` to decode with the rest of its batch."""
     _, colourspace = checked_header(data)
-    if on_device and decodable_on_device(data, colourspace):
-        return data
-    return decode_image(data, min_side)
+    return _decode_unless_on_device(data, colourspace, min_side, on_device)
+
+
+def _decode_unless_on_device(data: bytes, colourspace: str | None, min_side: int | None, on_device: bool
+                             ) -> Image.Image | np.ndarray | bytes:
+    """The bytes of a JPEG the device decodes (`on_device`), else `decode_image`."""
+    return data if on_device and decodable_on_device(data, colourspace) else decode_image(data, min_side)
 
 
 def decode_image(data: bytes, min_side: int | None = None) -> Image.Image | np.ndarray:
@@ -149,9 +153,8 @@ def decode_sample(raw: dict, min_side: int | None = None, max_pixels: int | None
     """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample with its kind.
     `on_device`: JPEGs the device decodes are left as bytes (`decode_checked`)."""
     sample = read_sample(raw, max_pixels)
-    if on_device and decodable_on_device(sample.data, sample.jpeg_colourspace):
-        return sample.data, sample.captions, sample.record
-    return decode_image(sample.data, min_side), sample.captions, sample.record
+    image = _decode_unless_on_device(sample.data, sample.jpeg_colourspace, min_side, on_device)
+    return image, sample.captions, sample.record
 
 
 def tokenize(tokenizer, texts: list[str]) -> tuple[torch.Tensor | None, list[int]]:

@@ -262,18 +262,19 @@ def finish_eval_batch(batch: dict, preprocess: EvalTransform, device: torch.devi
     dropped = [i for i, p in enumerate(pixels) if p is None]
     if dropped:
         batch = drop_images(batch, dropped)
-    images = [p for p in pixels if p is not None]
-    if batch["images"] is not None:
-        images.extend(batch["images"].to(device, non_blocking=True).unbind())
-    batch["images"] = torch.stack(images) if images else None
+    decoded = [p for p in pixels if p is not None]
+    parts = ([torch.stack(decoded)] if decoded else []) + \
+        ([batch["images"].to(device, non_blocking=True)] if batch["images"] is not None else [])
+    batch["images"] = torch.cat(parts) if parts else None
     return batch
 
 
 def drop_images(batch: dict, dropped: list[int]) -> dict:
     """An `EmbedBatches` batch without the images at positions `dropped` and without their captions."""
-    keep = [i for i in range(len(batch["image_rows"])) if i not in set(dropped)]
+    gone = set(dropped)
+    keep = [i for i in range(len(batch["image_rows"])) if i not in gone]
     new_position = {old: new for new, old in enumerate(keep)}
-    texts = [j for j, row in enumerate(batch["text_rows"]) if row.get("image") not in set(dropped)]
+    texts = [j for j, row in enumerate(batch["text_rows"]) if row.get("image") not in gone]
     return {**batch, "image_rows": [batch["image_rows"][i] for i in keep],
             "text_rows": [{**row, "image": new_position[row["image"]]} if "image" in row else row
                           for row in (batch["text_rows"][j] for j in texts)],

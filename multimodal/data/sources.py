@@ -99,37 +99,11 @@ class LabelledShardSource(ShardSource):
             yield Item(image, {"key": key, "url": url, "label": label})
 
 
-class ClassFolderSource(Source):
-    """An ImageFolder-style folder (FOLDER/CLASS/IMAGE): the class folders in sorted order are labels
-    0, 1, ...; an image item's row holds its "label"; `part_size` images a part."""
-
-    has_texts = False
-
-    def __init__(self, folder: Path, part_size: int = 10000):
-        if not folder.is_dir():
-            raise UserError(f"Image folder {folder} does not exist: pass an ImageFolder-style folder.")
-        self.classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
-        if not self.classes:
-            raise UserError(f"{folder} has no class sub-folders: use the ImageFolder layout FOLDER/CLASS/IMAGE.")
-        self.folder, self.size = folder, part_size
-        self.files = [(path, label) for label, name in enumerate(self.classes) for path in image_files(folder / name)]
-
-    def num_parts(self) -> int:
-        return max(1, math.ceil(len(self.files) / self.size))
-
-    def part_size(self, part: int) -> int:
-        return len(self.files[part * self.size:(part + 1) * self.size])
-
-    def items(self, part: int, min_side: int | None = None, on_device: bool = False) -> Iterator[Item]:
-        for path, label in self.files[part * self.size:(part + 1) * self.size]:
-            image = read_image_file(path, min_side, on_device)
-            if image is not None:
-                yield Item(image, {"key": path.relative_to(self.folder).as_posix(), "file_name": str(path),
-                                   "label": label})
-
-
 class ImageFolderSource(Source):
+    """The images under a folder, at any depth, `part_size` a part; an image's row holds its path."""
+
     has_texts = False
+    labels: list[int] | None = None  # a label for each of `files` (ClassFolderSource)
 
     def __init__(self, folder: Path, part_size: int):
         if not folder.is_dir():
@@ -146,10 +120,27 @@ class ImageFolderSource(Source):
         return len(self.files[part * self.size:(part + 1) * self.size])
 
     def items(self, part: int, min_side: int | None = None, on_device: bool = False) -> Iterator[Item]:
-        for path in self.files[part * self.size:(part + 1) * self.size]:
+        for i in range(part * self.size, min((part + 1) * self.size, len(self.files))):
+            path = self.files[i]
             image = read_image_file(path, min_side, on_device)
             if image is not None:
-                yield Item(image, {"key": path.relative_to(self.folder).as_posix(), "file_name": str(path)})
+                row = {"key": path.relative_to(self.folder).as_posix(), "file_name": str(path)}
+                yield Item(image, row if self.labels is None else {**row, "label": self.labels[i]})
+
+
+class ClassFolderSource(ImageFolderSource):
+    """An ImageFolder-style folder (FOLDER/CLASS/IMAGE): the class folders in sorted order are labels
+    0, 1, ...; an image's row also holds its "label"."""
+
+    def __init__(self, folder: Path, part_size: int = 10000):
+        if not folder.is_dir():
+            raise UserError(f"Image folder {folder} does not exist: pass an ImageFolder-style folder.")
+        self.classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not self.classes:
+            raise UserError(f"{folder} has no class sub-folders: use the ImageFolder layout FOLDER/CLASS/IMAGE.")
+        self.folder, self.size = folder, part_size
+        by_class = [(path, label) for label, name in enumerate(self.classes) for path in image_files(folder / name)]
+        self.files, self.labels = [path for path, _ in by_class], [label for _, label in by_class]
 
 
 class TextFileSource(Source):
