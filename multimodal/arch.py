@@ -15,10 +15,11 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
 
+from multimodal import pretrained as published
 from multimodal.data.pixels import EvalTransform, TrainCrop
-from multimodal.errors import UserError
+from multimodal.errors import UserError, first_line
 
 # configs/ as package data in an installed wheel; the repository's own in a checkout or editable install
 CONFIG_DIR = next(p for p in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent /
@@ -34,9 +35,9 @@ def project_models() -> list[str]:
 class Architecture:
     """One architecture, resolved: what the model, the data pipeline and the evaluations need of it."""
 
-    name: str  # as the user gave it: `tiny`, `ViT-B-32`, `path/to/my-arch.json`
-    open_clip_name: str  # the name open_clip knows it by (a JSON file's stem)
-    own: bool  # the project's own or a user's JSON file, not built into open_clip
+    name: str  # as the user gave it: `tiny`, `ViT-B-32`, `path/to/my-arch.json`, `hf-hub:org/repo`
+    open_clip_name: str  # the name open_clip knows it by (a JSON file's stem; `local-dir:` a hub repo's cache)
+    own: bool  # the project's own, a user's JSON file or a hub repository: not built into open_clip
     image_size: int
     embed_dim: int
     context_length: int
@@ -51,6 +52,8 @@ class Architecture:
     # of `open_clip_transforms()[1]` on the same image; from DCT-scaled JPEGs, a few more.
     eval_transform: EvalTransform
     _config: dict = field(repr=False)
+    _preprocess: PreprocessCfg = field(repr=False)
+    _create: dict = field(repr=False)  # what open_clip.create_model needs for these weights (QuickGELU)
 
     @property
     def config(self) -> dict:
@@ -60,32 +63,65 @@ class Architecture:
     def open_clip_transforms(self):
         """open_clip's own (train, val) PIL transforms: PIL image -> normalised (3, H, W); the reference
         that `train_crop` and `eval_transform` are compared with."""
-        cfg = PreprocessCfg(size=self.image_size)
-        return image_transform_v2(cfg, is_train=True), image_transform_v2(cfg, is_train=False)
+        return image_transform_v2(self._preprocess, is_train=True), image_transform_v2(self._preprocess, is_train=False)
+
+    @property
+    def short_name(self) -> str:
+        """A file-name-safe name: `tiny`, `ViT-B-32`, `my-arch` for a JSON path, `ViT-B-16-SigLIP` for a hub repo."""
+        return self.name.rsplit("/", 1)[-1].removesuffix(".json").removeprefix(published.HF_HUB)
 
     def create_towers(self, **kwargs) -> open_clip.CLIP:
-        """Randomly initialised open_clip towers; `kwargs` go to `open_clip.create_model`."""
-        return open_clip.create_model(self.open_clip_name, pretrained=None, **kwargs)
+        """Randomly initialised open_clip towers (no weights loaded, not even a Hugging Face text tower's);
+        `kwargs` go to `open_clip.create_model`."""
+        return open_clip.create_model(self.open_clip_name, pretrained=None, load_weights=False,
+                                      pretrained_text=False, **self._create, **kwargs)
+
+
+def load(name: str, pretrained: str | None = None, cache_dir: str | Path | None = None) -> Architecture:
+    """The architecture `name`: an open_clip one, one of the project's (`project_models()`), a path to an
+    open_clip model JSON file (registered with open_clip here, once), or an `hf-hub:org/repo` repository
+    (its open_clip_config.json, from the Hugging Face cache or downloaded).
+
+    With a pretrained tag (`multimodal.pretrained`), or for a hub repository, the eval transform and the
+    pixel statistics are those its weights were trained with (SigLIP's 0.5 mean, its squashed resize...);
+    otherwise open_clip's defaults. A local weights file does not change them.
+    """
+    tag = pretrained if pretrained and not published.is_file(pretrained) else None
+    return _load(name, tag, str(cache_dir) if cache_dir else None)
 
 
 @functools.cache
-def load(name: str) -> Architecture:
-    """The architecture `name`: an open_clip one, one of the project's (`project_models()`), or a path to
-    an open_clip model JSON file, which is registered with open_clip here, once."""
-    open_clip_name, own = _register(name)
-    config = open_clip.get_model_config(open_clip_name)
+def _load(name: str, tag: str | None, cache_dir: str | None) -> Architecture:
+    if published.is_hub(name):
+        hub, folder = published.hub_config(name, cache_dir)
+        config, open_clip_name, own = hub["model_cfg"], f"local-dir:{folder}", True
+    else:
+        open_clip_name, own = _register(name)
+        config = open_clip.get_model_config(open_clip_name)
     size = config["vision_cfg"]["image_size"]
     size = size if isinstance(size, int) else size[0]
-    # open_clip's preprocessing of a model created without pretrained weights: its default statistics
-    preprocess = PreprocessCfg(size=size)
-    tokenizer = open_clip.get_tokenizer(open_clip_name)
+    weights_cfg = published.weights_config(name, tag, cache_dir)
+    preprocess = PreprocessCfg(**merge_preprocess_dict(PreprocessCfg(size=size), weights_cfg))
+    create = {}
+    if weights_cfg.get("quick_gelu") and not config.get("quick_gelu"):  # OpenAI's weights, trained with QuickGELU
+        config["quick_gelu"], create["force_quick_gelu"] = True, True
+    if preprocess.resize_mode not in ("shortest", "squash"):
+        raise UserError(f"{name} {tag or ''} expects resize_mode '{preprocess.resize_mode}', which this project does "
+                        "not implement (shortest and squash): use other weights.")
+    try:
+        tokenizer = open_clip.get_tokenizer(open_clip_name)
+    except (OSError, ValueError) as exc:  # a Hugging Face tokenizer that is neither cached nor downloadable
+        hf_name = config.get("text_cfg", {}).get("hf_tokenizer_name", "?")
+        raise UserError(f"The tokenizer of {name} ({hf_name}) is not in the Hugging Face cache and could not be "
+                        f"downloaded ({first_line(exc, 100)}): fetch it once where there is network (same HF_HOME), "
+                        "or unset HF_HUB_OFFLINE.") from None
     return Architecture(
         name=name, open_clip_name=open_clip_name, own=own, image_size=size, embed_dim=config["embed_dim"],
         context_length=tokenizer.context_length, tokenizer=tokenizer,
         train_crop=TrainCrop(size, mode=preprocess.interpolation),
         eval_transform=EvalTransform(size, tuple(preprocess.mean), tuple(preprocess.std),
-                                     mode=preprocess.interpolation),
-        _config=config,
+                                     mode=preprocess.interpolation, resize_mode=preprocess.resize_mode),
+        _config=config, _preprocess=preprocess, _create=create,
     )
 
 

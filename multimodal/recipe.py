@@ -12,6 +12,7 @@ its checkpoints (`multimodal export` reads `model_name` there).
 from typing import Literal
 
 from multimodal import arch
+from multimodal import pretrained as published
 from multimodal.errors import UserError
 from multimodal.loss import LOSSES
 from multimodal.model import CLIP, create_model
@@ -33,6 +34,7 @@ def build_module(
     loss: Literal["clip", "siglip"] = "clip",
     micro_batches: int = 1,
     pretrained: str | None = None,
+    cache_dir: str | None = None,
     lock_image: bool = False,
     lock_image_unlocked_groups: int = 0,
     lock_text: bool = False,
@@ -46,7 +48,8 @@ def build_module(
 ) -> CLIPModule:
     """
     Args:
-        model_name: an open_clip architecture (ViT-B-32, RN50, ...), one of configs/models/ (tiny), or a JSON path.
+        model_name: an open_clip architecture (ViT-B-32, RN50, ...), one of configs/models/ (tiny), a JSON path,
+            or `hf-hub:ORG/REPO` (an open_clip repository on the Hugging Face hub: its weights are the start).
         lr: peak learning rate, reached after `warmup_steps`.
         weight_decay: AdamW weight decay of the weight matrices.
         betas: AdamW betas.
@@ -59,7 +62,10 @@ def build_module(
             temperature starts at 10 and the bias at -10, as in SigLIP).
         micro_batches: encode each device's batch in this many gradient-cached chunks: the loss and
             gradients of the whole batch with the activation memory of one chunk.
-        pretrained: a local open_clip state dict (.pt/.bin/.safetensors) or .ckpt to start from.
+        pretrained: the weights to start from: an open_clip pretrained tag of `model_name`
+            (laion2b_s34b_b79k; `multimodal models` lists them), downloaded into the Hugging Face cache,
+            or a local open_clip state dict (.pt/.bin/.safetensors) or .ckpt.
+        cache_dir: where downloaded weights are kept (default: the Hugging Face cache, `$HF_HOME/hub`).
         lock_image: freeze the image tower (LiT, arXiv:2111.07991).
         lock_image_unlocked_groups: with `lock_image`, leave this many last layer groups trainable.
         lock_text: freeze the text tower.
@@ -86,7 +92,7 @@ def build_module(
                      (0.0 <= patch_dropout < 1.0, f"model.patch_dropout must be in [0, 1), got {patch_dropout}")):
         if not ok:
             raise UserError(f"{rule}.")
-    contrastive, architecture = LOSSES[loss](), arch.load(model_name)
+    contrastive, architecture = LOSSES[loss](), arch.load(model_name, pretrained, cache_dir)
 
     def fresh() -> CLIP:
         """A randomly initialised model as configured (no weights loaded, not compiled)."""
@@ -105,8 +111,9 @@ def build_module(
                                                                gather=False))
 
     model = fresh()
-    if pretrained:
-        load_weights(model, pretrained)
+    start = published.weights_file(model_name, pretrained, cache_dir)
+    if start is not None:
+        load_weights(model, start)
     if grad_checkpointing:
         model.towers.set_grad_checkpointing(True)
     if compile:  # in place: the parameters keep their names in checkpoints and exports

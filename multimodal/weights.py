@@ -1,4 +1,4 @@
-"""Loading trained weights from local files, and exporting them as open_clip state dicts.
+"""Loading trained weights from local files or published ones by name, and exporting open_clip state dicts.
 
 Every checkpoint file is read here, and none can run code (`read_checkpoint`, also the check
 before a run resumes):
@@ -22,6 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from multimodal import arch
+from multimodal import pretrained as published
 from multimodal.errors import EXPORT_SUFFIXES, UserError, check_checkpoint, first_line
 from multimodal.files import atomic_file, write_json
 from multimodal.model import CLIP, create_model
@@ -102,22 +103,45 @@ def load_weights(model: CLIP, checkpoint: str | Path) -> None:
         raise _mismatch(path, model.architecture.name, exc) from None
 
 
-def load_model(checkpoint: str | Path, model_name: str | None = None) -> CLIP:
-    """The model of a local checkpoint file (`model.architecture` says which); `model_name` overrides the .ckpt's."""
+def load_model(checkpoint: str | Path | None = None, model_name: str | None = None, *,
+               pretrained: str | None = None, cache_dir: str | Path | None = None) -> CLIP:
+    """A model with weights (`model.architecture` says which): from a local checkpoint file, or published ones
+    by name (`multimodal.pretrained`: `model_name` with a `pretrained` tag or file, or an `hf-hub:` repository).
+
+    A .ckpt names its architecture (and the tag it started from, whose preprocessing it keeps); `model_name`
+    overrides it. An open_clip state dict needs `model_name`.
+    """
+    if checkpoint is None:
+        if model_name is None:
+            raise UserError("Pass --checkpoint, or --model with --pretrained (a tag or a file), or --model "
+                            "hf-hub:ORG/REPO.")
+        architecture = arch.load(model_name, pretrained, cache_dir)  # an unknown name or tag says so first
+        path = published.weights_file(model_name, pretrained, cache_dir)
+        if path is None:
+            raise UserError(f"{model_name} alone has no weights: add --pretrained (a tag, `multimodal models "
+                            f"{model_name}` lists them, or a file), or pass --checkpoint.")
+        if path.suffix != ".ckpt":
+            return _state_dict_model(path, architecture)
+        checkpoint, pretrained = path, None
     path = Path(checkpoint)
     check_checkpoint(path)
-    if path.suffix == ".ckpt":
-        state_dict, hparams = _lightning_towers(path)
-        model_name = model_name or hparams.get("model_name")
+    if path.suffix != ".ckpt":
         if model_name is None:
-            raise UserError(f"{path} does not name its architecture: pass --model.")
-        architecture = arch.load(model_name)
-        model = create_model(architecture, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
-        _load_towers(model, state_dict, path, model_name)  # the checkpoint is read once
-        return model
+            raise UserError(f"{path} is an open_clip state dict, which does not name its architecture: pass --model.")
+        return _state_dict_model(path, arch.load(model_name, None, cache_dir))
+    state_dict, hparams = _lightning_towers(path)
     if model_name is None:
-        raise UserError(f"{path} is an open_clip state dict, which does not name its architecture: pass --model.")
-    architecture = arch.load(model_name)
+        model_name, pretrained = hparams.get("model_name"), hparams.get("pretrained")
+    if model_name is None:
+        raise UserError(f"{path} does not name its architecture: pass --model.")
+    architecture = arch.load(model_name, pretrained, cache_dir)
+    model = create_model(architecture, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
+    _load_towers(model, state_dict, path, model_name)  # the checkpoint is read once
+    return model
+
+
+def _state_dict_model(path: Path, architecture: arch.Architecture) -> CLIP:
+    """A model of `architecture` with the open_clip state dict at `path`."""
     model = create_model(architecture, init_logit_bias=0.0 if _has_logit_bias(path) else None)  # value loaded next
     load_weights(model, path)
     return model
@@ -137,7 +161,7 @@ def export(model: CLIP, out: Path) -> list[Path]:
     if architecture.own or model.logit_bias is not None:
         # The architecture beside the weights: the project's own, or any with SigLIP's bias,
         # which open_clip's config of the same name would not create.
-        stem = architecture.open_clip_name
+        stem = architecture.short_name
         config = architecture.config
         if model.logit_bias is not None:
             config["init_logit_bias"] = float(model.logit_bias.detach())

@@ -9,31 +9,35 @@ from multimodal.cli import COMMANDS, evaluate, shards, tools
 
 SHARDS_OPTIONS = {"--images": None, "--out": None, "--shard_size": 1000, "--max_side": None, "--num_workers": 4,
                   "--overwrite": False}
+WEIGHTS = {"--checkpoint": None, "--model": None, "--pretrained": None, "--cache_dir": None}
 SURFACE = {
-    "export": {"--checkpoint": None, "--model": None, "--out": None, "--overwrite": False},
-    "embed": {"--checkpoint": None, "--model": None, "--shards": None, "--images": None, "--texts": None,
+    "export": {**WEIGHTS, "--out": None, "--overwrite": False},
+    "embed": {**WEIGHTS, "--shards": None, "--images": None, "--texts": None,
               "--out": None, "--batch_size": 256, "--dtype": "float16", "--part_size": 10000, "--num_workers": 4,
               "--accelerator": "auto", "--devices": 1, "--decode": "auto", "--overwrite": False},
-    "eval retrieval": {"--checkpoint": None, "--model": None, "--shards": None, "--embeddings": None,
+    "eval retrieval": {**WEIGHTS, "--shards": None, "--embeddings": None,
                        "--ks": [1, 5, 10], "--batch_size": 256, "--num_workers": 4, "--chunk_size": 4096,
                        "--decode": "auto", "--out": None},
-    "eval zeroshot": {"--checkpoint": None, "--model": None, "--classnames": None, "--templates": None,
+    "eval zeroshot": {**WEIGHTS, "--classnames": None, "--templates": None,
                       "--shards": None, "--images": None, "--batch_size": 128, "--num_workers": 4,
                       "--decode": "auto", "--out": None},
     "search": {"--index": None, "--text": None, "--image": None, "--target": None, "--k": 8, "--grid": None,
-               "--checkpoint": None, "--model": None},
+               **WEIGHTS},
     "plot": {"run": None, "--out": None},
+    "models": {"names": None, "--pretrained_only": False},
     "shards": {"coco": {"--captions": None, **SHARDS_OPTIONS}, "csv": {"--csv": None, **SHARDS_OPTIONS}},
 }
 TRAIN_MODEL = {  # `multimodal train --model.NAME`
     "model_name": "tiny", "lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6, "warmup_steps": 100,
     "min_lr_ratio": 0.0, "val_loss_batch_size": 256, "loss": "clip", "micro_batches": 1, "pretrained": None,
+    "cache_dir": None,
     "lock_image": False, "lock_image_unlocked_groups": 0, "lock_text": False, "lock_text_unlocked_layers": 0,
     "grad_checkpointing": False, "patch_dropout": 0.0, "compile": False, "count_flops": True, "peak_tflops": None,
     "max_nonfinite_steps": 5,
 }
 TRAIN_DATA = {  # `multimodal train --data.NAME`
-    "train_shards": inspect.Parameter.empty, "val_shards": None, "model_name": "tiny", "batch_size": 256,
+    "train_shards": inspect.Parameter.empty, "val_shards": None, "model_name": "tiny", "pretrained": None,
+    "cache_dir": None, "batch_size": 256,
     "num_workers": 4, "shuffle_buffer": 2000, "resampled": False, "num_samples": None, "seed": 0, "synthetic": None,
     "max_bad_fraction": 0.1, "max_image_pixels": 89478485, "decode": "auto",
 }
@@ -51,12 +55,13 @@ def options(parser: argparse.ArgumentParser) -> dict:
 
 
 def test_the_commands_and_their_options_and_defaults():
-    assert sorted(COMMANDS) == ["demo", "embed", "eval", "export", "plot", "search", "shards", "train"]
+    assert sorted(COMMANDS) == ["demo", "embed", "eval", "export", "models", "plot", "search", "shards", "train"]
     assert {
         "export": options(evaluate.export_parser()), "embed": options(evaluate.embed_parser()),
         "eval retrieval": options(evaluate.eval_retrieval_parser()),
         "eval zeroshot": options(evaluate.eval_zeroshot_parser()),
         "search": options(tools.search_parser()), "plot": options(tools.plot_parser()),
+        "models": options(tools.models_parser()),
         "shards": options(shards.shards_parser()),
     } == SURFACE
 

@@ -6,10 +6,12 @@
     multimodal demo [--section.key value ...]
     multimodal export --checkpoint last.ckpt --out model.safetensors
     multimodal embed --checkpoint last.ckpt --shards DIR --out EMB_DIR
+    multimodal embed --model ViT-B-32 --pretrained laion2b_s34b_b79k --shards DIR --out EMB_DIR
     multimodal eval retrieval (--checkpoint last.ckpt --shards DIR | --embeddings EMB_DIR)
     multimodal eval zeroshot --checkpoint last.ckpt --classnames FILE (--shards DIR | --images DIR)
     multimodal search --index EMB_DIR (--text "a dog on a skateboard" | --image PATH) [--k 8] [--grid out.png]
     multimodal plot RUN_DIR [--out curves.png]
+    multimodal models [NAME ...]
 
 Options have one style, snake_case as LightningCLI spells `train`'s (`--data.num_workers`,
 `--batch_size`); the kebab spelling of a name (`--batch-size`) is read as the same option.
@@ -26,8 +28,8 @@ from multimodal.errors import UserError, message
 # the commands that need no model never import torch, Lightning or open_clip.
 COMMANDS = {"train": ("train", "train"), "shards": ("shards", "write_shards"), "demo": ("train", "run_demo"),
             "export": ("evaluate", "export"), "embed": ("evaluate", "embed"), "eval": ("evaluate", "evaluate"),
-            "search": ("tools", "search"), "plot": ("tools", "plot")}
-USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,search,plot} ... [--debug]
+            "search": ("tools", "search"), "plot": ("tools", "plot"), "models": ("tools", "models")}
+USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,search,plot,models} ... [--debug]
 
   train    train a CLIP model:  multimodal train --config configs/debug.yaml [--section.key value ...]
   shards   write shards:        multimodal shards {coco,csv} --images DIR --out DIR ...
@@ -37,6 +39,7 @@ USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,search,plot} .
   eval     zero-shot metrics:   multimodal eval retrieval ... | multimodal eval zeroshot ...
   search   nearest neighbours:  multimodal search --index EMB_DIR --text "a dog" [--k 8] [--grid out.png]
   plot     training curves:     multimodal plot runs/demo/version_0
+  models   architectures and pretrained tags: multimodal models [ViT-B-32 siglip ...]
 
 Add --help after a command for its options; --debug shows tracebacks of input errors."""
 

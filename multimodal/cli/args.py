@@ -7,16 +7,55 @@ the arguments alone answer in a fraction of a second.
 import argparse
 from pathlib import Path
 
-from multimodal.errors import UserError
+from multimodal.errors import UserError, check_checkpoint
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=required,
+    """The weights to load: --checkpoint FILE, or published ones by name (--model with --pretrained, or an
+    hf-hub: --model); `check_weights` checks them, `load_model` loads them."""
+    parser.add_argument("--checkpoint", type=Path, default=None,
                         help=help or "this project's Lightning .ckpt, or an open_clip state dict "
                                      "(.pt/.bin/.safetensors)")
     parser.add_argument("--model", default=None,
-                        help="architecture of an open_clip state dict (ViT-B-32, tiny, a JSON path); "
+                        help="architecture: ViT-B-32, tiny, a JSON path, or hf-hub:ORG/REPO (with its weights); "
                              "overrides the one a .ckpt names")
+    parser.add_argument("--pretrained", default=None,
+                        help="published weights of --model instead of --checkpoint: an open_clip pretrained tag "
+                             "(laion2b_s34b_b79k; `multimodal models` lists them) or a local weights file")
+    parser.add_argument("--cache_dir", type=Path, default=None,
+                        help="where downloaded weights are kept (default: the Hugging Face cache, $HF_HOME/hub)")
+    parser.set_defaults(weights_required=required)
+
+
+def check_weights(args: argparse.Namespace) -> None:
+    """One source of weights, named the way `add_checkpoint_args` allows; local files exist."""
+    from multimodal.pretrained import is_file, is_hub
+
+    if args.checkpoint is not None and args.pretrained is not None:
+        raise UserError("Pass --checkpoint or --pretrained, not both.")
+    if args.checkpoint is not None:
+        check_checkpoint(args.checkpoint)
+    elif args.pretrained is not None:
+        if args.model is None:
+            raise UserError(f"--pretrained {args.pretrained} needs --model, the architecture it is for.")
+        if is_file(args.pretrained):
+            check_checkpoint(args.pretrained)
+    elif args.weights_required and not (args.model and is_hub(args.model)):
+        raise UserError("Pass --checkpoint FILE, or --model NAME --pretrained TAG, or --model hf-hub:ORG/REPO.")
+
+
+def weights_given(args: argparse.Namespace) -> bool:
+    """Whether `args` name any weights (a checkpoint, a pretrained tag or file, an hf-hub model)."""
+    from multimodal.pretrained import is_hub
+
+    return args.checkpoint is not None or args.pretrained is not None or bool(args.model and is_hub(args.model))
+
+
+def load_model(args: argparse.Namespace):
+    """The model `args` name (`check_weights` first): `multimodal.weights.load_model`."""
+    from multimodal import weights
+
+    return weights.load_model(args.checkpoint, args.model, pretrained=args.pretrained, cache_dir=args.cache_dir)
 
 
 def add_decode_arg(parser: argparse.ArgumentParser) -> None:

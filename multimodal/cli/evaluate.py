@@ -8,11 +8,17 @@ import argparse
 import shutil
 from pathlib import Path
 
-from multimodal.cli.args import add_checkpoint_args, add_decode_arg, check_counts
+from multimodal.cli.args import (
+    add_checkpoint_args,
+    add_decode_arg,
+    check_counts,
+    check_weights,
+    load_model,
+    weights_given,
+)
 from multimodal.errors import (
     EXPORT_SUFFIXES,
     UserError,
-    check_checkpoint,
     check_input,
     check_output,
     read_json,
@@ -36,10 +42,10 @@ def export(argv: list[str]) -> int:
     check_output(args.out, "--out", "file", EXPORT_SUFFIXES)
     if args.out.exists() and not args.overwrite:
         raise UserError(f"{args.out} already exists: pass --overwrite to replace it, or choose another --out.")
-    check_checkpoint(args.checkpoint)
+    check_weights(args)
     from multimodal import weights
 
-    model = weights.load_model(args.checkpoint, args.model)
+    model = load_model(args)
     with writing(args.out):
         written = weights.export(model, args.out)
     for path in written:
@@ -96,19 +102,19 @@ def embed(argv: list[str]) -> int:
     check_counts(args, positive=("batch_size", "part_size", "devices"), non_negative=("num_workers",))
     check_output(args.out, "--out", "folder")
     _check_source(args)
-    check_checkpoint(args.checkpoint)
+    check_weights(args)
     import pytorch_lightning as pl
     import torch
 
-    from multimodal import weights
     from multimodal.data.pixels import decode_on_device
     from multimodal.data.sources import EmbedBatches
     from multimodal.eval.callbacks import EmbeddingWriter, EmbedModule
     from multimodal.eval.embed import PartWriter
 
     source = _source(args)
-    model = weights.load_model(args.checkpoint, args.model)
-    info = {"model": model.architecture.name, "checkpoint": str(args.checkpoint.resolve()), "dtype": args.dtype,
+    model = load_model(args)
+    info = {"model": model.architecture.name, "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None,
+            **({"pretrained": args.pretrained} if args.pretrained else {}), "dtype": args.dtype,
             "source": {k: str(getattr(args, k)) for k in ("shards", "images", "texts") if getattr(args, k)},
             "part_size": args.part_size, "dim": model.architecture.embed_dim}
     _claim_folder(args.out, info, args.overwrite)
@@ -187,18 +193,17 @@ def eval_retrieval(argv: list[str]) -> int:
         check_output(args.out, "--out", "file", (".json",))
     if bool(args.shards) == bool(args.embeddings):
         raise UserError("Pass either --shards (with --checkpoint) or --embeddings.")
-    if args.shards and args.checkpoint is None:
-        raise UserError("--shards needs --checkpoint, the model to embed them with.")
+    if args.shards and not weights_given(args):
+        raise UserError("--shards needs a model to embed them with: --checkpoint, or --model with --pretrained.")
     if args.shards:
-        check_checkpoint(args.checkpoint)
+        check_weights(args)
     else:
         check_input(args.embeddings, "Embedding folder", "pass a folder written by `multimodal embed`", kind="folder")
-    from multimodal import weights
     from multimodal.eval.embed import embed_shards, load_folder
     from multimodal.eval.retrieval import retrieval_metrics, table
 
     if args.shards:
-        model = weights.load_model(args.checkpoint, args.model)
+        model = load_model(args)
         emb = embed_shards(model, args.shards, args.batch_size, args.num_workers, decode=args.decode)
     else:
         emb = load_folder(args.embeddings)
@@ -251,11 +256,10 @@ def eval_zeroshot(argv: list[str]) -> int:
     for option, path in (("Class names file", args.classnames), ("Templates file", args.templates)):
         if path is not None:
             check_input(path, option, "pass a text file with one entry a line")
-    check_checkpoint(args.checkpoint)
+    check_weights(args)
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from multimodal import weights
     from multimodal.data.pixels import decode_on_device
     from multimodal.data.sources import EmbedBatches
     from multimodal.eval import zeroshot
@@ -269,7 +273,7 @@ def eval_zeroshot(argv: list[str]) -> int:
         raise UserError(f"{args.classnames} names {len(classnames)} classes but {args.images} has "
                         f"{len(source.classes)} class folders.")
     device = default_device()
-    model = weights.load_model(args.checkpoint, args.model).to(device)
+    model = load_model(args).to(device)
     preprocess = model.architecture.eval_transform
     batches = EmbedBatches(source, list(range(source.num_parts())), preprocess, model.architecture.tokenizer,
                            args.batch_size, decode_on_device(args.decode, device))

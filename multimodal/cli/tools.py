@@ -1,4 +1,5 @@
-"""`multimodal search` and `multimodal plot`: looking at what a model finds and how a run went.
+"""`multimodal search`, `multimodal plot` and `multimodal models`: what a model finds, how a run went,
+which architectures and published weights there are.
 
 Arguments are parsed and checked before torch, open_clip or matplotlib is imported.
 """
@@ -6,8 +7,8 @@ Arguments are parsed and checked before torch, open_clip or matplotlib is import
 import argparse
 from pathlib import Path
 
-from multimodal.cli.args import add_checkpoint_args, check_counts
-from multimodal.errors import UserError, check_checkpoint, check_input, check_output, reading, writing
+from multimodal.cli.args import add_checkpoint_args, check_counts, check_weights, load_model, weights_given
+from multimodal.errors import UserError, check_input, check_output, reading, writing
 from multimodal.files import save_image
 from multimodal.plot import plot_run
 
@@ -38,8 +39,7 @@ def search(argv: list[str]) -> int:
     check_input(args.index, "Embedding folder", "pass a folder written by `multimodal embed` with --index", "folder")
     if args.image is not None:
         check_input(args.image, "Query image", "pass an image file with --image")
-    if args.checkpoint is not None:
-        check_checkpoint(args.checkpoint)
+    check_weights(args)
     import torch
 
     from multimodal import weights
@@ -53,8 +53,9 @@ def search(argv: list[str]) -> int:
     candidates = emb.image_features if target == "images" else emb.text_features
     if candidates.shape[0] == 0:
         raise UserError(f"{args.index} holds no {target} embeddings to search.")
-    model = weights.load_model(args.checkpoint or info["checkpoint"],
-                                     args.model or (None if args.checkpoint else info["model"]))
+    model = load_model(args) if weights_given(args) else \
+        weights.load_model(info["checkpoint"], args.model or info["model"], pretrained=info.get("pretrained"),
+                           cache_dir=args.cache_dir)
     model.eval()
     with torch.no_grad():
         if args.text:
@@ -110,4 +111,47 @@ def plot(argv: list[str]) -> int:
     if args.out is not None:
         check_output(args.out, "--out", "file", PLOT_SUFFIXES)
     print(f"Wrote {plot_run(args.run, args.out)}")
+    return 0
+
+
+def models_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multimodal models",
+                                     description="List the architectures and their pretrained tags: open_clip's "
+                                                 "and the project's own.")
+    parser.add_argument("names", nargs="*", help="show only architectures or tags containing one of these "
+                                                 "(case-insensitive): ViT-B-32, siglip, laion2b")
+    parser.add_argument("--pretrained_only", action="store_true", help="only architectures with pretrained tags")
+    return parser
+
+
+def models(argv: list[str]) -> int:
+    args = models_parser().parse_args(argv)
+    import open_clip
+
+    from multimodal import arch, pretrained
+
+    tags, own = pretrained.tags(), set(arch.project_models())
+    names = list(arch.project_models()) + [m for m in open_clip.list_models() if m not in own]
+    wanted = [w.lower() for w in args.names]
+
+    def shown(name: str) -> list[str] | None:
+        """The tags of `name` to show, or None when the architecture is not listed."""
+        its = tags.get(name, [])
+        if args.pretrained_only and not its:
+            return None
+        if not wanted or any(w in name.lower() for w in wanted):
+            return its
+        matching = [t for t in its if any(w in t.lower() for w in wanted)]
+        return matching or None
+
+    rows = [(name, "project" if name in own else "open_clip", its) for name in names
+            if (its := shown(name)) is not None]
+    if not rows:
+        raise UserError(f"No architecture or pretrained tag matches {' '.join(args.names)}: run `multimodal models` "
+                        "for the whole list.")
+    width = max(len(name) for name, _, _ in rows)
+    for name, source, its in rows:
+        print(f"{name:<{width}}  {source:<9}  {', '.join(its) or '-'}")
+    print(f"{len(rows)} architectures, {sum(len(t) for _, _, t in rows)} pretrained tags. Use one as "
+          "--model NAME --pretrained TAG; hf-hub:ORG/REPO names a Hugging Face repository.")
     return 0

@@ -30,7 +30,8 @@ class TrainCLI(LightningCLI):
     """LightningCLI over the module `recipe.build_module` builds and ShardDataModule, one run directory per run."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("model.model_name", "data.model_name")
+        for key in ("model_name", "pretrained", "cache_dir"):  # the data's transforms are the weights' own
+            parser.link_arguments(f"model.{key}", f"data.{key}")
         parser.add_argument("--resume", type=str | None, default=None,
                             help="Continue a run: its folder (runs/NAME/version_N: its last.ckpt, logging on in that "
                                  "folder) or a checkpoint file. Mid-epoch, the data stream continues where it stopped.")

@@ -39,6 +39,8 @@ class ShardDataModule(pl.LightningDataModule):
         train_shards: str,
         val_shards: str | None = None,
         model_name: str = "tiny",
+        pretrained: str | None = None,
+        cache_dir: str | None = None,
         batch_size: int = 256,
         num_workers: int = 4,
         shuffle_buffer: int = 2000,
@@ -56,6 +58,9 @@ class ShardDataModule(pl.LightningDataModule):
                 `pipe:` commands for object stores, or several of these joined by `::`.
             val_shards: held-out shards, in the same forms.
             model_name: architecture whose transforms and tokenizer to use (linked to `model.model_name`).
+            pretrained: the weights the model starts from (linked to `model.pretrained`): a tag's or hub
+                repository's pixel statistics and resize are what its weights were trained with.
+            cache_dir: where published weights and configs are kept (linked to `model.cache_dir`).
             batch_size: samples per batch on each device.
             num_workers: DataLoader worker processes per device.
             shuffle_buffer: samples held in the shuffle buffer of each worker (0 or 1: no shuffling).
@@ -84,7 +89,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.resampled, self.num_samples, self.seed, self.synthetic = resampled, num_samples, seed, synthetic
         self.decode = decode
-        self.arch = arch.load(model_name)
+        self.arch = arch.load(model_name, pretrained, cache_dir)
         self.crop, self.preprocess = self.arch.train_crop, self.arch.eval_transform
         self._resume: dict | None = None
         self._epoch, self._progress = -1, {}  # this epoch's worker -> (batches, samples consumed)

@@ -124,18 +124,23 @@ def resize(pixels: torch.Tensor, size: tuple[int, int], mode: str = "bicubic") -
 @dataclass(frozen=True)
 class EvalTransform:
     """open_clip's eval transform in two halves: `pixels` (shorter side resized to `size`, bicubic,
-    centre crop: torchvision's Resize and CenterCrop arithmetic) up to uint8, on the CPU, in the loader's
-    workers; `normalize` on the device where the batch is encoded. `__call__` does both, for one image."""
+    centre crop: torchvision's Resize and CenterCrop arithmetic; or, with `resize_mode="squash"` as SigLIP
+    and CLIPA weights expect, the whole image resized to `size` x `size`) up to uint8, on the CPU, in the
+    loader's workers; `normalize` on the device where the batch is encoded. `__call__` does both, for one
+    image."""
 
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     mode: str = "bicubic"
+    resize_mode: str = "shortest"  # or "squash"
 
     def pixels(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
         """(3, size, size) uint8 from (H, W, 3) uint8 (an array or a PIL image), decoded at any size
         whose shorter side is at least `size` (`decode.decode_image(data, min_side=size)`)."""
         pixels = chw(image)
+        if self.resize_mode == "squash":
+            return resize(pixels, (self.size, self.size), self.mode)
         h, w = pixels.shape[1:]
         if max(h, w) > MAX_ASPECT * min(h, w):  # only the middle: a 1 x 10^7 image must not become 224 x 10^9
             keep = MAX_ASPECT * min(h, w)

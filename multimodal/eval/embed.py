@@ -193,8 +193,9 @@ def read_info(folder: Path) -> dict:
     if not path.is_file():
         raise UserError(f"{folder} is not an embedding folder (no info.json): write one with `multimodal embed`.")
     info = read_json(path, "write the folder again with `multimodal embed`")
-    if not isinstance(info.get("model"), str) or not isinstance(info.get("checkpoint"), str):
-        raise UserError(f"{path} does not name the model and checkpoint that made the embeddings: write the "
+    weights = info.get("checkpoint") or info.get("pretrained") or str(info.get("model")).startswith("hf-hub:")
+    if not isinstance(info.get("model"), str) or not weights:
+        raise UserError(f"{path} does not name the model and weights that made the embeddings: write the "
                         "folder again with `multimodal embed`, or pass --checkpoint and --model.")
     return info
 
