@@ -23,7 +23,8 @@ SURFACE = {
     "search": {"--index": None, "--text": None, "--image": None, "--target": None, "--k": 8, "--grid": None,
                "--checkpoint": None, "--model": None},
     "plot": {"run": None, "--out": None},
-    "shards": {"coco": {"--captions": None, **SHARDS_OPTIONS}, "csv": {"--csv": None, **SHARDS_OPTIONS}},
+    "shards": {"coco": {"--captions": None, **SHARDS_OPTIONS}, "csv": {"--csv": None, **SHARDS_OPTIONS},
+               "karpathy": {"--json": None, "--split": ["test"], **SHARDS_OPTIONS}},
 }
 TRAIN_MODEL = {  # `multimodal train --model.NAME`
     "model_name": "tiny", "lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6, "warmup_steps": 100,
