@@ -231,6 +231,8 @@ LIGHT = {  # commands that stop at their arguments, before any work: nothing hea
     "search of a missing index": ["search", "--index", "nope", "--text", "a dog"],
     "plot of a missing run": ["plot", "nope"],
     "shards of a missing csv": ["shards", "csv", "--csv", "nope.csv", "--images", ".", "--out", "o"],
+    "karpathy shards of a missing split file": ["shards", "karpathy", "--json", "nope.json", "--images", ".",
+                                                "--out", "o"],
 }
 
 

@@ -25,7 +25,8 @@ SURFACE = {
                **WEIGHTS},
     "plot": {"run": None, "--out": None},
     "models": {"names": None, "--pretrained_only": False},
-    "shards": {"coco": {"--captions": None, **SHARDS_OPTIONS}, "csv": {"--csv": None, **SHARDS_OPTIONS}},
+    "shards": {"coco": {"--captions": None, **SHARDS_OPTIONS}, "csv": {"--csv": None, **SHARDS_OPTIONS},
+               "karpathy": {"--json": None, "--split": ["test"], **SHARDS_OPTIONS}},
 }
 TRAIN_MODEL = {  # `multimodal train --model.NAME`
     "model_name": "tiny", "lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6, "warmup_steps": 100,

@@ -3,6 +3,7 @@
     multimodal train --config configs/debug.yaml [--section.key value ...]
     multimodal shards coco --captions captions_train2017.json --images train2017/ --out DIR
     multimodal shards csv --csv captions.txt --images images/ --out DIR
+    multimodal shards karpathy --json dataset_coco.json --images DIR [--split test ...] --out DIR
     multimodal demo [--section.key value ...]
     multimodal export --checkpoint last.ckpt --out model.safetensors
     multimodal embed --checkpoint last.ckpt --shards DIR --out EMB_DIR
@@ -32,7 +33,7 @@ COMMANDS = {"train": ("train", "train"), "shards": ("shards", "write_shards"), "
 USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,search,plot,models} ... [--debug]
 
   train    train a CLIP model:  multimodal train --config configs/debug.yaml [--section.key value ...]
-  shards   write shards:        multimodal shards {coco,csv} --images DIR --out DIR ...
+  shards   write shards:        multimodal shards {coco,csv,karpathy} --images DIR --out DIR ...
   demo     synthetic data, training and retrieval report in a few CPU minutes
   export   open_clip weights:   multimodal export --checkpoint last.ckpt --out model.safetensors
   embed    embeddings in parts: multimodal embed --checkpoint CKPT (--shards S | --images DIR | --texts F) --out DIR

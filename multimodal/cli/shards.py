@@ -1,11 +1,18 @@
-"""`multimodal shards {coco,csv}`: write webdataset shards of image-text pairs (the arguments are
-checked before the shard writer and its image libraries are imported)."""
+"""`multimodal shards {coco,csv,karpathy}`: write webdataset shards of image-text pairs (the arguments
+are checked before the shard writer and its image libraries are imported)."""
 
 import argparse
 import sys
 from pathlib import Path
 
 from multimodal.errors import UserError, check_input, check_output
+
+SOURCE_FILES = {  # source -> (option, what it names, what to pass)
+    "coco": ("captions", "Captions file", "pass a COCO captions JSON with --captions"),
+    "csv": ("csv", "CSV file", "pass an image,caption table with --csv"),
+    "karpathy": ("json", "Karpathy split file",
+                 "pass dataset_coco.json, dataset_flickr30k.json or dataset_flickr8k.json with --json"),
+}
 
 
 def shards_parser() -> argparse.ArgumentParser:
@@ -16,8 +23,18 @@ def shards_parser() -> argparse.ArgumentParser:
     coco.add_argument("--captions", type=Path, required=True, help="e.g. annotations/captions_train2017.json")
     csv = sub.add_parser("csv", help="from an image,caption CSV table (several rows per image allowed)")
     csv.add_argument("--csv", type=Path, required=True, help="CSV with a header holding 'image' and 'caption'")
-    for p in (coco, csv):
-        p.add_argument("--images", type=Path, required=True, help="folder holding the image files")
+    karpathy = sub.add_parser("karpathy", help="a split of a Karpathy split file: the COCO 5k and Flickr30k 1k "
+                                               "retrieval test sets, each image with all its captions")
+    karpathy.add_argument("--json", type=Path, required=True,
+                          help="dataset_coco.json, dataset_flickr30k.json or dataset_flickr8k.json")
+    karpathy.add_argument("--split", nargs="+", default=["test"],
+                          help="the splits to write, space-separated: --split test, or --split test val "
+                               "(train, val, test; COCO also restval). Default: test")
+    for p in (coco, csv, karpathy):
+        p.add_argument("--images", type=Path, required=True,
+                       help="folder holding the image files" + (
+                           " (for COCO the folder holding val2014/ and train2014/, or val2014/ itself)"
+                           if p is karpathy else ""))
         p.add_argument("--out", type=Path, required=True, help="output folder for shard-NNNNNN.tar and sizes.json")
         p.add_argument("--shard_size", type=int, default=1000, help="samples per shard (default 1000)")
         p.add_argument("--max_side", type=int, default=None, help="downscale images whose longer side exceeds this")
@@ -28,10 +45,9 @@ def shards_parser() -> argparse.ArgumentParser:
 
 def write_shards(argv: list[str]) -> int:
     args = shards_parser().parse_args(argv)
-    if args.source == "coco":
-        check_input(args.captions, "Captions file", "pass a COCO captions JSON with --captions")
-    else:
-        check_input(args.csv, "CSV file", "pass an image,caption table with --csv")
+    option, what, hint = SOURCE_FILES[args.source]
+    source = getattr(args, option)
+    check_input(source, what, hint)
     check_input(args.images, "Image folder", "pass the folder that holds the images with --images", "folder")
     check_output(args.out, "--out", "folder")
     from multimodal.data import shards
@@ -39,13 +55,25 @@ def write_shards(argv: list[str]) -> int:
     common = dict(shard_size=args.shard_size, max_side=args.max_side, workers=args.num_workers,
                   overwrite=args.overwrite)
     if args.source == "coco":
-        report = shards.write_coco(args.captions, args.images, args.out, **common)
+        report = shards.write_coco(source, args.images, args.out, **common)
+    elif args.source == "csv":
+        report = shards.write_csv(source, args.images, args.out, **common)
     else:
-        report = shards.write_csv(args.csv, args.images, args.out, **common)
+        report = shards.write_karpathy(source, args.images, args.out, tuple(args.split), **common)
     for name, reason in report.failures:
         print(f"could not read {name}: {reason}", file=sys.stderr)
     print(f"Wrote {report.num_samples} samples in {len(report.sizes)} shards to {args.out}"
-          + (f"; {len(report.failures)} images could not be read (listed above)." if report.failures else "."))
+          + "".join(f"; {split}: {images} images, {captions} captions"
+                    for split, (images, captions) in report.splits.items())
+          + _failures(report.failures, args.images))
     if report.num_samples == 0:
         raise UserError(f"No image could be read from {args.images}: check --images against the file names.")
     return 0
+
+
+def _failures(failures: list[tuple[str, str]], images: Path) -> str:
+    if not failures:
+        return "."
+    missing = sum(not (images / name).exists() for name, _ in failures)
+    return (f"; {len(failures)} images could not be read (listed above)"
+            + (f", {missing} of them missing from {images}." if missing else "."))

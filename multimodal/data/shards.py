@@ -2,8 +2,10 @@
 
 One sample per image: `<key>.jpg` (the image), `<key>.txt` (its first caption) and `<key>.json`
 (`captions`: all of them, plus where it came from). Sources: the official COCO captions JSON,
-`image,caption` CSV tables (Flickr style) and the synthetic scenes. Output is deterministic:
-the same input gives byte-identical shards (sorted order, fixed tar mtime, fixed JPEG settings).
+`image,caption` CSV tables (Flickr style), the Karpathy split files of COCO, Flickr30k and Flickr8k
+(`dataset_coco.json`: Karpathy & Fei-Fei, "Deep Visual-Semantic Alignments", CVPR 2015, the test
+splits retrieval is reported on) and the synthetic scenes. Output is deterministic:
+the same input gives byte-identical shards (a fixed order, fixed tar mtime, fixed JPEG settings).
 Each shard is written to a temporary name and renamed when complete; `sizes.json` (open_clip's
 manifest: shard file name -> sample count) is written last.
 """
@@ -12,9 +14,10 @@ import csv
 import io
 import json
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 from pathlib import Path
 
@@ -44,6 +47,7 @@ class Sample:
 class WriteReport:
     sizes: dict[str, int]
     failures: list[tuple[str, str]]  # (file name, reason) of images that could not be read
+    splits: dict[str, tuple[int, int]] = field(default_factory=dict)  # Karpathy split -> (images, captions) written
 
     @property
     def num_samples(self) -> int:
@@ -211,6 +215,49 @@ def read_csv_entries(csv_path: Path) -> list[ImageEntry]:
     return [ImageEntry(f"{i:09d}", name, caps, {}) for i, (name, caps) in enumerate(captions.items())]
 
 
+def read_karpathy_entries(karpathy_json: Path, splits: list[str]) -> list[ImageEntry]:
+    """One entry per image of a Karpathy split file (`dataset_coco.json`, `dataset_flickr30k.json`,
+    `dataset_flickr8k.json`) in one of `splits`, in the file's order. `KEY` is the image's position in
+    the file (its `imgid` in the published files); `file_name` is `filepath/filename` (COCO), else `filename`."""
+    if not karpathy_json.is_file():
+        raise UserError(f"Karpathy split file {karpathy_json} does not exist: pass dataset_coco.json, "
+                        "dataset_flickr30k.json or dataset_flickr8k.json with --json.")
+    fix = "pass dataset_coco.json, dataset_flickr30k.json or dataset_flickr8k.json with --json"
+    images = read_json(karpathy_json, fix).get("images")
+    if not isinstance(images, list):
+        raise UserError(f"{karpathy_json} is not a Karpathy split file (it has no 'images' list): {fix}.")
+    entries, found = [], Counter()
+    for i, image in enumerate(images):
+        try:
+            split, filename = str(image["split"]), str(image["filename"])
+            captions = [s["raw"].strip() for s in image["sentences"]]
+        except (KeyError, TypeError, AttributeError) as exc:
+            problem = f"has no field {exc}" if isinstance(exc, KeyError) else "is not laid out as one"
+            raise UserError(f"{karpathy_json} is not a Karpathy split file (image {i} {problem}; every image "
+                            f"needs 'split', 'filename' and 'sentences' with 'raw'): {fix}.") from None
+        found[split] += 1
+        captions = [c for c in captions if c]
+        if split in splits and captions:
+            ids = {k: image[k] for k in ("imgid", "cocoid") if k in image}
+            path = f"{image['filepath']}/{filename}" if image.get("filepath") else filename
+            entries.append(ImageEntry(f"{i:09d}", path, captions, {"split": split, "filename": filename, **ids}))
+    absent = [s for s in splits if not any(e.meta["split"] == s for e in entries)]
+    if absent:
+        have = ", ".join(f"{s} ({n} images)" for s, n in found.items()) or "none"
+        raise UserError(f"{karpathy_json} has no image in split {', '.join(map(repr, absent))}; its splits are "
+                        f"{have}: pass one of them with --split.")
+    return entries
+
+
+def _locate(entry: ImageEntry, images_dir: Path) -> ImageEntry:
+    """`filepath/filename` under `images_dir`, else `filename`: people often pass COCO's val2014/ itself."""
+    fallback = entry.meta["filename"]
+    if fallback != entry.file_name and not (images_dir / entry.file_name).is_file() \
+            and (images_dir / fallback).is_file():
+        return replace(entry, file_name=fallback)
+    return entry
+
+
 def write_coco(captions_json: Path, images_dir: Path, out_dir: Path, shard_size: int = 1000,
                max_side: int | None = None, workers: int = 4, overwrite: bool = False) -> WriteReport:
     entries = read_coco_entries(captions_json)
@@ -221,6 +268,26 @@ def write_csv(csv_path: Path, images_dir: Path, out_dir: Path, shard_size: int =
               max_side: int | None = None, workers: int = 4, overwrite: bool = False) -> WriteReport:
     entries = read_csv_entries(csv_path)
     return _write_entries(entries, images_dir, out_dir, shard_size, max_side, workers, overwrite)
+
+
+def write_karpathy(karpathy_json: Path, images_dir: Path, out_dir: Path, splits: tuple[str, ...] = ("test",),
+                   shard_size: int = 1000, max_side: int | None = None, workers: int = 4,
+                   overwrite: bool = False) -> WriteReport:
+    """The images of `splits` with all their captions, as retrieval benchmarks count them (COCO 5k test:
+    5,000 images, 25,010 captions; Flickr30k 1k test: 1,000 images, 5,000 captions)."""
+    entries = read_karpathy_entries(karpathy_json, list(splits))
+    if images_dir.is_dir():
+        entries = [_locate(entry, images_dir) for entry in entries]
+    report = _write_entries(entries, images_dir, out_dir, shard_size, max_side, workers, overwrite)
+    failed = Counter(name for name, _ in report.failures)
+    report.splits = dict.fromkeys(splits, (0, 0))
+    for entry in entries:
+        if failed[entry.file_name]:
+            failed[entry.file_name] -= 1
+            continue
+        images, captions = report.splits[entry.meta["split"]]
+        report.splits[entry.meta["split"]] = (images + 1, captions + len(entry.captions))
+    return report
 
 
 def write_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size: int = 64, seed: int = 0,
