@@ -1,13 +1,38 @@
-"""Zero-shot presets: the CLIP paper's class names and templates, checked against the class folders."""
+"""`eval zeroshot --preset`: the CLIP paper's class names and templates, checked against the class
+folders, and the same classifier over an ImageFolder and over labelled shards."""
 
 import json
 import re
 from pathlib import Path
 
 import pytest
+import webdataset as wds
+from PIL import Image
 
 from multimodal.errors import UserError
+from multimodal.eval import zeroshot
 from multimodal.eval.presets import CIFAR10, CIFAR100, PRESETS, check_class_folders
+
+
+def image_folder(root: Path, names: list[str], per_class: int = 2) -> Path:
+    """One folder a class, `per_class` small solid-colour JPEGs in each."""
+    for label, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            colour = (25 * label % 256, 90 * i % 256, 255 - 25 * label % 256)
+            Image.new("RGB", (24 + 4 * i, 24), colour).save(root / name / f"{i}.jpg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The tiny architecture with random weights, as an open_clip state dict (pass --model tiny)."""
+    from multimodal import arch, weights
+    from multimodal.model import create_model
+
+    path = tmp_path_factory.mktemp("tiny") / "tiny.safetensors"
+    weights.export(create_model(arch.load("tiny")), path)
+    return path
 
 
 def test_each_preset_holds_its_classes_and_templates():
@@ -64,3 +89,55 @@ def test_class_folders_that_do_not_fit_a_preset(folders, says):
     preset = CIFAR100 if len(folders) == 100 else CIFAR10
     with pytest.raises(UserError, match=re.escape(says)):
         check_class_folders(preset, folders, Path("cifar"))
+
+
+def test_zeroshot_with_a_preset_over_a_folder_and_over_shards(cli, checkpoint, tmp_path, monkeypatch):
+    used = []
+
+    def recording(model, tokenizer, classnames, templates, device="cpu"):
+        used.append((classnames, templates))
+        return classifier(model, tokenizer, classnames, templates, device)
+
+    classifier = zeroshot.classifier
+    monkeypatch.setattr(zeroshot, "classifier", recording)
+    folder = image_folder(tmp_path / "cifar", list(CIFAR10.classnames))
+    with wds.TarWriter(str(tmp_path / "cifar.tar"), encoder=False) as w:
+        for label, name in enumerate(CIFAR10.classnames):
+            for i in range(2):
+                w.write({"__key__": f"{name}{i}", "jpg": (folder / name / f"{i}.jpg").read_bytes(),
+                         "cls": str(label).encode()})
+    common = ["eval", "zeroshot", "--preset", "cifar10", "--checkpoint", str(checkpoint), "--model", "tiny",
+              "--num_workers", "0", "--decode", "cpu"]
+    proc = cli(*common, "--images", str(folder), "--out", str(tmp_path / "a.json"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "of 20 images into 10 classes (18 templates)" in proc.stdout
+    assert cli(*common, "--shards", str(tmp_path / "cifar.tar"), "--out", str(tmp_path / "b.json"),
+               cwd=tmp_path).returncode == 0
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a == b and a["num_images"] == 20 and a["num_classes"] == 10
+    assert 0 <= a["top1"] <= a["top5"] <= 1 and 0 <= a["mean_per_class_recall"] <= 1
+    assert used == [(list(CIFAR10.classnames), list(CIFAR10.templates))] * 2
+
+    (tmp_path / "templates.txt").write_text("a {} in the rain\nan old photo of a {}\n")  # replaces the preset's
+    assert cli(*common, "--images", str(folder), "--templates", str(tmp_path / "templates.txt"),
+               cwd=tmp_path).returncode == 0
+    assert used[-1] == (list(CIFAR10.classnames), ["a {} in the rain", "an old photo of a {}"])
+
+
+def test_a_folder_or_option_that_does_not_fit_the_preset_is_one_sentence(cli, checkpoint, tmp_path):
+    names = list(CIFAR10.classnames)
+    (tmp_path / "names.txt").write_text("\n".join(names) + "\n")
+    cases = {
+        "nine": (names[:9], [], "has 9 class folders but preset cifar10 has 10 classes"),
+        "misspelt": ([*names[:5], "dgo", *names[6:]], [], "dgo (label 5 in sorted order) is not class 'dog'"),
+        "both": (names, ["--classnames", str(tmp_path / "names.txt")], "Pass --preset or --classnames, not both"),
+    }
+    for case, (folders, extra, says) in cases.items():
+        folder = image_folder(tmp_path / case, folders, per_class=1)
+        proc = cli("eval", "zeroshot", "--preset", "cifar10", "--checkpoint", str(checkpoint), "--model", "tiny",
+                   "--images", str(folder), *extra, cwd=tmp_path)
+        assert proc.returncode == 2 and says in proc.stderr, (case, proc.stderr[-2000:])
+        assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, case
+    proc = cli("eval", "zeroshot", "--preset", "cifar1000", "--checkpoint", str(checkpoint), "--images",
+               str(tmp_path / "nine"), cwd=tmp_path)
+    assert proc.returncode == 2 and "invalid choice: 'cifar1000'" in proc.stderr
