@@ -228,6 +228,8 @@ LIGHT = {  # commands that stop at their arguments, before any work: nothing hea
     "embed of a missing text file": ["embed", "--checkpoint", "nope.ckpt", "--texts", "nope.txt", "--out", "e"],
     "retrieval over a missing folder": ["eval", "retrieval", "--embeddings", "nope"],
     "zeroshot over a missing folder": ["eval", "zeroshot", "--checkpoint", "x.ckpt", "--images", "nope"],
+    "zeroshot with a preset and class names": ["eval", "zeroshot", "--checkpoint", "x.ckpt", "--images", "nope",
+                                               "--preset", "cifar10", "--classnames", "names.txt"],
     "search of a missing index": ["search", "--index", "nope", "--text", "a dog"],
     "plot of a missing run": ["plot", "nope"],
     "shards of a missing csv": ["shards", "csv", "--csv", "nope.csv", "--images", ".", "--out", "o"],

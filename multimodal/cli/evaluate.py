@@ -25,6 +25,7 @@ from multimodal.errors import (
     read_lines,
     writing,
 )
+from multimodal.eval import presets
 from multimodal.files import write_json
 
 
@@ -225,14 +226,41 @@ def _labelled_source(args):
     return ClassFolderSource(args.images) if args.images else LabelledShardSource(args.shards)
 
 
+def _classes_and_templates(args, source) -> tuple[list[str], list[str]]:
+    """The class names in label order and the prompt templates: a --preset's (its classes checked against
+    the --images class folders), or --classnames (default for --images: the folder names) with the
+    built-in templates; --templates replaces the templates of either."""
+    from multimodal.eval import zeroshot
+
+    if args.preset:
+        preset = presets.PRESETS[args.preset]()
+        if args.images:
+            presets.check_class_folders(preset, source.classes, args.images)
+        classnames, templates = list(preset.classnames), list(preset.templates)
+    else:
+        classnames = read_lines(args.classnames, "Class names") if args.classnames else \
+            [name.replace("_", " ") for name in source.classes]
+        if args.images and len(classnames) != len(source.classes):
+            raise UserError(f"{args.classnames} names {len(classnames)} classes but {args.images} has "
+                            f"{len(source.classes)} class folders.")
+        templates = list(zeroshot.DEFAULT_TEMPLATES)
+    if args.templates:
+        templates = zeroshot.read_templates(args.templates)
+    return classnames, templates
+
+
 def eval_zeroshot_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal eval zeroshot", description="Zero-shot classification.")
     add_checkpoint_args(parser)
+    parser.add_argument("--preset", choices=tuple(presets.PRESETS),
+                        help="the class names and templates of the CLIP paper for this dataset, as CLIP_benchmark "
+                             "uses them (instead of --classnames; --templates replaces its templates)")
     parser.add_argument("--classnames", type=Path,
                         help="class names, one a line, in label order; for --images the sorted order of the "
                              "class folders (default for --images: the folder names)")
     parser.add_argument("--templates", type=Path, default=None,
-                        help="prompt templates with {} for the class name, one a line (default: a built-in set)")
+                        help="prompt templates with {} for the class name, one a line (default: the --preset's, "
+                             "else a built-in set)")
     parser.add_argument("--shards", help="shards whose samples carry a class index (`cls` member)")
     parser.add_argument("--images", type=Path, help="an ImageFolder-style folder: FOLDER/CLASS/IMAGE")
     parser.add_argument("--batch_size", type=int, default=128)
@@ -249,8 +277,10 @@ def eval_zeroshot(argv: list[str]) -> int:
         check_output(args.out, "--out", "file", (".json",))
     if bool(args.shards) == bool(args.images):
         raise UserError("Pass either --shards or --images.")
-    if args.shards and args.classnames is None:
-        raise UserError("--shards needs --classnames, the names of the class indices in label order.")
+    if args.preset and args.classnames:
+        raise UserError(f"Pass --preset or --classnames, not both: preset {args.preset} names the classes.")
+    if args.shards and args.classnames is None and args.preset is None:
+        raise UserError("--shards needs --classnames or --preset, the names of the class indices in label order.")
     if args.images:
         check_input(args.images, "Image folder", "pass an ImageFolder-style folder with --images", kind="folder")
     for option, path in (("Class names file", args.classnames), ("Templates file", args.templates)):
@@ -265,13 +295,8 @@ def eval_zeroshot(argv: list[str]) -> int:
     from multimodal.eval import zeroshot
     from multimodal.eval.embed import autocast, default_device
 
-    templates = zeroshot.read_templates(args.templates)
     source = _labelled_source(args)
-    classnames = read_lines(args.classnames, "Class names") if args.classnames else \
-        [name.replace("_", " ") for name in source.classes]
-    if args.images and len(classnames) != len(source.classes):
-        raise UserError(f"{args.classnames} names {len(classnames)} classes but {args.images} has "
-                        f"{len(source.classes)} class folders.")
+    classnames, templates = _classes_and_templates(args, source)
     device = default_device()
     model = load_model(args).to(device)
     preprocess = model.architecture.eval_transform
