@@ -1,4 +1,5 @@
-"""Training and validation curves of a run (its metrics.csv) drawn to PNG."""
+"""Curves drawn to PNG: a run's training and validation metrics (its metrics.csv), or evaluation results
+over training steps (a folder of `multimodal eval --out` results, one a checkpoint)."""
 
 import csv
 from pathlib import Path
@@ -44,30 +45,52 @@ def read_metrics(path: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def plot_run(path: Path, out: Path | None = None) -> Path:
-    """Draw the curves of the run at `path` into `out` (default: curves.png in the run folder)."""
+    """Draw the curves of the run at `path` into `out` (default: curves.png in the run folder); a folder of
+    evaluation results (no metrics.csv) is drawn by `plot_results`."""
+    if path.is_dir() and not (path / "metrics.csv").is_file() and any(path.glob("*.json")):
+        return plot_results(path, out)
     series = read_metrics(path)
+    panels = [(title, [k for k in keys if k in series]) for title, keys in PANELS]
+    out = out or (path if path.is_dir() else path.parent) / "curves.png"
+    return _draw([(title, {k: series[k] for k in keys}) for title, keys in panels if keys], "step", out)
+
+
+def plot_results(folder: Path, out: Path | None = None) -> Path:
+    """Recall (and zero-shot accuracy) over training steps from a folder of evaluation results, one panel
+    per dataset and task; results of weights without a step are placed in file order."""
+    from multimodal.eval.results import read_results
+
+    records = read_results(folder)
+    stepped = all(isinstance(r.get("step"), int) for r in records)
+    panels: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for i, record in enumerate(records):
+        panel = panels.setdefault(f"{record['dataset']} ({record['task'].replace('zeroshot_', 'zero-shot ')})", {})
+        for key, value in record["metrics"].items():
+            if isinstance(value, (int, float)):
+                panel.setdefault(key, []).append((record["step"] if stepped else i, float(value)))
+    return _draw(sorted(panels.items()), "step" if stepped else "result", out or folder / "results.png")
+
+
+def _draw(panels: list[tuple[str, dict[str, list[tuple[int, float]]]]], xlabel: str, out: Path) -> Path:
     import matplotlib  # here: reading the metrics (and finding a mistake in them) needs no plotting library
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    panels = [(title, [k for k in keys if k in series]) for title, keys in PANELS]
-    panels = [(title, keys) for title, keys in panels if keys]
     cols = min(3, len(panels))
     rows = -(-len(panels) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.4 * rows), squeeze=False)
-    for ax, (title, keys) in zip(axes.flat, panels):
-        for key in keys:
-            steps, values = zip(*series[key])
+    for ax, (title, series) in zip(axes.flat, panels):
+        for key, points in series.items():
+            steps, values = zip(*points)
             ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
+        if len(series) > 1:
             ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.tight_layout()
-    out = out or (path if path.is_dir() else path.parent) / "curves.png"
     with writing(out):
         with atomic_file(out) as f:
             fig.savefig(f, format=out.suffix[1:], dpi=110)

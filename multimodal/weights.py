@@ -147,6 +147,18 @@ def _state_dict_model(path: Path, architecture: arch.Architecture) -> CLIP:
     return model
 
 
+def progress(checkpoint: str | Path) -> dict:
+    """`step` and `epoch` of a training checkpoint (.ckpt); nothing for other weights or unreadable files."""
+    path = Path(checkpoint)
+    if path.suffix != ".ckpt" or not path.is_file():
+        return {}
+    try:
+        ckpt = read_checkpoint(path)
+    except UserError:
+        return {}
+    return {k: ckpt[v] for k, v in (("step", "global_step"), ("epoch", "epoch")) if isinstance(ckpt.get(v), int)}
+
+
 def export(model: CLIP, out: Path) -> list[Path]:
     """Write the open_clip state dict to `out` (.safetensors or .pt); returns the files written."""
     if out.suffix not in EXPORT_SUFFIXES:

@@ -49,9 +49,12 @@ def test_embed_then_eval_equals_eval_from_shards(cli, trained, shards, tmp_path)
     proc = ok(cli("eval", "retrieval", "--checkpoint", str(ckpt), "--shards", str(shards), "--batch_size", "4",
                   "--out", str(tmp_path / "b.json"), cwd=tmp_path))
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
-    assert a == b and a["num_images"] == 70 and a["num_texts"] == 210
-    assert {f"image_retrieval_recall@{k}" for k in (1, 5, 10)} <= a.keys()
-    assert {f"text_retrieval_recall@{k}" for k in (1, 5, 10)} <= a.keys()
+    assert a["metrics"] == b["metrics"] and a["num_images"] == b["num_images"] == 70 and a["num_texts"] == 210
+    assert {f"{d}_retrieval_recall@{k}" for d in ("image", "text") for k in (1, 5, 10)} <= set(a["metrics"])
+    for r in (a, b):  # CLIP_benchmark's layout, and the training step of the checkpoint beside it
+        assert (r["task"], r["model"], r["language"], r["step"]) == ("zeroshot_retrieval", "tiny", "en", 3)
+        assert Path(r["pretrained"]).resolve() == Path(r["checkpoint"]).resolve() == ckpt.resolve()
+    assert (a["dataset"], b["dataset"]) == ("emb", shards.name)
     assert "text -> image" in proc.stdout and "chance" in proc.stdout
 
 
@@ -161,8 +164,8 @@ def test_accuracy_metrics():
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.5, 0.4, 0.1], [0.1, 0.2, 0.7], [0.3, 0.2, 0.5]])
     labels = torch.tensor([0, 1, 1, 2, 0])
     m = accuracy(logits, labels, 3)
-    assert m["top1"] == pytest.approx(3 / 5)
-    assert m["top5"] == 1.0
+    assert m["acc1"] == pytest.approx(3 / 5)
+    assert m["acc5"] == 1.0
     assert m["mean_per_class_recall"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
 
 
@@ -192,8 +195,9 @@ def test_zeroshot_on_image_folder_and_on_shards_agree(cli, trained, tmp_path):
     ok(cli("eval", "zeroshot", *common, "--images", str(folder), "--decode", "gpu", "--num_workers", "0",
            "--out", str(tmp_path / "c.json"), cwd=tmp_path))  # decoded a batch at a time, in this process
     a, b, c = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "abc")
-    assert a == b and a["num_images"] == 12 and a["num_classes"] == 3 and a["top5"] == 1.0
-    assert c["num_images"] == 12 and abs(c["top1"] - a["top1"]) <= 1 / 12
+    assert a["metrics"] == b["metrics"] and a["num_images"] == 12 and a["num_classes"] == 3
+    assert a["task"] == "zeroshot_classification" and a["dataset"] == "colours" and a["metrics"]["acc5"] == 1.0
+    assert c["num_images"] == 12 and abs(c["metrics"]["acc1"] - a["metrics"]["acc1"]) <= 1 / 12
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")
     proc = cli("eval", "zeroshot", "--checkpoint", str(ckpt), "--classnames", str(empty), "--images",
@@ -202,16 +206,29 @@ def test_zeroshot_on_image_folder_and_on_shards_agree(cli, trained, tmp_path):
 
 
 def test_validation_and_zeroshot_callback_during_training(cli, tmp_path):
+    """Validation, and evaluations on standard splits logged under their benchmark names: a zero-shot preset
+    (cifar10 over an ImageFolder named as its classes) and a retrieval split (shards, as `shards karpathy`
+    writes them)."""
+    from multimodal.data.shards import write_synthetic
+    from multimodal.eval.presets import CIFAR10
+    from tests.test_presets import image_folder
+
     folder = colour_folder(tmp_path / "colours")
-    callback = json.dumps({"class_path": "multimodal.eval.callbacks.ZeroShotCallback",
-                           "init_args": {"images": str(folder)}})
+    write_synthetic(tmp_path / "karpathy-test", num_samples=12, shard_size=12)
+    callbacks = [("ZeroShotCallback", {"images": str(folder)}),
+                 ("ZeroShotCallback", {"images": str(image_folder(tmp_path / "cifar", list(CIFAR10.classnames), 1)),
+                                       "preset": "cifar10"}),
+                 ("RetrievalCallback", {"shards": str(tmp_path / "karpathy-test"), "dataset": "mscoco_captions"})]
+    args = [a for name, init in callbacks for a in (
+        "--trainer.callbacks+", json.dumps({"class_path": f"multimodal.eval.callbacks.{name}", "init_args": init}))]
     ok(cli("train", "--config", str(REPO / "configs" / "debug.yaml"), "--trainer.max_steps", "6",
-           "--trainer.val_check_interval", "3", "--trainer.callbacks+", callback, cwd=tmp_path))
+           "--trainer.val_check_interval", "3", *args, cwd=tmp_path))
     import csv
 
     metrics = list(csv.DictReader((tmp_path / "runs" / "debug" / "version_0" / "metrics.csv").open()))
     val = [r for r in metrics if r.get("val/loss")]
     assert [r["step"] for r in val] == ["2", "5"]
-    for key in ("val/image_retrieval_recall@5", "val/text_retrieval_recall@10", "val/zeroshot_top1",
-                "val/zeroshot_top5", "val/zeroshot_mean_per_class_recall"):
+    for key in ("val/image_retrieval_recall@5", "val/text_retrieval_recall@10", "val/zeroshot/acc1",
+                "val/zeroshot/acc5", "val/zeroshot/mean_per_class_recall", "val/cifar10/acc1", "val/cifar10/acc5",
+                "val/mscoco_captions/image_retrieval_recall@5", "val/mscoco_captions/text_retrieval_recall@1"):
         assert 0.0 <= float(val[-1][key]) <= 1.0, key

@@ -161,3 +161,19 @@ def test_the_hugging_face_cache_of_hf_home_is_the_default(published, tmp_path):
     assert result.returncode == 0, result.stderr
     assert all(torch.equal(v, state[k]) for k, v in load_file(tmp_path / "m.safetensors").items())
     assert json.loads((tmp_path / "tiny-hub.json").read_text())["embed_dim"] == arch.load("tiny").embed_dim
+
+
+def test_train_takes_a_tag_from_the_command_line_and_the_data_follows_it(cli, published, tmp_path):
+    """`--model.pretrained` and `--model.cache_dir` reach the data section too (its eval transform is the tag's)."""
+    from tests.conftest import REPO
+
+    cache, _ = published
+    result = cli("train", "--config", str(REPO / "configs" / "debug.yaml"), "--trainer.max_steps", "1",
+                 "--model.pretrained", TAG, "--model.cache_dir", str(cache), "--print_config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"pretrained: {TAG}" in result.stdout and f"cache_dir: {cache}" in result.stdout
+    result = cli("train", "--config", str(REPO / "configs" / "debug.yaml"), "--trainer.max_steps", "1",
+                 "--model.pretrained", TAG, "--model.cache_dir", str(cache), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    assert weights.load_model(ckpt, cache_dir=cache).architecture is arch.load("tiny", TAG, cache)

@@ -7,7 +7,7 @@ the arguments alone answer in a fraction of a second.
 import argparse
 from pathlib import Path
 
-from multimodal.errors import UserError, check_checkpoint
+from multimodal.errors import UserError, check_checkpoint, check_output
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
@@ -72,3 +72,30 @@ def check_counts(args: argparse.Namespace, positive: tuple[str, ...] = (), non_n
             value = getattr(args, name)
             if value < least:
                 raise UserError(f"--{name} must be {'a positive integer' if least else '0 or more'}, got {value}.")
+
+
+def add_result_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dataset", default=None,
+                        help="the dataset's name in the result, as CLIP_benchmark names it (mscoco_captions, "
+                             "flickr30k, imagenet1k; default: the --preset, else the data folder's name)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="write the result here as JSON, in CLIP_benchmark's layout (dataset, model, pretrained, "
+                             "task, metrics)")
+    parser.add_argument("--out_table", type=Path, default=None,
+                        help="append the result as one row of this CSV table (created if absent): a sweep over "
+                             "checkpoints becomes one table")
+
+
+def check_result_args(args: argparse.Namespace) -> None:
+    if args.out is not None:
+        check_output(args.out, "--out", "file", (".json",))
+    if args.out_table is not None:
+        check_output(args.out_table, "--out_table", "file", (".csv",))
+
+
+def dataset_name(args: argparse.Namespace, data: str | Path) -> str:
+    """--dataset, else the name of the folder that `data` (a folder, a file or a shard pattern) is in."""
+    if args.dataset:
+        return args.dataset
+    path = Path(str(data).rstrip("/"))
+    return path.name if path.is_dir() else path.parent.name or path.stem

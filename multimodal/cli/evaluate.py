@@ -11,8 +11,11 @@ from pathlib import Path
 from multimodal.cli.args import (
     add_checkpoint_args,
     add_decode_arg,
+    add_result_args,
     check_counts,
+    check_result_args,
     check_weights,
+    dataset_name,
     load_model,
     weights_given,
 )
@@ -22,7 +25,6 @@ from multimodal.errors import (
     check_input,
     check_output,
     read_json,
-    read_lines,
     writing,
 )
 from multimodal.eval import presets
@@ -165,11 +167,14 @@ def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
         write_json(out / "info.json", info)
 
 
-def _write_result(result: dict, out: Path | None) -> None:
-    if out is not None:
-        with writing(out):
-            write_json(out, result)
-        print(f"Wrote {out}")
+def _provenance(model: str, pretrained: str | None, checkpoint: str | Path | None) -> dict:
+    """The result fields that say which weights were evaluated: model, pretrained (the tag, or the local
+    file as CLIP_benchmark writes it), and for a training checkpoint its step and epoch."""
+    from multimodal import weights
+
+    fields = {"model": model, "pretrained": pretrained or (str(checkpoint) if checkpoint else None),
+              "checkpoint": str(checkpoint) if checkpoint else None}
+    return {**fields, **weights.progress(checkpoint)} if checkpoint else fields
 
 
 def eval_retrieval_parser() -> argparse.ArgumentParser:
@@ -183,15 +188,14 @@ def eval_retrieval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--chunk_size", type=int, default=4096, help="block size of the score computation")
     add_decode_arg(parser)
-    parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    add_result_args(parser)
     return parser
 
 
 def eval_retrieval(argv: list[str]) -> int:
     args = eval_retrieval_parser().parse_args(argv)
     check_counts(args, positive=("batch_size", "chunk_size"), non_negative=("num_workers",))
-    if args.out is not None:
-        check_output(args.out, "--out", "file", (".json",))
+    check_result_args(args)
     if bool(args.shards) == bool(args.embeddings):
         raise UserError("Pass either --shards (with --checkpoint) or --embeddings.")
     if args.shards and not weights_given(args):
@@ -200,23 +204,24 @@ def eval_retrieval(argv: list[str]) -> int:
         check_weights(args)
     else:
         check_input(args.embeddings, "Embedding folder", "pass a folder written by `multimodal embed`", kind="folder")
-    from multimodal.eval.embed import embed_shards, load_folder
-    from multimodal.eval.retrieval import retrieval_metrics, table
+    from multimodal.eval import results
+    from multimodal.eval.embed import embed_shards, load_folder, read_info
+    from multimodal.eval.retrieval import evaluate_embeddings, table
 
     if args.shards:
         model = load_model(args)
         emb = embed_shards(model, args.shards, args.batch_size, args.num_workers, decode=args.decode)
+        provenance = _provenance(model.architecture.name, args.pretrained, args.checkpoint)
     else:
         emb = load_folder(args.embeddings)
-    if emb.image_features.shape[0] == 0 or (emb.text_to_image < 0).all():
-        raise UserError("Retrieval needs images with captions: embed shards, not only --images or --texts.")
-    keep = emb.text_to_image >= 0
-    metrics = retrieval_metrics(emb.image_features, emb.text_features[keep], emb.text_to_image[keep],
-                                ks=tuple(args.ks), chunk_size=args.chunk_size)
-    num_images, num_texts = emb.image_features.shape[0], int(keep.sum())
+        info = read_info(args.embeddings)
+        provenance = _provenance(info["model"], info.get("pretrained"), info.get("checkpoint"))
+    metrics, num_images, num_texts = evaluate_embeddings(emb, tuple(args.ks), args.chunk_size)
     print(f"Retrieval over {num_images} images and {num_texts} captions")
     print(table(metrics, num_images, num_texts, tuple(args.ks)))
-    _write_result({**metrics, "num_images": num_images, "num_texts": num_texts}, args.out)
+    record = results.result("zeroshot_retrieval", dataset_name(args, args.shards or args.embeddings), metrics=metrics,
+                            **provenance, num_images=num_images, num_texts=num_texts)
+    results.write_out(record, args.out, args.out_table)
     return 0
 
 
@@ -224,29 +229,6 @@ def _labelled_source(args):
     from multimodal.data.sources import ClassFolderSource, LabelledShardSource
 
     return ClassFolderSource(args.images) if args.images else LabelledShardSource(args.shards)
-
-
-def _classes_and_templates(args, source) -> tuple[list[str], list[str]]:
-    """The class names in label order and the prompt templates: a --preset's (its classes checked against
-    the --images class folders), or --classnames (default for --images: the folder names) with the
-    built-in templates; --templates replaces the templates of either."""
-    from multimodal.eval import zeroshot
-
-    if args.preset:
-        preset = presets.PRESETS[args.preset]()
-        if args.images:
-            presets.check_class_folders(preset, source.classes, args.images)
-        classnames, templates = list(preset.classnames), list(preset.templates)
-    else:
-        classnames = read_lines(args.classnames, "Class names") if args.classnames else \
-            [name.replace("_", " ") for name in source.classes]
-        if args.images and len(classnames) != len(source.classes):
-            raise UserError(f"{args.classnames} names {len(classnames)} classes but {args.images} has "
-                            f"{len(source.classes)} class folders.")
-        templates = list(zeroshot.DEFAULT_TEMPLATES)
-    if args.templates:
-        templates = zeroshot.read_templates(args.templates)
-    return classnames, templates
 
 
 def eval_zeroshot_parser() -> argparse.ArgumentParser:
@@ -266,15 +248,14 @@ def eval_zeroshot_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_workers", type=int, default=4, help="data loading processes")
     add_decode_arg(parser)
-    parser.add_argument("--out", type=Path, default=None, help="write the metrics as JSON here")
+    add_result_args(parser)
     return parser
 
 
 def eval_zeroshot(argv: list[str]) -> int:
     args = eval_zeroshot_parser().parse_args(argv)
     check_counts(args, positive=("batch_size",), non_negative=("num_workers",))
-    if args.out is not None:
-        check_output(args.out, "--out", "file", (".json",))
+    check_result_args(args)
     if bool(args.shards) == bool(args.images):
         raise UserError("Pass either --shards or --images.")
     if args.preset and args.classnames:
@@ -292,11 +273,11 @@ def eval_zeroshot(argv: list[str]) -> int:
 
     from multimodal.data.pixels import decode_on_device
     from multimodal.data.sources import EmbedBatches
-    from multimodal.eval import zeroshot
+    from multimodal.eval import results, zeroshot
     from multimodal.eval.embed import autocast, default_device
 
     source = _labelled_source(args)
-    classnames, templates = _classes_and_templates(args, source)
+    classnames, templates = zeroshot.classes_and_templates(source, args.preset, args.classnames, args.templates)
     device = default_device()
     model = load_model(args).to(device)
     preprocess = model.architecture.eval_transform
@@ -308,9 +289,13 @@ def eval_zeroshot(argv: list[str]) -> int:
         result = zeroshot.evaluate(model, classnames, templates, tqdm(loader, unit="batch", desc="classifying",
                                                                       mininterval=1.0), preprocess)
     print(f"Zero-shot classification of {result['num_images']} images into {len(classnames)} classes "
-          f"({len(templates)} templates): top-1 {result['top1']:.4f}, top-5 {result['top5']:.4f}, "
+          f"({len(templates)} templates): top-1 {result['acc1']:.4f}, top-5 {result['acc5']:.4f}, "
           f"mean per-class recall {result['mean_per_class_recall']:.4f}")
-    _write_result(result, args.out)
+    metrics = {k: result[k] for k in ("acc1", "acc5", "mean_per_class_recall")}
+    record = results.result("zeroshot_classification", args.preset or dataset_name(args, args.shards or args.images),
+                            metrics=metrics, **_provenance(model.architecture.name, args.pretrained, args.checkpoint),
+                            num_images=result["num_images"], num_classes=result["num_classes"])
+    results.write_out(record, args.out, args.out_table)
     return 0
 
 

@@ -100,9 +100,12 @@ def _query_image(path: Path):
 
 
 def plot_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multimodal plot", description="Draw a run's curves to PNG.")
-    parser.add_argument("run", type=Path, help="a run folder (runs/NAME/version_N) or its metrics.csv")
-    parser.add_argument("--out", type=Path, default=None, help="PNG to write (default: RUN/curves.png)")
+    parser = argparse.ArgumentParser(prog="multimodal plot", description="Draw a run's curves, or evaluation "
+                                     "results over training steps, to PNG.")
+    parser.add_argument("run", type=Path, help="a run folder (runs/NAME/version_N) or its metrics.csv, or a folder "
+                                               "of `multimodal eval --out` results")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="PNG to write (default: RUN/curves.png; results.png in a results folder)")
     return parser
 
 

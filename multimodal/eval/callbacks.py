@@ -1,4 +1,5 @@
-"""Lightning adapters of the evaluation code: multi-device embedding and zero-shot callbacks."""
+"""Lightning adapters of the evaluation code: multi-device embedding, and the zero-shot classification and
+retrieval callbacks that evaluate on standard splits during training."""
 
 import warnings
 from collections.abc import Callable
@@ -13,10 +14,11 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from multimodal.data.pixels import EvalTransform, decode_on_device, keep_jpegs_on_host
-from multimodal.data.sources import ClassFolderSource, EmbedBatches, LabelledShardSource
+from multimodal.data.sources import ClassFolderSource, EmbedBatches, LabelledShardSource, ShardSource
 from multimodal.errors import UserError
-from multimodal.eval import zeroshot
-from multimodal.eval.embed import PartWriter, encode_batch
+from multimodal.eval import presets, zeroshot
+from multimodal.eval.embed import PartWriter, autocast, embed_shards, encode_batch
+from multimodal.eval.retrieval import evaluate_embeddings
 from multimodal.model import CLIP
 
 
@@ -75,27 +77,36 @@ def _whole_parameters(trainer: pl.Trainer):
 
 
 class ZeroShotCallback(pl.Callback):
-    """Zero-shot classification after every validation: `val/zeroshot_top1`, `_top5`, `_mean_per_class_recall`.
+    """Zero-shot classification after every validation, logged under the benchmark's name:
+    `val/{dataset}/acc1`, `acc5` and `mean_per_class_recall` (`val/imagenet1k/acc1` with the imagenet1k preset).
 
     Args:
+        preset: imagenet1k, cifar10 or cifar100: the class names and templates of the CLIP paper
+            (`multimodal.eval.presets`; class folders are checked against it).
         classnames: file of class names, one a line, in label order (for `images`, defaults to folder names).
         images: an ImageFolder-style folder (FOLDER/CLASS/IMAGE).
         shards: shards whose samples carry a `cls` member (instead of `images`).
-        templates: prompt templates file, one a line with {} for the class name (default: the built-in set).
+        templates: prompt templates file, one a line with {} for the class name (default: the preset's, else
+            the built-in set).
+        dataset: the name in the logged keys (default: the preset, else `zeroshot`).
         batch_size: images per forward pass.
     """
 
-    def __init__(self, classnames: str | None = None, images: str | None = None, shards: str | None = None,
-                 templates: str | None = None, batch_size: int = 128):
+    def __init__(self, preset: str | None = None, classnames: str | None = None, images: str | None = None,
+                 shards: str | None = None, templates: str | None = None, dataset: str | None = None,
+                 batch_size: int = 128):
         if bool(images) == bool(shards):
             raise UserError("ZeroShotCallback needs exactly one of images or shards.")
-        if shards and not classnames:
-            raise UserError("ZeroShotCallback with shards needs classnames.")
+        if preset is not None and preset not in presets.PRESETS:
+            raise UserError(f"ZeroShotCallback preset '{preset}' is not one of {', '.join(presets.PRESETS)}.")
+        if preset and classnames:
+            raise UserError("ZeroShotCallback takes preset or classnames, not both.")
+        if shards and not (classnames or preset):
+            raise UserError("ZeroShotCallback with shards needs classnames or a preset.")
         self.source = ClassFolderSource(Path(images)) if images else LabelledShardSource(shards)
-        self.batch_size = batch_size
-        self.templates = zeroshot.read_templates(Path(templates) if templates else None)
-        self.classnames = zeroshot.read_lines(Path(classnames), "Class names") if classnames else \
-            [name.replace("_", " ") for name in self.source.classes]
+        self.classnames, self.templates = zeroshot.classes_and_templates(
+            self.source, preset, Path(classnames) if classnames else None, Path(templates) if templates else None)
+        self.dataset, self.batch_size = dataset or preset or "zeroshot", batch_size
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
@@ -103,8 +114,36 @@ class ZeroShotCallback(pl.Callback):
         architecture = pl_module.model.architecture
         batches = EmbedBatches(self.source, list(range(self.source.num_parts())), architecture.eval_transform,
                                architecture.tokenizer, self.batch_size, decode_on_device("auto", pl_module.device))
-        autocast = torch.autocast(pl_module.device.type, enabled=pl_module.device.type == "cuda", dtype=torch.bfloat16)
-        with _whole_parameters(trainer), autocast:
+        with _whole_parameters(trainer), autocast(pl_module.device):
             result = zeroshot.evaluate(pl_module.model, self.classnames, self.templates, batches)
-        for key in ("top1", "top5", "mean_per_class_recall"):
-            pl_module.log(f"val/zeroshot_{key}", result[key], sync_dist=True)
+        for key in ("acc1", "acc5", "mean_per_class_recall"):
+            pl_module.log(f"val/{self.dataset}/{key}", result[key], sync_dist=True)
+
+
+class RetrievalCallback(pl.Callback):
+    """Zero-shot retrieval on a standard test split after every validation, logged under the benchmark's
+    name: `val/{dataset}/image_retrieval_recall@k` (text -> image) and `text_retrieval_recall@k`, counted
+    as `multimodal eval retrieval` and CLIP_benchmark count them (every image with all its captions).
+
+    Args:
+        shards: the split's shards, e.g. written by `multimodal shards karpathy --split test`.
+        dataset: the name in the logged keys (default: the shard folder's name), e.g. mscoco_captions.
+        ks: the k of recall@k.
+        batch_size: images per forward pass.
+    """
+
+    def __init__(self, shards: str, dataset: str | None = None, ks: tuple[int, ...] = (1, 5, 10),
+                 batch_size: int = 256):
+        ShardSource(shards)  # a missing or empty shard folder stops the run before training starts
+        path = Path(shards.rstrip("/"))
+        self.shards, self.ks, self.batch_size = shards, tuple(ks), batch_size
+        self.dataset = dataset or (path.name if path.is_dir() else path.parent.name)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        with _whole_parameters(trainer):  # embed_shards autocasts
+            emb = embed_shards(pl_module.model, self.shards, self.batch_size, device=pl_module.device, progress=False)
+        metrics, _, _ = evaluate_embeddings(emb, self.ks)
+        for key, value in metrics.items():
+            pl_module.log(f"val/{self.dataset}/{key}", value, sync_dist=True)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import torch
 
+from multimodal.errors import UserError
+
 
 def _blocks(n: int, chunk: int) -> list[tuple[int, int]]:
     return [(i, min(i + chunk, n)) for i in range(0, n, chunk)]
@@ -73,6 +75,18 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
     metrics["text_retrieval_mean_rank"] = (i2t + 1).float().mean().item()
     metrics["text_retrieval_median_rank"] = (i2t + 1).float().median().item()
     return metrics
+
+
+def evaluate_embeddings(emb, ks: tuple[int, ...] = (1, 5, 10), chunk_size: int = 4096
+                        ) -> tuple[dict[str, float], int, int]:
+    """(metrics, images, captions) of the images and captions of `emb` (`eval.embed.Embeddings`); the
+    texts that belong to no image (`text_to_image` -1, from `--texts`) take no part."""
+    if emb.image_features.shape[0] == 0 or (emb.text_to_image < 0).all():
+        raise UserError("Retrieval needs images with captions: embed shards, not only --images or --texts.")
+    keep = emb.text_to_image >= 0
+    metrics = retrieval_metrics(emb.image_features, emb.text_features[keep], emb.text_to_image[keep], ks=ks,
+                                chunk_size=chunk_size)
+    return metrics, emb.image_features.shape[0], int(keep.sum())
 
 
 def first_caption_loss(image_features: torch.Tensor, text_features: torch.Tensor, text_to_image: torch.Tensor,

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from multimodal.data.pixels import EvalTransform
 from multimodal.errors import UserError, read_lines
+from multimodal.eval import presets
 from multimodal.eval.embed import encode_batch
 from multimodal.model import CLIP
 
@@ -41,6 +42,28 @@ def read_templates(path: Path | None) -> list[str]:
     return templates
 
 
+def classes_and_templates(source, preset: str | None = None, classnames: Path | None = None,
+                          templates: Path | None = None) -> tuple[list[str], list[str]]:
+    """The class names in label order and the prompt templates for the labelled `source`
+    (`ClassFolderSource` or `LabelledShardSource`): a preset's (`multimodal.eval.presets`; its classes
+    checked against the class folders), or the `classnames` file's (for a folder, by default its class
+    folders' names) with the built-in templates; a `templates` file replaces the templates of either."""
+    folder = source.folder if hasattr(source, "classes") else None  # an ImageFolder's root, named in sentences
+    if preset:
+        chosen = presets.PRESETS[preset]()
+        if folder is not None:
+            presets.check_class_folders(chosen, source.classes, folder)
+        names, prompts = list(chosen.classnames), list(chosen.templates)
+    else:
+        names = read_lines(classnames, "Class names") if classnames else \
+            [name.replace("_", " ") for name in source.classes]
+        if folder is not None and len(names) != len(source.classes):
+            raise UserError(f"{classnames} names {len(names)} classes but {folder} has "
+                            f"{len(source.classes)} class folders.")
+        prompts = list(DEFAULT_TEMPLATES)
+    return names, read_templates(templates) if templates else prompts
+
+
 @torch.no_grad()
 def classifier(model: CLIP, tokenizer: Callable, classnames: list[str], templates: list[str],
                device: torch.device | str = "cpu") -> torch.Tensor:
@@ -53,13 +76,14 @@ def classifier(model: CLIP, tokenizer: Callable, classnames: list[str], template
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """top1, top5 and mean per-class recall of (N, C) logits against (N,) labels."""
+    """acc1, acc5 (top-1 and top-5 accuracy) and mean per-class recall of (N, C) logits against (N,)
+    labels, named as CLIP_benchmark names them."""
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, 5)
     top1 = top[:, 0] == labels
     recalls = [top1[labels == c].float().mean() for c in range(num_classes) if (labels == c).any()]
     return {
-        "top1": top1.float().mean().item(),
-        "top5": (top == labels[:, None]).any(1).float().mean().item(),
+        "acc1": top1.float().mean().item(),
+        "acc5": (top == labels[:, None]).any(1).float().mean().item(),
         "mean_per_class_recall": torch.stack(recalls).mean().item(),
     }
 
