@@ -1,1 +1,1 @@
-"""Evaluation: retrieval metrics (pure tensors) and embedding of shards."""
+"""Evaluation: retrieval metrics (pure tensors), caption metrics (pure Python) and embedding of shards."""
