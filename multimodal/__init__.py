@@ -1,7 +1,7 @@
 """multimodal: CLIP-style contrastive training on streamed image-text shards.
 
 The library layers, bottom to top (imports only flow upwards):
-  loss, distributed, optim      torch only
+  loss, distributed, optim      torch only (and decoding: text generation over a decoder's logits)
   arch, model, fsdp             open_clip towers, a pure nn.Module, and FSDP's shapes applied from outside
   data/, eval/                  shard I/O, streaming pipeline, metrics (no Lightning)
   module, data.datamodule       the Lightning adapters; recipe builds what the module trains
