@@ -66,6 +66,11 @@ class Architecture:
         return image_transform_v2(self._preprocess, is_train=True), image_transform_v2(self._preprocess, is_train=False)
 
     @property
+    def captions(self) -> bool:
+        """A CoCa architecture: a caption decoder beside the two towers."""
+        return "multimodal_cfg" in self._config
+
+    @property
     def short_name(self) -> str:
         """A file-name-safe name: `tiny`, `ViT-B-32`, `my-arch` for a JSON path, `ViT-B-16-SigLIP` for a hub repo."""
         return self.name.rsplit("/", 1)[-1].removesuffix(".json").removeprefix(published.HF_HUB)

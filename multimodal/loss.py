@@ -10,8 +10,12 @@ columns (open_clip's "local loss"), labels offset by rank * B. The mean of the r
 equals the single-process loss on the concatenated batch, and the gradients DDP averages equal the
 single-process gradients (tests/test_distributed.py proves both).
 
-`ClipLoss` and `SigLipLoss` are thin callables over the two functions with one call signature, so a
-run chooses its loss once (`LOSSES`) and its step does not branch on a name.
+`caption_loss` is CoCa's captioning loss (Yu et al. 2022, arXiv:2205.01917): the token cross-entropy
+of teacher-forced next-token logits, padding ignored; it is local to each rank (no gather).
+
+`ClipLoss`, `SigLipLoss` and `CocaLoss` are thin callables over these functions with one call
+signature, so a run chooses its loss once (`LOSSES`) and its step does not branch on a name:
+`terms(model, images, tokens)` gives the named terms of a batch, whose sum is the training loss.
 """
 
 import math
@@ -77,6 +81,12 @@ def siglip_loss(
     return -F.logsigmoid(labels * logits).sum() / batch
 
 
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
+    """Mean cross-entropy of (B, T, V) next-token logits against (B, T) token ids, over the tokens that are
+    not `pad_id` (open_clip's tokenizer pads with 0), computed in float32 (bf16 logits lose the tail)."""
+    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=pad_id)
+
+
 class ContrastiveLoss:
     """A contrastive loss chosen once (`model.loss`), called as
     `loss(image_features, text_features, logit_scale, logit_bias, gather=...)`.
@@ -88,6 +98,18 @@ class ContrastiveLoss:
 
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
+    captions = False  # trains a caption decoder (a CoCa model) beside the contrastive towers
+
+    def __call__(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                 logit_bias: torch.Tensor | None = None, *, gather: bool = True) -> torch.Tensor:
+        raise NotImplementedError
+
+    def terms(self, model, images: torch.Tensor, tokens: torch.Tensor, *, gather: bool = True
+              ) -> dict[str, torch.Tensor]:
+        """The named loss terms of a batch through `model` (a `multimodal.model.CLIP`); their sum is the
+        training loss."""
+        return {"loss": self(model.encode_image(images), model.encode_text(tokens), model.logit_scale.exp(),
+                             model.logit_bias, gather=gather)}
 
 
 class ClipLoss(ContrastiveLoss):
@@ -111,4 +133,20 @@ class SigLipLoss(ContrastiveLoss):
         return siglip_loss(image_features, text_features, logit_scale, logit_bias, gather=gather)
 
 
-LOSSES: dict[str, type[ContrastiveLoss]] = {"clip": ClipLoss, "siglip": SigLipLoss}
+class CocaLoss(ClipLoss):
+    """CoCa's: `clip_loss` (gathered) plus `caption_loss_weight` x `caption_loss` of the decoder's teacher-forced
+    logits on the batch's own captions (local), as open_clip's `CoCaLoss` (weights 1 and 2)."""
+
+    captions = True
+
+    def __init__(self, caption_loss_weight: float = 2.0):
+        self.caption_loss_weight = caption_loss_weight
+
+    def terms(self, model, images: torch.Tensor, tokens: torch.Tensor, *, gather: bool = True
+              ) -> dict[str, torch.Tensor]:
+        image_features, text_features, logits, labels = model.forward_captions(images, tokens)
+        return {"contrastive_loss": self(image_features, text_features, model.logit_scale.exp(), gather=gather),
+                "caption_loss": self.caption_loss_weight * caption_loss(logits, labels)}
+
+
+LOSSES: dict[str, type[ContrastiveLoss]] = {"clip": ClipLoss, "siglip": SigLipLoss, "coca": CocaLoss}

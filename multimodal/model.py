@@ -37,6 +37,26 @@ class CLIP(nn.Module):
         """(B, L) token ids -> (B, D) unit-norm features."""
         return F.normalize(self.towers.encode_text(tokens), dim=-1)
 
+    @property
+    def captions(self) -> bool:
+        """Whether the towers include CoCa's caption decoder (`open_clip.CoCa`)."""
+        return hasattr(self.towers, "text_decoder")
+
+    def forward_captions(self, images: torch.Tensor, tokens: torch.Tensor):
+        """CoCa, teacher-forced: (image_features, text_features, logits (B, L-1, V), labels (B, L-1)): the
+        decoder reads tokens[:, :-1] with the image tokens and predicts tokens[:, 1:]."""
+        out = self.towers(images, tokens)  # unit features, as open_clip's CoCa returns them
+        return out["image_features"], out["text_features"], out["logits"], out["labels"]
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """CoCa: (B, N, W) image tokens that the caption decoder attends to."""
+        return self.towers._encode_image(images)[1]
+
+    def next_token_logits(self, image_tokens: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """CoCa: (B, V) logits of the token after (B, T) `tokens`, given the (B, N, W) `image_tokens`."""
+        _, token_embs = self.towers._encode_text(tokens)
+        return self.towers.text_decoder(image_tokens, token_embs)[:, -1]
+
     def forward(self, images: torch.Tensor, tokens: torch.Tensor):
         """Returns (image_features, text_features, logit_scale.exp()) for `clip_loss`."""
         return self.encode_image(images), self.encode_text(tokens), self.logit_scale.exp()

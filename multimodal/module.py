@@ -95,8 +95,11 @@ class CLIPModule(pl.LightningModule):
             loss, surrogate = cached_step(self.model, batch["image"], batch["text"], self._loss,
                                           self.micro_batches, scaler.get_scale() if scaler else 1.0)
         else:
-            features = self.model.encode_image(batch["image"]), self.model.encode_text(batch["text"])
-            loss = surrogate = self._loss(*features)
+            terms = self.loss.terms(self.model, batch["image"], batch["text"])
+            loss = surrogate = sum(terms.values())
+            if len(terms) > 1:  # CoCa: the contrastive and the captioning term
+                for name, term in terms.items():
+                    self.log(f"train/{name}", term.detach())
         # 1.0 when the loss of any rank is NaN or infinite: every rank then skips the update, on the
         # device (`optimizer_step`); `TrainingHealth` counts such steps. Nothing is read on the host.
         self.nonfinite = max_over_ranks_(torch.isfinite(loss.detach()).logical_not().float())

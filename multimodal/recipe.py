@@ -31,7 +31,8 @@ def build_module(
     warmup_steps: int = 100,
     min_lr_ratio: float = 0.0,
     val_loss_batch_size: int = 256,
-    loss: Literal["clip", "siglip"] = "clip",
+    loss: Literal["clip", "siglip", "coca"] = "clip",
+    caption_loss_weight: float = 2.0,
     micro_batches: int = 1,
     pretrained: str | None = None,
     cache_dir: str | None = None,
@@ -59,7 +60,10 @@ def build_module(
         val_loss_batch_size: held-out images per batch of `val/loss` (the in-batch contrastive loss
             of each image with its first caption).
         loss: `clip` (softmax InfoNCE) or `siglip` (pairwise sigmoid with a learnable bias; the
-            temperature starts at 10 and the bias at -10, as in SigLIP).
+            temperature starts at 10 and the bias at -10, as in SigLIP), or `coca` (CoCa: `clip` plus
+            `caption_loss_weight` x the captioning loss of the caption decoder; a CoCa architecture
+            such as coca_ViT-B-32 or tiny-coca).
+        caption_loss_weight: with `loss: coca`, the weight of the captioning loss (open_clip's default 2).
         micro_batches: encode each device's batch in this many gradient-cached chunks: the loss and
             gradients of the whole batch with the activation memory of one chunk.
         pretrained: the weights to start from: an open_clip pretrained tag of `model_name`
@@ -92,7 +96,15 @@ def build_module(
                      (0.0 <= patch_dropout < 1.0, f"model.patch_dropout must be in [0, 1), got {patch_dropout}")):
         if not ok:
             raise UserError(f"{rule}.")
-    contrastive, architecture = LOSSES[loss](), arch.load(model_name, pretrained, cache_dir)
+    architecture = arch.load(model_name, pretrained, cache_dir)
+    if (loss == "coca") != architecture.captions:
+        raise UserError(f"model.loss coca trains a CoCa architecture's caption decoder: {model_name} "
+                        f"{'has one, so use model.loss coca' if architecture.captions else 'has none'} "
+                        "(CoCa architectures: coca_ViT-B-32, coca_ViT-L-14, tiny-coca).")
+    if loss == "coca" and micro_batches > 1:
+        raise UserError("model.micro_batches caches contrastive features only; the captioning loss of model.loss "
+                        "coca needs each sample's decoder graph: set model.micro_batches to 1.")
+    contrastive = LOSSES[loss](caption_loss_weight) if loss == "coca" else LOSSES[loss]()
 
     def fresh() -> CLIP:
         """A randomly initialised model as configured (no weights loaded, not compiled)."""
@@ -107,8 +119,7 @@ def build_module(
     def count_flops_per_sample() -> float:
         """Counted on a fresh copy, on the meta device: any strategy, compiled or sharded, counts the same."""
         copy = fresh()
-        return flops_per_sample(copy, lambda i, t: contrastive(i, t, copy.logit_scale.exp(), copy.logit_bias,
-                                                               gather=False))
+        return flops_per_sample(copy, lambda m, i, t: sum(contrastive.terms(m, i, t, gather=False).values()))
 
     model = fresh()
     start = published.weights_file(model_name, pretrained, cache_dir)

@@ -41,9 +41,10 @@ def peak_tflops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
 
 
-def flops_per_sample(model: CLIP, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+def flops_per_sample(model: CLIP, loss_fn: Callable[[CLIP, torch.Tensor, torch.Tensor], torch.Tensor],
                      batch: int = 2) -> float:
-    """Forward + backward FLOPs of one (image, text) training sample of `model`.
+    """Forward + backward FLOPs of one (image, text) training sample of `model`: `loss_fn(model, images,
+    tokens)` is the loss of a batch (for `ContrastiveLoss`: the sum of its `terms`, a CoCa decoder included).
 
     The model is moved to the meta device: shapes only, no arithmetic, so that counting a ViT-L
     takes a second. Pass a copy.
@@ -52,10 +53,10 @@ def flops_per_sample(model: CLIP, loss_fn: Callable[[torch.Tensor, torch.Tensor]
     size = model.architecture.image_size
     images = torch.zeros(batch, 3, size, size, device="meta")
     tokens = model.architecture.tokenizer(["a photo of a thing"] * batch).to("meta")
-    params = [p for p in model.parameters() if p.requires_grad]
     with FlopCounterMode(display=False) as counter:
-        loss = loss_fn(model.encode_image(images), model.encode_text(tokens))
-        torch.autograd.grad(loss, params, allow_unused=True)
+        # backward(), not autograd.grad: the counter's module hooks refuse a leaf (CoCa's class token)
+        # entering the graph by itself under autograd.grad; the copy's meta gradients are dropped with it
+        loss_fn(model, images, tokens).backward()
     return counter.get_total_flops() / batch
 
 

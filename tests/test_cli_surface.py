@@ -5,11 +5,15 @@ file, in the same commit as the change and its note in the docs."""
 import argparse
 import inspect
 
-from multimodal.cli import COMMANDS, evaluate, shards, tools
+from multimodal.cli import COMMANDS, caption, evaluate, shards, tools
 
 SHARDS_OPTIONS = {"--images": None, "--out": None, "--shard_size": 1000, "--max_side": None, "--num_workers": 4,
                   "--overwrite": False}
 WEIGHTS = {"--checkpoint": None, "--model": None, "--pretrained": None, "--cache_dir": None}
+RESULT = {"--dataset": None, "--out": None, "--out_table": None}
+DECODING = {"--strategy": "beam", "--top_k": 50, "--top_p": 0.9, "--temperature": 1.0, "--beams": 4,
+            "--length_penalty": 1.0, "--max_length": 30, "--seed": 0, "--batch_size": 32, "--num_workers": 4,
+            "--decode": "auto"}
 SURFACE = {
     "export": {**WEIGHTS, "--out": None, "--overwrite": False},
     "embed": {**WEIGHTS, "--shards": None, "--images": None, "--texts": None,
@@ -17,20 +21,24 @@ SURFACE = {
               "--accelerator": "auto", "--devices": 1, "--decode": "auto", "--overwrite": False},
     "eval retrieval": {**WEIGHTS, "--shards": None, "--embeddings": None,
                        "--ks": [1, 5, 10], "--batch_size": 256, "--num_workers": 4, "--chunk_size": 4096,
-                       "--decode": "auto", "--out": None},
+                       "--decode": "auto", **RESULT},
     "eval zeroshot": {**WEIGHTS, "--preset": None, "--classnames": None,
                       "--templates": None, "--shards": None, "--images": None, "--batch_size": 128,
-                      "--num_workers": 4, "--decode": "auto", "--out": None},
+                      "--num_workers": 4, "--decode": "auto", **RESULT},
     "search": {"--index": None, "--text": None, "--image": None, "--target": None, "--k": 8, "--grid": None,
                **WEIGHTS},
     "plot": {"run": None, "--out": None},
+    "caption": {**WEIGHTS, "--images": None, "--shards": None, "--out": None, "--grid": None, "--part_size": 1000,
+                "--overwrite": False, **DECODING},
+    "eval captioning": {**WEIGHTS, "--shards": None, "--captions": None, **DECODING, **RESULT},
     "models": {"names": None, "--pretrained_only": False},
     "shards": {"coco": {"--captions": None, **SHARDS_OPTIONS}, "csv": {"--csv": None, **SHARDS_OPTIONS},
                "karpathy": {"--json": None, "--split": ["test"], **SHARDS_OPTIONS}},
 }
 TRAIN_MODEL = {  # `multimodal train --model.NAME`
     "model_name": "tiny", "lr": 5e-4, "weight_decay": 0.2, "betas": (0.9, 0.98), "eps": 1e-6, "warmup_steps": 100,
-    "min_lr_ratio": 0.0, "val_loss_batch_size": 256, "loss": "clip", "micro_batches": 1, "pretrained": None,
+    "min_lr_ratio": 0.0, "val_loss_batch_size": 256, "loss": "clip",
+    "caption_loss_weight": 2.0, "micro_batches": 1, "pretrained": None,
     "cache_dir": None,
     "lock_image": False, "lock_image_unlocked_groups": 0, "lock_text": False, "lock_text_unlocked_layers": 0,
     "grad_checkpointing": False, "patch_dropout": 0.0, "compile": False, "count_flops": True, "peak_tflops": None,
@@ -56,13 +64,15 @@ def options(parser: argparse.ArgumentParser) -> dict:
 
 
 def test_the_commands_and_their_options_and_defaults():
-    assert sorted(COMMANDS) == ["demo", "embed", "eval", "export", "models", "plot", "search", "shards", "train"]
+    assert sorted(COMMANDS) == ["caption", "demo", "embed", "eval", "export", "models", "plot", "search", "shards",
+                                "train"]
     assert {
         "export": options(evaluate.export_parser()), "embed": options(evaluate.embed_parser()),
         "eval retrieval": options(evaluate.eval_retrieval_parser()),
         "eval zeroshot": options(evaluate.eval_zeroshot_parser()),
         "search": options(tools.search_parser()), "plot": options(tools.plot_parser()),
         "models": options(tools.models_parser()),
+        "caption": options(caption.caption_parser()), "eval captioning": options(caption.eval_captioning_parser()),
         "shards": options(shards.shards_parser()),
     } == SURFACE
 

@@ -53,9 +53,15 @@ def free_port() -> int:
 
 
 def test_torchrun_launcher_runs_two_ranks(tmp_path):
+    """Two ranks of a CoCa run: the contrastive loss gathered over ranks, the captioning loss each rank's own,
+    the caption decoder's gradients averaged by DDP with the towers' (no unused parameter)."""
     proc = launch([str(REPO / "scripts" / "torchrun.sh"), "--config", DEBUG, "--trainer.strategy", "ddp",
-                   "--trainer.max_steps", "4"], tmp_path, {"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
+                   "--trainer.max_steps", "4", "--model.model_name", "tiny-coca", "--model.loss", "coca",
+                   "--trainer.log_every_n_steps", "2"],
+                  tmp_path, {"NPROC_PER_NODE": "2", "MASTER_PORT": str(free_port())})
     assert_two_ranks_trained(proc, tmp_path)
+    metrics = (tmp_path / "runs" / "debug" / "version_0" / "metrics.csv").read_text()
+    assert "train/caption_loss" in metrics.splitlines()[0]
 
 
 def test_slurm_script_runs_two_tasks_through_lightnings_slurm_environment(tmp_path):

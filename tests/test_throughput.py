@@ -16,7 +16,8 @@ def count(name: str, **lock) -> float:
     model = create_model(arch.load(name))
     if lock.get("image"):
         model.towers.lock_image_tower()
-    return flops_per_sample(model, lambda i, t: clip_loss(i, t, model.logit_scale.exp(), gather=False))
+    return flops_per_sample(model, lambda m, i, t: clip_loss(m.encode_image(i), m.encode_text(t),
+                                                             m.logit_scale.exp(), gather=False))
 
 
 def transformer_forward_flops(tokens: int, width: int, layers: int) -> float:

@@ -99,3 +99,13 @@ def dataset_name(args: argparse.Namespace, data: str | Path) -> str:
         return args.dataset
     path = Path(str(data).rstrip("/"))
     return path.name if path.is_dir() else path.parent.name or path.stem
+
+
+def provenance(model: str, pretrained: str | None, checkpoint: str | Path | None) -> dict:
+    """The result fields that say which weights were evaluated: model, pretrained (the tag, or the local
+    file as CLIP_benchmark writes it), and for a training checkpoint its step and epoch."""
+    from multimodal import weights
+
+    fields = {"model": model, "pretrained": pretrained or (str(checkpoint) if checkpoint else None),
+              "checkpoint": str(checkpoint) if checkpoint else None}
+    return {**fields, **weights.progress(checkpoint)} if checkpoint else fields

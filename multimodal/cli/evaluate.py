@@ -17,6 +17,7 @@ from multimodal.cli.args import (
     check_weights,
     dataset_name,
     load_model,
+    provenance,
     weights_given,
 )
 from multimodal.errors import (
@@ -167,16 +168,6 @@ def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
         write_json(out / "info.json", info)
 
 
-def _provenance(model: str, pretrained: str | None, checkpoint: str | Path | None) -> dict:
-    """The result fields that say which weights were evaluated: model, pretrained (the tag, or the local
-    file as CLIP_benchmark writes it), and for a training checkpoint its step and epoch."""
-    from multimodal import weights
-
-    fields = {"model": model, "pretrained": pretrained or (str(checkpoint) if checkpoint else None),
-              "checkpoint": str(checkpoint) if checkpoint else None}
-    return {**fields, **weights.progress(checkpoint)} if checkpoint else fields
-
-
 def eval_retrieval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal eval retrieval",
                                      description="Zero-shot image<->text retrieval recall@k.")
@@ -211,16 +202,16 @@ def eval_retrieval(argv: list[str]) -> int:
     if args.shards:
         model = load_model(args)
         emb = embed_shards(model, args.shards, args.batch_size, args.num_workers, decode=args.decode)
-        provenance = _provenance(model.architecture.name, args.pretrained, args.checkpoint)
+        weights_fields = provenance(model.architecture.name, args.pretrained, args.checkpoint)
     else:
         emb = load_folder(args.embeddings)
         info = read_info(args.embeddings)
-        provenance = _provenance(info["model"], info.get("pretrained"), info.get("checkpoint"))
+        weights_fields = provenance(info["model"], info.get("pretrained"), info.get("checkpoint"))
     metrics, num_images, num_texts = evaluate_embeddings(emb, tuple(args.ks), args.chunk_size)
     print(f"Retrieval over {num_images} images and {num_texts} captions")
     print(table(metrics, num_images, num_texts, tuple(args.ks)))
     record = results.result("zeroshot_retrieval", dataset_name(args, args.shards or args.embeddings), metrics=metrics,
-                            **provenance, num_images=num_images, num_texts=num_texts)
+                            **weights_fields, num_images=num_images, num_texts=num_texts)
     results.write_out(record, args.out, args.out_table)
     return 0
 
@@ -293,15 +284,17 @@ def eval_zeroshot(argv: list[str]) -> int:
           f"mean per-class recall {result['mean_per_class_recall']:.4f}")
     metrics = {k: result[k] for k in ("acc1", "acc5", "mean_per_class_recall")}
     record = results.result("zeroshot_classification", args.preset or dataset_name(args, args.shards or args.images),
-                            metrics=metrics, **_provenance(model.architecture.name, args.pretrained, args.checkpoint),
+                            metrics=metrics, **provenance(model.architecture.name, args.pretrained, args.checkpoint),
                             num_images=result["num_images"], num_classes=result["num_classes"])
     results.write_out(record, args.out, args.out_table)
     return 0
 
 
 def evaluate(argv: list[str]) -> int:
-    commands = {"retrieval": eval_retrieval, "zeroshot": eval_zeroshot}
+    from multimodal.cli.caption import eval_captioning
+
+    commands = {"retrieval": eval_retrieval, "zeroshot": eval_zeroshot, "captioning": eval_captioning}
     if not argv or argv[0] not in commands:
-        print("usage: multimodal eval {retrieval,zeroshot} ...  (add --help for options)")
+        print("usage: multimodal eval {retrieval,zeroshot,captioning} ...  (add --help for options)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])

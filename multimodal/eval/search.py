@@ -1,5 +1,6 @@
-"""Nearest neighbours in an embedding folder, and contact sheets of the images found."""
+"""Nearest neighbours in an embedding folder, and contact sheets of the images found or captioned."""
 
+import textwrap
 from pathlib import Path
 
 import torch
@@ -20,10 +21,14 @@ def top_k(candidates: torch.Tensor, query: torch.Tensor, k: int) -> list[tuple[i
 
 def load_images(emb: Embeddings, rows: list[int]) -> list[Image.Image | None]:
     """The images of `rows` of an embedding set: from their files, or from their shards."""
-    out: list[Image.Image | None] = [None] * len(rows)
+    return images_of([emb.image_rows[row] for row in rows])
+
+
+def images_of(metas: list[dict]) -> list[Image.Image | None]:
+    """The images that index rows (key and shard url, or file_name) name; None where one cannot be read."""
+    out: list[Image.Image | None] = [None] * len(metas)
     by_url: dict[str, list[tuple[int, str]]] = {}
-    for i, row in enumerate(rows):
-        meta = emb.image_rows[row]
+    for i, meta in enumerate(metas):
         if "url" in meta:
             by_url.setdefault(meta["url"], []).append((i, meta["key"]))
         elif Path(meta.get("file_name", "")).is_file():
@@ -64,3 +69,23 @@ def first_captions(emb: Embeddings) -> dict[int, str]:
         if image >= 0:
             out.setdefault(image, row.get("caption", ""))
     return out
+
+
+def captioned_sheet(rows: list[dict], tile: int = 192, cols: int = 4) -> Image.Image:
+    """Images (index rows with their "caption") in a grid, each with its caption wrapped beneath it."""
+    font = ImageFont.load_default(size=max(10, tile // 14))
+    pad, text_h = 6, 4 * (tile // 12)
+    images = images_of(rows)
+    lines = -(-len(rows) // cols)
+    sheet = Image.new("RGB", (pad + cols * (tile + pad), pad + lines * (tile + text_h + pad)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, (image, row) in enumerate(zip(images, rows)):
+        x, y = pad + (i % cols) * (tile + pad), pad + (i // cols) * (tile + text_h + pad)
+        if image is None:
+            draw.rectangle((x, y, x + tile, y + tile), outline="gray")
+        else:
+            thumb = ImageOps.contain(image, (tile, tile), Image.Resampling.BICUBIC)
+            sheet.paste(thumb, (x + (tile - thumb.width) // 2, y + (tile - thumb.height) // 2))
+        wrapped = textwrap.wrap(row.get("caption", ""), width=max(8, tile // 7))[:4]
+        draw.multiline_text((x, y + tile + 2), "\n".join(wrapped), fill="black", font=font, spacing=1)
+    return sheet

@@ -1,0 +1,156 @@
+"""CoCa: a caption decoder trained beside the contrastive loss (`model.loss coca`), and everything the
+trainer already does with a model (export, embed, eval retrieval) working with it."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+
+from multimodal import arch, weights
+from multimodal.errors import UserError
+from multimodal.loss import CocaLoss, caption_loss
+from multimodal.model import create_model
+from tests.conftest import REPO
+
+
+def test_the_loss_is_open_clips_coca_loss():
+    torch.manual_seed(0)
+    image, text = (torch.nn.functional.normalize(torch.randn(6, 16), dim=-1) for _ in range(2))
+    logits, labels = torch.randn(6, 9, 50), torch.randint(1, 50, (6, 9))
+    labels[:, 6:] = 0  # padding, ignored
+    scale = torch.tensor(14.0)
+    theirs = open_clip.loss.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)(image, text, logits, labels, scale)
+    model = type("M", (), {"logit_scale": scale.log(), "logit_bias": None,
+                           "forward_captions": lambda self, i, t: (image, text, logits, labels)})()
+    ours = CocaLoss(2.0).terms(model, None, None)
+    assert torch.allclose(ours["contrastive_loss"], theirs[0]) and torch.allclose(ours["caption_loss"], theirs[1])
+    assert torch.allclose(caption_loss(logits, labels), torch.nn.functional.cross_entropy(
+        logits[:, :6].reshape(-1, 50), labels[:, :6].reshape(-1)))
+
+
+@pytest.fixture(scope="module")
+def coca_run(tmp_path_factory):
+    """(checkpoint, its module) of tiny-coca after a few CoCa steps on synthetic scenes."""
+    import pytorch_lightning as pl
+
+    from multimodal.data.datamodule import ShardDataModule
+    from multimodal.data.shards import write_synthetic
+    from multimodal.recipe import build_module
+
+    root = tmp_path_factory.mktemp("coca")
+    write_synthetic(root / "data", num_samples=48, shard_size=16)
+    module = build_module("tiny-coca", loss="coca", lr=1e-3, warmup_steps=1)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=pl.loggers.CSVLogger(root), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
+                         default_root_dir=root)
+    trainer.fit(module, datamodule=ShardDataModule(str(root / "data"), model_name="tiny-coca", batch_size=8,
+                                                   num_workers=0))
+    trainer.save_checkpoint(root / "last.ckpt")
+    return root, module
+
+
+def test_coca_trains_with_both_losses_logged(coca_run):
+    import csv
+
+    root, _ = coca_run
+    rows = list(csv.DictReader(next(root.rglob("metrics.csv")).open()))
+    for key in ("train/loss", "train/contrastive_loss", "train/caption_loss"):
+        values = [float(r[key]) for r in rows if r.get(key)]
+        assert values and all(v > 0 for v in values), key
+    caption = [float(r["train/caption_loss"]) for r in rows if r.get("train/caption_loss")]
+    assert caption[0] / 2.0 == pytest.approx(10.8, abs=1.0)  # ln(49408) at the start: the decoder knows nothing yet
+
+
+def test_export_loads_in_open_clip_as_coca(cli, coca_run, tmp_path):
+    root, module = coca_run
+    result = cli("export", "--checkpoint", str(root / "last.ckpt"), "--out", "coca.safetensors", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    open_clip.add_model_config(tmp_path / "tiny-coca.json")
+    theirs, _, _ = open_clip.create_model_and_transforms("tiny-coca", pretrained=str(tmp_path / "coca.safetensors"))
+    assert isinstance(theirs, open_clip.CoCa)
+    images = torch.randn(2, 3, 64, 64)
+    tokens = arch.load("tiny-coca").tokenizer(["a red circle", "two blue squares"])
+    ours = weights.load_model(root / "last.ckpt").eval()
+    with torch.no_grad():
+        assert torch.allclose(theirs.eval()(images, tokens)["logits"], ours.forward_captions(images, tokens)[2],
+                              atol=1e-5)
+
+
+def test_embed_and_eval_retrieval_with_a_coca_checkpoint(cli, coca_run, tmp_path):
+    root, _ = coca_run
+    result = cli("eval", "retrieval", "--checkpoint", str(root / "last.ckpt"), "--shards", str(root / "data"),
+                 "--num_workers", "0", "--out", "r.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 48
+
+
+@pytest.mark.parametrize("settings, says", [
+    (dict(model_name="tiny", loss="coca"), "tiny has none"),
+    (dict(model_name="tiny-coca", loss="clip"), "tiny-coca has one, so use model.loss coca"),
+    (dict(model_name="tiny-coca", loss="coca", micro_batches=2), "set model.micro_batches to 1"),
+])
+def test_coca_settings_that_cannot_work_are_one_sentence(settings, says):
+    from multimodal.recipe import build_module
+
+    with pytest.raises(UserError, match=says):
+        build_module(**settings)
+
+
+def test_train_command_takes_coca(cli, tmp_path):
+    result = cli("train", "--config", str(REPO / "configs" / "debug.yaml"), "--model.model_name", "tiny-coca",
+                 "--model.loss", "coca", "--trainer.max_steps", "2", "--data.batch_size", "8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
+    assert weights.load_model(ckpt).captions and not create_model(arch.load("tiny")).captions
+
+
+def test_caption_writes_resumes_and_draws(cli, coca_run, tmp_path):
+    root, _ = coca_run
+    common = ["caption", "--checkpoint", str(root / "last.ckpt"), "--shards", str(root / "data"), "--num_workers",
+              "0", "--strategy", "top_p", "--top_p", "0.9", "--temperature", "1.0", "--max_length", "8",
+              "--batch_size", "8"]
+    result = cli(*common, "--out", "caps.jsonl", "--grid", "caps.png", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(line) for line in (tmp_path / "caps.jsonl").read_text().splitlines()]
+    assert len(lines) == 48 and all(isinstance(r["caption"], str) and r["key"] for r in lines)
+    assert "Wrote 48 captions" in result.stdout
+    assert (tmp_path / "caps.png").read_bytes()[:4] == b"\x89PNG"
+    first = (tmp_path / "caps.jsonl").read_text()
+    (tmp_path / "caps.jsonl.parts" / "part-00001.jsonl").unlink()  # as if interrupted before the second part
+    result = cli(*common, "--out", "caps.jsonl", cwd=tmp_path)
+    assert "2 of 3 parts already done; captioning 1." in result.stdout
+    assert (tmp_path / "caps.jsonl").read_text() == first  # seeded per part: the same captions
+    result = cli(*common[:-2], "--batch_size", "8", "--seed", "1", "--out", "caps.jsonl", cwd=tmp_path)
+    assert result.returncode == 2 and "made with other settings (seed)" in result.stderr
+
+
+def test_eval_captioning_reports_bleu_and_cider(cli, coca_run, tmp_path):
+    root, _ = coca_run
+    result = cli("eval", "captioning", "--checkpoint", str(root / "last.ckpt"), "--shards", str(root / "data"),
+                 "--num_workers", "0", "--strategy", "greedy", "--max_length", "8", "--out", "c.json",
+                 "--captions", "c.jsonl", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads((tmp_path / "c.json").read_text())
+    assert record["task"] == "captioning" and record["num_images"] == 48
+    assert {"bleu4", "cider"} <= set(record["metrics"]) and all(v >= 0 for v in record["metrics"].values())
+    assert len((tmp_path / "c.jsonl").read_text().splitlines()) == 48
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--top_p", "1.5"], "top_p"), (["--top_k", "0"], "top_k"), (["--temperature", "-1"], "temperature"),
+    (["--beams", "0"], "beams"),
+])
+def test_bad_decoding_settings_are_one_sentence(cli, coca_run, tmp_path, args, says):
+    root, _ = coca_run
+    result = cli("caption", "--checkpoint", str(root / "last.ckpt"), "--shards", str(root / "data"), *args,
+                 "--out", "caps.jsonl", cwd=tmp_path)
+    assert result.returncode == 2 and says in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "caps.jsonl").exists()
+
+
+def test_a_model_without_a_decoder_cannot_caption(cli, trained, coca_run, tmp_path):
+    ckpt, _ = trained
+    result = cli("caption", "--checkpoint", str(ckpt), "--shards", str(coca_run[0] / "data"), "--out", "caps.jsonl",
+                 cwd=tmp_path)
+    assert result.returncode == 2 and "has no caption decoder" in result.stderr
