@@ -1,5 +1,9 @@
-"""The embedded default's report: held-out retrieval next to chance, the curves, a contact sheet."""
+"""The embedded default's report: held-out retrieval next to chance, the curves, a contact sheet; for a
+CoCa model also its captions of the held-out scenes, scored next to chance and a constant caption."""
 
+import json
+import random
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -49,3 +53,68 @@ def report(model: CLIP, shards: str, run_dir: Path, batch_size: int = 256) -> di
     print(f"Wrote {run_dir / 'retrieval.json'}, retrieval.txt (the table), "
           f"{f'{curves.name} and ' if curves else ''}retrieval.png")
     return result
+
+
+def caption_report(model: CLIP, shards: str, train_shards: str, run_dir: Path, batch_size: int = 64) -> dict:
+    """Greedy captions of the held-out scenes `shards`: CIDEr and BLEU-4 against their captions, and how
+    often a caption names the scene's colours, its shapes and its count (`synthetic.mentions`: all of them
+    and nothing else), next to two baselines scored the same way: chance (each scene given the caption of
+    another held-out scene) and the training set's most common caption for every scene. Writes
+    captions.json and captions.png (the first scenes with their captions)."""
+    from multimodal.data.sources import ShardSource
+    from multimodal.decoding import Decoding
+    from multimodal.eval.captioning import caption_metrics
+    from multimodal.eval.captions import caption_source
+    from multimodal.eval.search import captioned_sheet
+
+    source = ShardSource(shards)
+    generated, references, rows = {}, {}, []
+    for batch, captions in caption_source(model, source, list(range(source.num_parts())), Decoding("greedy"),
+                                          batch_size=batch_size, decode="cpu"):
+        for i, (row, caption) in enumerate(zip(batch["image_rows"], captions)):
+            key = f"{batch['part']}/{row['key']}"
+            generated[key] = caption
+            references[key] = [r["caption"] for r in batch["text_rows"] if r.get("image") == i]
+            rows.append({**row, "caption": caption})
+    keys = sorted(generated)
+    shuffled = random.Random(0).sample(keys, len(keys))
+    common = Counter(_captions(ShardSource(train_shards).urls)).most_common(1)[0][0]
+    systems = {"model": generated, "chance": {k: references[s][0] for k, s in zip(keys, shuffled)},
+               "most common caption": dict.fromkeys(keys, common)}
+    result = {name: {**caption_metrics(captions, references), **_named_right(captions, references)}
+              for name, captions in systems.items()}
+    lines = [f"{'':22}{'CIDEr':>8}{'BLEU-4':>8}{'colours':>9}{'shapes':>8}{'counts':>8}{'all':>7}"]
+    for name, m in result.items():
+        lines.append(f"{name:22}{m['cider']:8.3f}{m['bleu4']:8.3f}{m['colours']:9.3f}{m['shapes']:8.3f}"
+                     f"{m['counts']:8.3f}{m['all']:7.3f}")
+    summary = f"Captions of {len(keys)} held-out scenes (greedy), against their captions:\n" + "\n".join(lines)
+    print("\n" + summary)
+    write_json(run_dir / "captions.json", {**result, "most_common_caption": common, "examples": rows[:20]})
+    save_image(captioned_sheet(rows[:12], tile=128), run_dir / "captions.png")
+    print(f"Wrote {run_dir / 'captions.json'} and captions.png")
+    return result
+
+
+def _named_right(captions: dict[str, str], references: dict[str, list[str]]) -> dict[str, float]:
+    """The fraction of images whose caption names exactly the colours, shapes and counts of its references."""
+    from multimodal.data.synthetic import mentions
+
+    right = Counter()
+    for key, caption in captions.items():
+        said, truth = mentions(caption), [mentions(r) for r in references[key]]
+        hits = {kind: said[kind] == frozenset().union(*(t[kind] for t in truth)) for kind in said}
+        right.update(kind for kind, hit in hits.items() if hit)
+        right["all"] += all(hits.values())
+    return {kind: right[kind] / len(captions) for kind in ("colours", "shapes", "counts", "all")}
+
+
+def _captions(urls: list[str]) -> list[str]:
+    """Every caption of the shards at `urls` (their .json members), without decoding an image."""
+    from multimodal.data.tario import tar_members
+
+    out = []
+    for url in urls:
+        with open(url, "rb") as stream:
+            out.extend(c for name, data in tar_members(stream) if name.endswith(".json")
+                       for c in json.loads(data)["captions"])
+    return out

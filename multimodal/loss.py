@@ -84,7 +84,7 @@ def siglip_loss(
 def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int = 0) -> torch.Tensor:
     """Mean cross-entropy of (B, T, V) next-token logits against (B, T) token ids, over the tokens that are
     not `pad_id` (open_clip's tokenizer pads with 0), computed in float32 (bf16 logits lose the tail)."""
-    return F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=pad_id)
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=pad_id)  # no transposed copy
 
 
 class ContrastiveLoss:

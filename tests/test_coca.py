@@ -154,3 +154,17 @@ def test_a_model_without_a_decoder_cannot_caption(cli, trained, coca_run, tmp_pa
     result = cli("caption", "--checkpoint", str(ckpt), "--shards", str(coca_run[0] / "data"), "--out", "caps.jsonl",
                  cwd=tmp_path)
     assert result.returncode == 2 and "has no caption decoder" in result.stderr
+
+
+def test_what_a_caption_names_of_a_scene():
+    from multimodal.data.synthetic import mentions
+    from multimodal.demo import _named_right
+
+    assert mentions("Three small yellow circles") == {"colours": {"yellow"}, "shapes": {"circle"},
+                                                      "counts": {"three"}}
+    assert mentions("on the left a red square, on the right a blue triangle") == {
+        "colours": {"red", "blue"}, "shapes": {"square", "triangle"}, "counts": set()}
+    references = {"a": ["a red square to the left of a blue circle", "a blue circle on the right and a red square"],
+                  "b": ["two green triangles", "there are two small green triangles"]}
+    said = {"a": "a blue circle to the right of a red square", "b": "three green triangles"}
+    assert _named_right(said, references) == {"colours": 1.0, "shapes": 1.0, "counts": 0.5, "all": 0.5}

@@ -1,4 +1,5 @@
-"""The training loop learns: memorising real COCO photos, and the demo's held-out synthetic scenes."""
+"""The training loop learns: memorising real COCO photos, and the demo's held-out synthetic scenes (retrieval,
+and captions for the tiny CoCa)."""
 
 import json
 
@@ -13,6 +14,7 @@ from multimodal.data.shards import write_coco
 from multimodal.eval.embed import embed_shards
 from multimodal.eval.retrieval import chance_recall, retrieval_metrics
 from multimodal.recipe import build_module
+from tests.conftest import REPO
 
 
 @pytest.mark.slow
@@ -81,3 +83,22 @@ def test_demo_learns_composition_of_held_out_scenes(cli, tmp_path):
     assert "recall@5 is" in (run / "retrieval.txt").read_text()
     for name in ("curves.png", "retrieval.png"):
         assert (run / name).stat().st_size > 10_000, name
+
+
+@pytest.mark.slow
+def test_demo_coca_writes_captions_that_name_what_the_held_out_scenes_show(cli, tmp_path):
+    """The tiny CoCa after the demo-coca run: its greedy captions of 500 held-out scenes beat chance (another
+    scene's caption) and the most common training caption by a wide margin, in CIDEr and in naming the
+    scene's colours, and colours, shapes and counts together."""
+    proc = cli("demo", "--config", str(REPO / "configs" / "demo-coca.yaml"), "--trainer.enable_progress_bar",
+               "false", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "runs" / "demo" / "version_0"
+    result = json.loads((run / "captions.json").read_text())
+    model, chance, constant = result["model"], result["chance"], result["most common caption"]
+    print(json.dumps({k: result[k] for k in ("model", "chance", "most common caption")}, indent=1))
+    assert model["cider"] >= 2 * chance["cider"] and model["cider"] >= 5 * constant["cider"]
+    for kind in ("colours", "all"):
+        assert model[kind] >= 4 * max(chance[kind], constant[kind]), kind
+    assert "Captions of 500 held-out scenes" in proc.stdout
+    assert (run / "captions.png").stat().st_size > 10_000

@@ -233,5 +233,8 @@ def _run_demo(argv: list[str]) -> int:
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
     if cli.trainer.is_global_zero:
         data = cli.datamodule
-        demo.report(cli.model.model.cpu(), data.val_shards, Path(cli.trainer.log_dir))
+        model, run_dir = cli.model.model.cpu(), Path(cli.trainer.log_dir)
+        demo.report(model, data.val_shards, run_dir)
+        if model.captions:
+            demo.caption_report(model, data.val_shards, data.train_shards, run_dir)
     return 0

@@ -114,6 +114,15 @@ def _group(rng: random.Random):
     return [(thing, c) for c in slots], captions
 
 
+def mentions(caption: str) -> dict[str, frozenset[str]]:
+    """The colours, shapes and number words ("two", "three") a caption names, shapes in the singular:
+    what a caption of these scenes must get right, whatever its phrasing."""
+    words = caption.lower().replace(",", " ").split()
+    return {"colours": frozenset(w for w in words if w in COLOURS),
+            "shapes": frozenset(w.removesuffix("s") for w in words if w.removesuffix("s") in SHAPES),
+            "counts": frozenset(w for w in words if w in NUMBERS.values())}
+
+
 def scene(index: int, seed: int = 0, side: int = 64, num_captions: int = 3) -> tuple[bytes, list[str], dict]:
     """The JPEG bytes, captions and layout record of scene `index`."""
     rng = random.Random(seed * 1_000_003 + index)
