@@ -147,3 +147,16 @@ def check_checkpoint(path: str | Path) -> None:
     if path.stat().st_size == 0:
         raise UserError(f"Checkpoint {path} is empty (0 bytes), as a write that never finished leaves it: pass "
                         "another checkpoint.")
+
+
+def settings_changed(path: Path, settings: dict, overwrite: bool, what: str) -> bool:
+    """Whether earlier work beside the settings file `path` (JSON) was made with other `settings` and must be
+    cleared before resuming; refused in one sentence naming the changed settings unless `overwrite`."""
+    if not path.is_file():
+        return False
+    old = read_json(path, "pass --overwrite to start afresh, or choose another --out")
+    if old != settings and not overwrite:
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        raise UserError(f"{path.parent} holds {what} made with other settings ({', '.join(changed)}): "
+                        "pass --overwrite to replace them, or choose another --out.")
+    return old != settings

@@ -25,7 +25,7 @@ from multimodal.errors import (
     UserError,
     check_input,
     check_output,
-    read_json,
+    settings_changed,
     writing,
 )
 from multimodal.eval import presets
@@ -152,12 +152,7 @@ def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
     """Resume only a folder written by the same model, source and settings."""
     existing = out / "info.json"
     if existing.is_file():
-        old = read_json(existing, "pass --overwrite to start afresh, or choose another --out")
-        if old != info and not overwrite:
-            changed = sorted(k for k in info if old.get(k) != info[k])
-            raise UserError(f"{out} holds embeddings made with other settings ({', '.join(changed)}): "
-                            "pass --overwrite to replace them, or choose another --out.")
-        if old != info:
+        if settings_changed(existing, info, overwrite, "embeddings"):
             for kind in ("img", "text"):
                 for sub in ("emb", "index"):
                     shutil.rmtree(out / f"{kind}_{sub}", ignore_errors=True)

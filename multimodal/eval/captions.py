@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from multimodal.data.pixels import decode_on_device, finish_eval_batch
 from multimodal.data.sources import EmbedBatches, Source
 from multimodal.decoding import Decoding, generate
-from multimodal.errors import UserError, read_json
+from multimodal.errors import UserError, settings_changed
 from multimodal.eval.embed import PART, autocast
 from multimodal.files import write_json, write_text
 from multimodal.model import CLIP
@@ -86,15 +86,9 @@ class CaptionWriter:
     def __init__(self, out: Path, settings: dict, overwrite: bool = False):
         self.out, self.folder = out, out.with_name(out.name + ".parts")
         info = self.folder / "settings.json"
-        if info.is_file():
-            old = read_json(info, "pass --overwrite to start afresh")
-            if old != settings and not overwrite:
-                changed = sorted(k for k in settings if old.get(k) != settings[k])
-                raise UserError(f"{self.folder} holds captions made with other settings ({', '.join(changed)}): "
-                                "pass --overwrite to start afresh, or choose another --out.")
-            if old != settings:
-                for done in self.folder.glob("part-*.jsonl"):
-                    done.unlink()
+        if settings_changed(info, settings, overwrite, "captions"):
+            for done in self.folder.glob("part-*.jsonl"):
+                done.unlink()
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(info, settings)
         self.open: dict[int, list[dict]] = {}
