@@ -2,7 +2,6 @@
 CoCa model also its captions of the held-out scenes, scored next to chance and a constant caption."""
 
 import json
-import random
 from collections import Counter
 from pathlib import Path
 
@@ -63,7 +62,7 @@ def caption_report(model: CLIP, shards: str, train_shards: str, run_dir: Path, b
     captions.json and captions.png (the first scenes with their captions)."""
     from multimodal.data.sources import ShardSource
     from multimodal.decoding import Decoding
-    from multimodal.eval.captioning import caption_metrics
+    from multimodal.eval.captioning import caption_metrics, chance_captions
     from multimodal.eval.captions import caption_source
     from multimodal.eval.search import captioned_sheet
 
@@ -77,9 +76,8 @@ def caption_report(model: CLIP, shards: str, train_shards: str, run_dir: Path, b
             references[key] = [r["caption"] for r in batch["text_rows"] if r.get("image") == i]
             rows.append({**row, "caption": caption})
     keys = sorted(generated)
-    shuffled = random.Random(0).sample(keys, len(keys))
     common = Counter(_captions(ShardSource(train_shards).urls)).most_common(1)[0][0]
-    systems = {"model": generated, "chance": {k: references[s][0] for k, s in zip(keys, shuffled)},
+    systems = {"model": generated, "chance": chance_captions(references),
                "most common caption": dict.fromkeys(keys, common)}
     result = {name: {**caption_metrics(captions, references), **_named_right(captions, references)}
               for name, captions in systems.items()}

@@ -13,6 +13,7 @@ References:
 """
 
 import math
+import random
 import re
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
@@ -213,3 +214,10 @@ def caption_metrics(candidates: Mapping[Hashable, str], references: Mapping[Hash
     {"bleu1", "bleu2", "bleu3", "bleu4", "cider"}, on a 0-1 scale for BLEU and 0-10 for CIDEr-D."""
     scores = {f"bleu{k}": value for k, value in enumerate(bleu(candidates, references), start=1)}
     return scores | {"cider": cider(candidates, references)}
+
+
+def chance_captions(references: Mapping[Hashable, Sequence[str]], seed: int = 0) -> dict[Hashable, str]:
+    """The chance baseline: each image given the first reference caption of another image (a random
+    cyclic shift of a random order: never its own), scored like a model's captions."""
+    keys = random.Random(seed).sample(sorted(references, key=str), len(references))
+    return {key: references[other][0] for key, other in zip(keys, keys[1:] + keys[:1])}
