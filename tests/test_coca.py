@@ -97,12 +97,24 @@ def test_coca_settings_that_cannot_work_are_one_sentence(settings, says):
         build_module(**settings)
 
 
-def test_train_command_takes_coca(cli, tmp_path):
-    result = cli("train", "--config", str(REPO / "configs" / "debug.yaml"), "--model.model_name", "tiny-coca",
-                 "--model.loss", "coca", "--trainer.max_steps", "2", "--data.batch_size", "8", cwd=tmp_path)
+def test_train_command_takes_coca_in_bf16_and_resumes(cli, tmp_path):
+    """Through the CLI, in bf16-mixed (the GPU recipes' precision, on the CPU here), stopped after 2 steps
+    and resumed to 4 from the run folder: the optimizer state and the step carry over."""
+    common = ["train", "--config", str(REPO / "configs" / "debug.yaml"), "--model.model_name", "tiny-coca",
+              "--model.loss", "coca", "--data.batch_size", "8", "--trainer.precision", "bf16-mixed",
+              "--trainer.log_every_n_steps", "1"]
+    result = cli(*common, "--trainer.max_steps", "2", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    ckpt = next((tmp_path / "runs").rglob("last.ckpt"))
-    assert weights.load_model(ckpt).captions and not create_model(arch.load("tiny")).captions
+    run = tmp_path / "runs" / "debug" / "version_0"
+    result = cli(*common, "--trainer.max_steps", "4", "--resume", str(run), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 4 and ckpt["optimizer_states"][0]["state"]
+    steps = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()]
+    caption = steps[0].index("train/caption_loss")
+    assert sorted(int(r[steps[0].index("step")]) for r in steps[1:] if r[caption]) == [0, 1, 2, 3]
+    assert weights.load_model(run / "checkpoints" / "last.ckpt").captions
+    assert not create_model(arch.load("tiny")).captions
 
 
 def test_caption_writes_resumes_and_draws(cli, coca_run, tmp_path):

@@ -72,3 +72,13 @@ def test_fsdp_resumes_with_its_optimizer_state_as_ddp_does(runs):
     ddp, fsdp = last(runs, "version_0"), last(runs, "version_1")
     assert ddp["global_step"] == fsdp["global_step"] == 30
     assert_same_weights(fsdp, ddp)
+
+
+def test_coca_trains_sharded_and_its_checkpoint_loads(tmp_path):
+    """CoCa under FSDP: the caption decoder's blocks are FSDP units too; the checkpoint is an ordinary one."""
+    train(tmp_path, FSDP, "--model.model_name", "tiny-coca", "--model.loss", "coca", "--trainer.max_steps", "3",
+          "--data.batch_size", "8", "--trainer.log_every_n_steps", "1")
+    run = tmp_path / "runs" / "debug" / "version_0"
+    assert "train/caption_loss" in (run / "metrics.csv").read_text().splitlines()[0]
+    model = load_model(run / "checkpoints" / "last.ckpt")
+    assert model.captions and model.logit_scale.shape == ()
