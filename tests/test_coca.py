@@ -79,10 +79,16 @@ def test_export_loads_in_open_clip_as_coca(cli, coca_run, tmp_path):
 
 def test_embed_and_eval_retrieval_with_a_coca_checkpoint(cli, coca_run, tmp_path):
     root, _ = coca_run
-    result = cli("eval", "retrieval", "--checkpoint", str(root / "last.ckpt"), "--shards", str(root / "data"),
-                 "--num_workers", "0", "--out", "r.json", cwd=tmp_path)
+    result = cli("embed", "--checkpoint", str(root / "last.ckpt"), "--shards", str(root / "data"), "--num_workers",
+                 "0", "--dtype", "float32", "--out", "emb", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert json.loads((tmp_path / "r.json").read_text())["num_images"] == 48
+    result = cli("eval", "retrieval", "--embeddings", "emb", "--out", "a.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = cli("eval", "retrieval", "--checkpoint", str(root / "last.ckpt"), "--shards", str(root / "data"),
+                 "--num_workers", "0", "--out", "b.json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert a["num_images"] == b["num_images"] == 48 and a["metrics"] == b["metrics"]
 
 
 @pytest.mark.parametrize("settings, says", [
