@@ -74,5 +74,28 @@ def create_model(architecture: Architecture, *, init_logit_scale: float | None =
         kwargs["init_logit_scale"] = init_logit_scale
     if init_logit_bias is not None:
         kwargs["init_logit_bias"] = init_logit_bias
-    return CLIP(architecture.create_towers(force_patch_dropout=patch_dropout, **kwargs), architecture)
+    towers = architecture.create_towers(force_patch_dropout=patch_dropout, **kwargs)
+    if hasattr(towers, "text_decoder"):
+        init_caption_decoder(towers.text_decoder)
+    return CLIP(towers, architecture)
+
+
+@torch.no_grad()
+def init_caption_decoder(decoder: nn.Module) -> None:
+    """Initialise a CoCa caption decoder (open_clip's `MultimodalTransformer`) as open_clip means to.
+
+    open_clip 3.3 leaves the decoder's `text_projection` as `torch.empty`, whatever memory held: its
+    `MultimodalTransformer.init_parameters`, which would set it, reads attributes the class lacks and is
+    never called, so a CoCa trained from scratch starts from garbage logits (a caption loss of 1e26 on one
+    machine, 10.8 on another). The standard deviations are the ones that method states, as open_clip's
+    text tower uses them.
+    """
+    width, layers = decoder.width, decoder.layers
+    attn_std, proj_std, fc_std = width ** -0.5, width ** -0.5 * (2 * layers) ** -0.5, (2 * width) ** -0.5
+    for block in (*decoder.resblocks, *decoder.cross_attn):
+        nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+        nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+        nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+    nn.init.normal_(decoder.text_projection, std=width ** -0.5)
 

@@ -29,6 +29,18 @@ def test_the_loss_is_open_clips_coca_loss():
         logits[:, :6].reshape(-1, 50), labels[:, :6].reshape(-1)))
 
 
+def test_a_fresh_caption_decoder_is_initialised_not_left_as_empty_memory():
+    """open_clip's CoCa leaves its decoder's text_projection as torch.empty; ours starts from N(0, 1/width)."""
+    garbage = torch.empty(128, 49408)
+    garbage.fill_(1e30)  # what an uninitialised tensor may hold
+    del garbage
+    for _ in range(2):
+        decoder = create_model(arch.load("tiny-coca")).towers.text_decoder
+        projection = decoder.text_projection
+        assert torch.isfinite(projection).all()
+        assert projection.std().item() == pytest.approx(128 ** -0.5, rel=0.05) and abs(projection.mean()) < 1e-3
+
+
 @pytest.fixture(scope="module")
 def coca_run(tmp_path_factory):
     """(checkpoint, its module) of tiny-coca after a few CoCa steps on synthetic scenes."""

@@ -132,5 +132,5 @@ def test_tiny_coca_memorises_the_captions_of_coco_photos(coco_mini, tmp_path):
     model, chance = caption_metrics(generated, references), caption_metrics(chance_captions(references), references)
     print(json.dumps({"model": model, "chance": chance, "captions": generated}, indent=1))
     assert len(generated) == 10
-    assert model["cider"] >= 20 * chance["cider"] and model["cider"] >= 1.0  # measured: 2.25 against 0.03
-    assert model["bleu4"] >= 0.3  # measured: 0.73; chance's is 0.00 (no 4-gram in common)
+    assert model["cider"] >= 20 * chance["cider"] and model["cider"] >= 1.0  # measured: 2.52 against 0.03
+    assert model["bleu4"] >= 0.3  # measured: 0.88; chance's is 0.00 (no 4-gram in common)
