@@ -90,8 +90,9 @@ def test_demo_coca_writes_captions_that_name_what_the_held_out_scenes_show(cli, 
     """The tiny CoCa after the demo-coca run: its greedy captions of 500 held-out scenes beat chance (another
     scene's caption) and the most common training caption by a wide margin, in CIDEr and in naming the
     scene's colours, and colours, shapes and counts together."""
-    proc = cli("demo", "--config", str(REPO / "configs" / "demo-coca.yaml"), "--trainer.enable_progress_bar",
-               "false", cwd=tmp_path)
+    # 150 of the config's 300 steps (measured: CIDEr 2.08, colours 0.94, all three 0.15; at 300: 2.56, 1.00, 0.19)
+    proc = cli("demo", "--config", str(REPO / "configs" / "demo-coca.yaml"), "--trainer.max_steps", "150",
+               "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "demo" / "version_0"
     result = json.loads((run / "captions.json").read_text())
