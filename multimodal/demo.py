@@ -63,18 +63,12 @@ def caption_report(model: CLIP, shards: str, train_shards: str, run_dir: Path, b
     from multimodal.data.sources import ShardSource
     from multimodal.decoding import Decoding
     from multimodal.eval.captioning import caption_metrics, chance_captions
-    from multimodal.eval.captions import caption_source
+    from multimodal.eval.captions import caption_source, collect_captions
     from multimodal.eval.search import captioned_sheet
 
     source = ShardSource(shards)
-    generated, references, rows = {}, {}, []
-    for batch, captions in caption_source(model, source, list(range(source.num_parts())), Decoding("greedy"),
-                                          batch_size=batch_size, decode="cpu"):
-        for i, (row, caption) in enumerate(zip(batch["image_rows"], captions)):
-            key = f"{batch['part']}/{row['key']}"
-            generated[key] = caption
-            references[key] = [r["caption"] for r in batch["text_rows"] if r.get("image") == i]
-            rows.append({**row, "caption": caption})
+    generated, references, rows = collect_captions(caption_source(
+        model, source, list(range(source.num_parts())), Decoding("greedy"), batch_size=batch_size, decode="cpu"))
     keys = sorted(generated)
     common = Counter(_captions(ShardSource(train_shards).urls)).most_common(1)[0][0]
     systems = {"model": generated, "chance": chance_captions(references),

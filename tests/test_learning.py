@@ -113,7 +113,7 @@ def test_tiny_coca_memorises_the_captions_of_coco_photos(coco_mini, tmp_path):
     from multimodal.data.sources import ShardSource
     from multimodal.decoding import Decoding
     from multimodal.eval.captioning import caption_metrics, chance_captions
-    from multimodal.eval.captions import caption_source
+    from multimodal.eval.captions import caption_source, collect_captions
 
     write_coco(coco_mini / "annotations" / "captions_train2017.json", coco_mini / "train2017", tmp_path / "shards",
                shard_size=10, max_side=96)
@@ -125,11 +125,8 @@ def test_tiny_coca_memorises_the_captions_of_coco_photos(coco_mini, tmp_path):
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
 
-    generated, references = {}, {}
-    for batch, captions in caption_source(module.model, ShardSource(shard), [0], Decoding("greedy"), decode="cpu"):
-        for i, (row, caption) in enumerate(zip(batch["image_rows"], captions)):
-            generated[row["key"]] = caption
-            references[row["key"]] = [r["caption"] for r in batch["text_rows"] if r.get("image") == i]
+    generated, references, _ = collect_captions(
+        caption_source(module.model, ShardSource(shard), [0], Decoding("greedy"), decode="cpu"))
     model, chance = caption_metrics(generated, references), caption_metrics(chance_captions(references), references)
     print(json.dumps({"model": model, "chance": chance, "captions": generated}, indent=1))
     assert len(generated) == 10

@@ -158,27 +158,27 @@ def eval_captioning(argv: list[str]) -> int:
     from multimodal.data.sources import ShardSource
     from multimodal.eval import results
     from multimodal.eval.captioning import caption_metrics
-    from multimodal.eval.captions import caption_source
+    from multimodal.eval.captions import caption_source, collect_captions
     from multimodal.files import write_text
 
     source = ShardSource(args.shards)
     model = _model(args)
-    candidates, references, lines = {}, {}, []
     bar = tqdm(total=count_samples(source.urls), unit="img", desc="captioning", mininterval=1.0)
-    for batch, captions in caption_source(model, source, list(range(source.num_parts())), decoding, args.seed,
-                                          args.batch_size, args.num_workers, args.decode):
-        for i, (row, caption) in enumerate(zip(batch["image_rows"], captions)):
-            key = f"{batch['part']}/{row.get('key', i)}"
-            candidates[key] = caption
-            references[key] = [r["caption"] for r in batch["text_rows"] if r.get("image") == i]
-            lines.append(json.dumps({**row, "caption": caption}, ensure_ascii=False) + "\n")
-        bar.update(len(captions))
+
+    def counted(batches):
+        for batch, captions in batches:
+            bar.update(len(captions))
+            yield batch, captions
+
+    candidates, references, rows = collect_captions(counted(caption_source(
+        model, source, list(range(source.num_parts())), decoding, args.seed, args.batch_size, args.num_workers,
+        args.decode)))
     bar.close()
-    metrics = caption_metrics(candidates, {k: v for k, v in references.items()})
+    metrics = caption_metrics(candidates, references)
     print(f"Captioning {len(candidates)} images ({decoding.strategy}): "
           + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     if args.captions is not None:
-        write_text(args.captions, "".join(lines))
+        write_text(args.captions, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         print(f"Wrote {args.captions}")
     record = results.result("captioning", dataset_name(args, args.shards), metrics=metrics,
                             **provenance(model.architecture.name, args.pretrained, args.checkpoint),

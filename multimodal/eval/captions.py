@@ -79,6 +79,19 @@ def caption_source(model: CLIP, source: Source, parts: list[int], decoding: Deco
         yield batch, captions
 
 
+def collect_captions(batches) -> tuple[dict[str, str], dict[str, list[str]], list[dict]]:
+    """From `caption_source`'s (batch, captions): generated caption and reference captions by image
+    ("PART/KEY"), and the image rows with their "caption", in order."""
+    generated, references, rows = {}, {}, []
+    for batch, captions in batches:
+        for i, (row, caption) in enumerate(zip(batch["image_rows"], captions)):
+            key = f"{batch['part']}/{row.get('key', i)}"
+            generated[key] = caption
+            references[key] = [r["caption"] for r in batch["text_rows"] if r.get("image") == i]
+            rows.append({**row, "caption": caption})
+    return generated, references, rows
+
+
 class CaptionWriter:
     """Finished parts as `OUT.parts/part-NNNNN.jsonl` (one {"key", ..., "caption"} a line), the settings that
     made them beside; `finish` joins them into OUT. A folder made with other settings is refused."""
