@@ -15,7 +15,7 @@ import torch
 
 from multimodal.checkpoint import atomic_torch_save
 from multimodal.errors import UserError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 EVERY_2_STEPS = json.dumps([{"class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
@@ -73,13 +73,14 @@ def weights(path: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_killed_at_random_moments_and_resumed_equals_an_uninterrupted_run(tmp_path):
+def test_killed_at_random_moments_and_resumed_equals_an_uninterrupted_run(cli, tmp_path):
     """SIGKILL to the whole process group (trainer and data workers) three times at random moments
     after the first checkpoint; each time last.ckpt loads and --resume continues. The final weights,
-    temperature included, equal those of the same run never interrupted."""
+    temperature included, equal those of the same run never interrupted. (The runs that are killed
+    have processes of their own; the uninterrupted run and the last resume run in this one.)"""
     clean = tmp_path / "clean"
     clean.mkdir()
-    proc = run_cli(*TRAIN, cwd=clean)
+    proc = cli(*TRAIN, cwd=clean)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     killed = tmp_path / "killed"
@@ -107,7 +108,7 @@ def test_killed_at_random_moments_and_resumed_equals_an_uninterrupted_run(tmp_pa
         child.wait()
         steps_at_kill.append(torch.load(last, weights_only=True)["global_step"])  # loadable after every kill
     assert steps_at_kill == sorted(steps_at_kill) and steps_at_kill[-1] < 40
-    proc = run_cli(*TRAIN, "--resume", str(run), cwd=killed)
+    proc = cli(*TRAIN, "--resume", str(run), cwd=killed)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     final, reference = weights(last), weights(clean / "runs" / "debug" / "version_0" / "checkpoints" / "last.ckpt")

@@ -13,15 +13,25 @@ from tests.dist_common import TwoTowers, batch, loss_fn
 SCRIPT = Path(__file__).parent / "scripts" / "dist_loss.py"
 
 
-@pytest.mark.parametrize("world,kind,micro_batches", [
-    (2, "clip", 1), (3, "clip", 1), (2, "siglip", 1), (3, "siglip", 1), (2, "clip", 3), (2, "siglip", 2),
-])
-def test_ranks_loss_and_gradients_equal_single_process(tmp_path, world, kind, micro_batches):
-    out = tmp_path / "dist.pt"
-    proc = subprocess.run([sys.executable, str(SCRIPT), str(out), str(world), kind, str(micro_batches)],
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    dist = torch.load(out, weights_only=True)
+CASES = {2: [("clip", 1), ("siglip", 1), ("clip", 3), ("siglip", 2)], 3: [("clip", 1), ("siglip", 1)]}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    """world size -> the folder of the script's results, each world's cases run in one launch."""
+    folders = {}
+    for world, cases in CASES.items():
+        folders[world] = tmp_path_factory.mktemp(f"world{world}")
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(folders[world]), str(world),
+                               *(f"{kind}:{micro_batches}" for kind, micro_batches in cases)],
+                              capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return folders
+
+
+@pytest.mark.parametrize("world,kind,micro_batches", [(w, *case) for w, cases in CASES.items() for case in cases])
+def test_ranks_loss_and_gradients_equal_single_process(ranks, world, kind, micro_batches):
+    dist = torch.load(ranks[world] / f"{kind}-{micro_batches}.pt", weights_only=True)
 
     model = TwoTowers(bias=kind == "siglip")
     loss = loss_fn(model, kind)(*model(*batch()))

@@ -73,7 +73,8 @@ def open_clip_recall(model, name: str, spec: str) -> dict[str, float]:
 
 @pytest.mark.slow
 def test_demo_learns_composition_of_held_out_scenes(cli, tmp_path):
-    proc = cli("demo", "--trainer.max_steps", "150", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
+    # 80 of the config's 400 steps (measured: text -> image recall@5 54x chance; at 100 steps 61x)
+    proc = cli("demo", "--trainer.max_steps", "80", "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "runs" / "demo" / "version_0" / "retrieval.json").read_text())
     assert result["num_images"] == 500
@@ -90,8 +91,9 @@ def test_demo_coca_writes_captions_that_name_what_the_held_out_scenes_show(cli, 
     """The tiny CoCa after the demo-coca run: its greedy captions of 500 held-out scenes beat chance (another
     scene's caption) and the most common training caption by a wide margin, in CIDEr and in naming the
     scene's colours, and colours, shapes and counts together."""
-    # 150 of the config's 300 steps (measured: CIDEr 2.08, colours 0.94, all three 0.15; at 300: 2.56, 1.00, 0.19)
-    proc = cli("demo", "--config", str(REPO / "configs" / "demo-coca.yaml"), "--trainer.max_steps", "150",
+    # 100 of the config's 300 steps (measured: CIDEr 1.91, colours 0.85, all three 0.14; at 150: 2.08, 0.94,
+    # 0.15; at 300: 2.56, 1.00, 0.19)
+    proc = cli("demo", "--config", str(REPO / "configs" / "demo-coca.yaml"), "--trainer.max_steps", "100",
                "--trainer.enable_progress_bar", "false", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = tmp_path / "runs" / "demo" / "version_0"
@@ -107,7 +109,7 @@ def test_demo_coca_writes_captions_that_name_what_the_held_out_scenes_show(cli, 
 
 @pytest.mark.slow
 def test_tiny_coca_memorises_the_captions_of_coco_photos(coco_mini, tmp_path):
-    """The captioning variant of memorising: 10 real COCO photos, 300 CoCa steps; its greedy captions of
+    """The captioning variant of memorising: 10 real COCO photos, 120 CoCa steps; its greedy captions of
     them score far above chance (each photo given another photo's caption) in CIDEr, and share 4-grams with
     their references, which chance's do not."""
     from multimodal.data.sources import ShardSource
@@ -121,7 +123,7 @@ def test_tiny_coca_memorises_the_captions_of_coco_photos(coco_mini, tmp_path):
     pl.seed_everything(0)
     module = build_module("tiny-coca", loss="coca", lr=3e-3, weight_decay=0.0, warmup_steps=20)
     data = ShardDataModule(shard, model_name="tiny-coca", batch_size=10, num_workers=1, shuffle_buffer=10)
-    trainer = pl.Trainer(accelerator="cpu", max_steps=300, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(accelerator="cpu", max_steps=120, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=data)
 
@@ -130,5 +132,6 @@ def test_tiny_coca_memorises_the_captions_of_coco_photos(coco_mini, tmp_path):
     model, chance = caption_metrics(generated, references), caption_metrics(chance_captions(references), references)
     print(json.dumps({"model": model, "chance": chance, "captions": generated}, indent=1))
     assert len(generated) == 10
-    assert model["cider"] >= 20 * chance["cider"] and model["cider"] >= 1.0  # measured: 2.52 against 0.03
-    assert model["bleu4"] >= 0.3  # measured: 0.88; chance's is 0.00 (no 4-gram in common)
+    # measured at 120 steps: CIDEr 2.44 against 0.03, BLEU-4 0.90 (at 300 steps: 2.52, 0.88)
+    assert model["cider"] >= 20 * chance["cider"] and model["cider"] >= 1.0
+    assert model["bleu4"] >= 0.3  # chance's is 0.00 (no 4-gram in common)

@@ -1,8 +1,9 @@
 """W gloo ranks under DDP, each with its share of one batch: the loss and gradients of the whole.
 
-Usage: python dist_loss.py OUT.pt [world_size] [clip|siglip] [micro_batches]. Writes the mean of
-the ranks' losses, every parameter's gradient after DDP's averaging (checked equal on all ranks)
-and each rank's ungathered loss on the whole batch, for the test to compare against one process
+Usage: python dist_loss.py OUT_DIR WORLD_SIZE KIND:MICRO_BATCHES [...], KIND clip or siglip. For each
+case, in one process group (process start-up is most of the cost), writes OUT_DIR/KIND-MICRO_BATCHES.pt:
+the mean of the ranks' losses, every parameter's gradient after DDP's averaging (checked equal on all
+ranks) and each rank's ungathered loss on the whole batch, for the test to compare against one process
 on that batch. With micro_batches > 1 each rank takes its share in gradient-cached micro-batches
 (`multimodal.accumulate.cached_step`), inside the DDP forward as in the Lightning module.
 Run as a script: DDP must not re-launch pytest.
@@ -39,8 +40,14 @@ class Step(nn.Module):
         return loss.detach(), loss
 
 
-def worker(rank: int, world: int, port: int, out: str, kind: str, micro_batches: int) -> None:
+def worker(rank: int, world: int, port: int, out: str, cases: list[tuple[str, int]]) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    for kind, micro_batches in cases:
+        case(rank, world, kind, micro_batches, os.path.join(out, f"{kind}-{micro_batches}.pt"))
+    finish()
+
+
+def case(rank: int, world: int, kind: str, micro_batches: int, out: str) -> None:
     model = DistributedDataParallel(Step(kind, micro_batches))
     towers = model.module.towers
     images, texts = batch()
@@ -65,6 +72,9 @@ def worker(rank: int, world: int, port: int, out: str, kind: str, micro_batches:
     if rank == 0:
         torch.save({"loss": torch.stack(losses).mean(), "rank_losses": torch.stack(losses),
                     "alone": torch.stack(alones), "grads": grads}, out)
+
+
+def finish() -> None:
     dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
     # Skip interpreter finalisation: gloo's worker threads can still hold tensors then and abort
@@ -75,14 +85,12 @@ def worker(rank: int, world: int, port: int, out: str, kind: str, micro_batches:
 
 
 def main() -> None:
-    out = sys.argv[1]
-    world = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-    kind = sys.argv[3] if len(sys.argv) > 3 else "clip"
-    micro_batches = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    out, world = sys.argv[1], int(sys.argv[2])
+    cases = [(kind, int(micro_batches)) for kind, micro_batches in (arg.split(":") for arg in sys.argv[3:])]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(worker, args=(world, port, out, kind, micro_batches), nprocs=world, join=True)
+    mp.spawn(worker, args=(world, port, out, cases), nprocs=world, join=True)
 
 
 if __name__ == "__main__":
