@@ -1,23 +1,28 @@
 """Benchmark: our training throughput against a bare PyTorch loop and open_clip's trainer, in one run.
 
-    python scripts/bench_train.py [--steps 48] [--batch-size 128] [--workers 1] [--repeats 2]
+    python scripts/bench_train.py [--steps 48] [--batch-size 128] [--workers 1] [--repeats 3]
     python scripts/bench_train.py --accelerator gpu [--model ViT-B-32] [--compile] [--no-open-clip]
 
 Three runs of the same architecture, batch size, AdamW (lr 1e-3, weight decay 0.1, betas (0.9, 0.98),
 eps 1e-6, 5 warmup steps) and precision (fp32 on the CPU, bf16 autocast on a GPU):
 - bare: the ceiling. Our model (open_clip's towers), our `clip_loss`, fused AdamW, one random batch
-  resident on the device: no Lightning, no data loading, no logging. Timed over `--steps` steps after
-  warm-up (compilation included in the warm-up with `--compile`).
+  resident on the device: no Lightning, no data loading, no logging. Timed after warm-up
+  (compilation included in the warm-up with `--compile`).
 - ours: `multimodal train` on synthetic webdataset shards (.bench/, written once at the model's input
-  size), reading train/samples_per_second from metrics.csv (the first logged window dropped, the median
-  of the rest kept). Also "ours, no data": our LightningModule and Trainer on the bare loop's resident
-  batch, which separates the step's own cost from data loading's.
+  size), reading train/samples_per_second from metrics.csv (the first window, the loader's start,
+  dropped). Also "ours, no data": our LightningModule and Trainer on the bare loop's resident batch,
+  which separates the step's own cost from data loading's.
 - open_clip: `python -m open_clip_train.main` on the same shards with the same workers, in its own
   virtual environment (.venv-openclip, created on first use: its pipeline needs webdataset <= 0.2.86),
-  reading its "N/s/gpu" log lines. `--no-open-clip` leaves it out (a machine without network).
+  reading its "N/s/gpu" log lines (the first and the last, partial, window dropped).
+  `--no-open-clip` leaves it out (a machine without network).
 The default, the CPU: the project's `tiny` architecture (a 2-layer, 128-wide ViT at 64 px and a
-2-layer text tower; registered with the reference's open_clip too). The runs alternate `--repeats`
-times; the best of each is reported with the ratios ours / bare and ours / open_clip.
+2-layer text tower; registered with the reference's open_clip too).
+
+Every run is measured the same way: samples/s over windows of 4 steps. The runs alternate
+`--repeats` times and each reports the median of all its windows, with the quartiles: on a shared
+machine a 4-step window of the bare loop alone swings by +-12 % from one minute to the next, so
+neither a single run nor the best of a few is a fair ratio.
 """
 
 import argparse
@@ -78,8 +83,9 @@ def shards(setting: Setting, samples: int) -> str:
     return str(folder / f"shard-{{000000..{len(tars) - 1:06d}}}.tar")
 
 
-def bare(setting: Setting) -> float:
-    """Samples/s of a plain loop: model, loss and fused AdamW on a batch resident on the device."""
+def bare(setting: Setting) -> list[float]:
+    """Samples/s of a plain loop, each window of LOG_EVERY steps: model, loss and fused AdamW on a batch
+    resident on the device."""
     device = torch.device("cuda" if setting.gpu else "cpu")
     torch.manual_seed(0)
     model = create_model(setting.architecture).to(device).train()
@@ -101,17 +107,21 @@ def bare(setting: Setting) -> float:
 
     for _ in range(10 if setting.compile else 3):
         step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(setting.steps):
-        step()
-    synchronize(device)
-    return setting.steps * setting.batch_size / (time.perf_counter() - start)
+    rates = []
+    for _ in range(setting.steps // LOG_EVERY):
+        synchronize(device)
+        start = time.perf_counter()
+        for _ in range(LOG_EVERY):
+            step()
+        synchronize(device)
+        rates.append(LOG_EVERY * setting.batch_size / (time.perf_counter() - start))
+    return rates
 
 
-def step_only(setting: Setting) -> float:
-    """Samples/s of our LightningModule and Trainer on the bare loop's resident batch, no loader: what
-    the training step itself costs over the bare loop, apart from data loading."""
+def step_only(setting: Setting) -> list[float]:
+    """Samples/s of our LightningModule and Trainer on the bare loop's resident batch, no loader, each
+    window of LOG_EVERY steps: what the training step itself costs over the bare loop, apart from data
+    loading."""
     import pytorch_lightning as pl
     from torch.utils.data import DataLoader
 
@@ -124,7 +134,7 @@ def step_only(setting: Setting) -> float:
 
     class Clock(pl.Callback):
         def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step in (warm, warm + setting.steps):
+            if trainer.global_step >= warm and (trainer.global_step - warm) % LOG_EVERY == 0:
                 synchronize(trainer.strategy.root_device)
                 times.append(time.perf_counter())
 
@@ -136,7 +146,7 @@ def step_only(setting: Setting) -> float:
                          log_every_n_steps=LOG_EVERY)
     trainer.fit(module, train_dataloaders=DataLoader([batch] * (warm + setting.steps + 1), batch_size=None,
                                                      pin_memory=setting.gpu))
-    return setting.steps * setting.batch_size / (times[1] - times[0])
+    return [LOG_EVERY * setting.batch_size / (end - start) for start, end in zip(times, times[1:])]
 
 
 def synchronize(device: torch.device) -> None:
@@ -144,7 +154,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ours(setting: Setting) -> float:
+def ours(setting: Setting) -> list[float]:
     with tempfile.TemporaryDirectory() as run:
         command = [sys.executable, "-m", "multimodal", "train", "--config", str(REPO / "configs" / "debug.yaml"),
                    "--data.train_shards", str(setting.shards), "--data.synthetic", "null", "--data.val_shards", "null",
@@ -160,7 +170,7 @@ def ours(setting: Setting) -> float:
             sys.exit(f"multimodal train failed:\n{proc.stderr[-3000:]}")
         with open(Path(run) / "runs" / "debug" / "version_0" / "metrics.csv") as f:
             rates = [float(r["train/samples_per_second"]) for r in csv.DictReader(f) if r["train/samples_per_second"]]
-    return statistics.median(rates[1:])
+    return rates[1:]  # the first window holds the loader's start
 
 
 def register_tiny(python: Path) -> None:
@@ -170,7 +180,7 @@ def register_tiny(python: Path) -> None:
                     Path(found.stdout.strip()) / "model_configs" / "tiny.json")
 
 
-def theirs(spec: str, setting: Setting) -> float:
+def theirs(spec: str, setting: Setting) -> list[float]:
     python = reference_python()
     register_tiny(python)
     with tempfile.TemporaryDirectory() as run:
@@ -189,7 +199,7 @@ def theirs(spec: str, setting: Setting) -> float:
             sys.exit(f"open_clip_train failed:\n{proc.stderr[-3000:]}")
         log = (Path(run) / "bench" / "out.log").read_text()
     rates = [float(m) for m in re.findall(r"([\d.]+)/s/gpu", log)]
-    return statistics.median(rates[1:-1])  # drop start-up and the final (partial) window
+    return rates[1:-1]  # drop start-up and the final (partial) window
 
 
 def main() -> None:
@@ -200,7 +210,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=None, help="default: 128 on the CPU, 256 on a GPU")
     parser.add_argument("--workers", type=int, default=None, help="default: 1 on the CPU, 12 on a GPU")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile the towers (ours, bare and open_clip)")
     parser.add_argument("--no-open-clip", action="store_true", help="leave out open_clip_train")
     args = parser.parse_args()
@@ -209,25 +219,28 @@ def main() -> None:
                       args.batch_size or (256 if gpu else 128), args.steps,
                       args.workers if args.workers is not None else (12 if gpu else 1), gpu, args.compile)
     spec = shards(setting, max(8192, (args.steps + 2 * LOG_EVERY) * setting.batch_size))
-    best = {"bare": 0.0, "ours": 0.0, "ours, no data": 0.0, "open_clip": 0.0}
-    for _ in range(args.repeats):  # alternate, so that none gets a quieter machine
-        best["bare"] = max(best["bare"], bare(setting))
-        best["ours"] = max(best["ours"], ours(setting))
-        best["ours, no data"] = max(best["ours, no data"], step_only(setting))
+    windows: dict[str, list[float]] = {"bare": [], "ours": [], "ours, no data": [], "open_clip": []}
+    for _ in range(args.repeats):  # alternate, so that none gets a quieter stretch of the machine
+        windows["bare"] += bare(setting)
+        windows["ours"] += ours(setting)
+        windows["ours, no data"] += step_only(setting)
         if not args.no_open_clip:
-            best["open_clip"] = max(best["open_clip"], theirs(spec, setting))
+            windows["open_clip"] += theirs(spec, setting)
+    rate = {name: statistics.median(w) for name, w in windows.items() if w}
     device = torch.cuda.get_device_name() if gpu else f"CPU, {os.cpu_count()} cores"
     print(f"{setting.architecture.name} ({setting.architecture.image_size} px), batch {setting.batch_size}, "
           f"{'bf16' if gpu else 'fp32'}{', compiled' if setting.compile else ''}, {setting.workers} worker(s), "
-          f"{setting.steps} steps, {device}"
+          f"{setting.steps} steps x {args.repeats}, {device}"
           + ("" if args.no_open_clip else f" (reference env: {REFERENCE_VENV.name})"))
-    for name, rate in best.items():
-        if rate:
-            print(f"  {name:<14}{rate:9.1f} samples/s")
-    print(f"  ours / bare      {best['ours'] / best['bare']:6.2f}x "
-          f"(the step alone, on a resident batch: {best['ours, no data'] / best['bare']:.2f}x)")
-    if best["open_clip"]:
-        print(f"  ours / open_clip {best['ours'] / best['open_clip']:6.2f}x")
+    print(f"  samples/s over windows of {LOG_EVERY} steps: median (quartiles), windows")
+    for name, w in windows.items():
+        if w:
+            low, _, high = statistics.quantiles(w, n=4) if len(w) > 1 else (w[0], w[0], w[0])
+            print(f"  {name:<14}{rate[name]:9.1f} ({low:.0f}-{high:.0f}), {len(w)}")
+    print(f"  ours / bare      {rate['ours'] / rate['bare']:6.2f}x "
+          f"(the step alone, on a resident batch: {rate['ours, no data'] / rate['bare']:.2f}x)")
+    if "open_clip" in rate:
+        print(f"  ours / open_clip {rate['ours'] / rate['open_clip']:6.2f}x")
 
 
 if __name__ == "__main__":
