@@ -23,7 +23,7 @@ from multimodal.checkpoint import ExactResume, FinalCheckpoint
 from multimodal.distributed import max_over_ranks_
 from multimodal.errors import UserError
 from multimodal.eval.embed import collect, encode_batch
-from multimodal.eval.retrieval import first_caption_loss, retrieval_metrics
+from multimodal.eval.retrieval import evaluate_embeddings, first_caption_loss
 from multimodal.fsdp import scalar_state, vectorise_scalars
 from multimodal.loss import ContrastiveLoss
 from multimodal.model import CLIP
@@ -168,10 +168,9 @@ class CLIPModule(pl.LightningModule):
         # Each rank embedded every W-th part; every rank scores the whole set, in part order, so
         # the figures do not depend on the number of ranks.
         emb = collect([o for rank in distributed.all_gather_objects(outputs) for o in rank])
-        keep = emb.text_to_image >= 0
-        if emb.image_features.shape[0] < 2 or not keep.any():
-            return
-        metrics = retrieval_metrics(emb.image_features, emb.text_features[keep], emb.text_to_image[keep])
+        if emb.image_features.shape[0] < 2 or not (emb.text_to_image >= 0).any():
+            return  # too small a set to score
+        metrics, _, _ = evaluate_embeddings(emb)
         for k in (1, 5, 10):
             for key in (f"image_retrieval_recall@{k}", f"text_retrieval_recall@{k}"):
                 self.log(f"val/{key}", metrics[key], sync_dist=True)
