@@ -22,7 +22,8 @@ The default, the CPU: the project's `tiny` architecture (a 2-layer, 128-wide ViT
 Every run is measured the same way: samples/s over windows of 4 steps. The runs alternate
 `--repeats` times and each reports the median of all its windows, with the quartiles: on a shared
 machine a 4-step window of the bare loop alone swings by +-12 % from one minute to the next, so
-neither a single run nor the best of a few is a fair ratio.
+neither a single run nor the best of a few is a fair ratio. Last, the data pipeline's own cost a
+sample: one worker's batches of the same shards taken as fast as they come (`bench_data.ours`).
 """
 
 import argparse
@@ -44,6 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench_data import REFERENCE_VENV, reference_python  # noqa: E402
+from bench_data import ours as stream_rate  # noqa: E402
 
 from multimodal import arch  # noqa: E402
 from multimodal.arch import Architecture  # noqa: E402
@@ -241,6 +243,9 @@ def main() -> None:
           f"(the step alone, on a resident batch: {rate['ours, no data'] / rate['bare']:.2f}x)")
     if "open_clip" in rate:
         print(f"  ours / open_clip {rate['ours'] / rate['open_clip']:6.2f}x")
+    # what separates "ours" from "ours, no data": the CPU time of the data pipeline, on these shards
+    alone = stream_rate(setting.architecture, spec, setting.batch_size, workers=1, batches=20, normalize=False)
+    print(f"  data: one worker alone yields {alone:.0f} samples/s, {1e6 / alone:.0f} us of CPU a sample")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,13 @@ def worker(rank: int, world: int, port: int, out: str, cases: list[tuple[str, in
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     for kind, micro_batches in cases:
         case(rank, world, kind, micro_batches, os.path.join(out, f"{kind}-{micro_batches}.pt"))
-    finish()
+    dist.barrier()  # no rank tears gloo down while another still talks to it
+    dist.destroy_process_group()
+    # Skip interpreter finalisation: gloo's worker threads can still hold tensors then and abort
+    # the process ("terminate called without an active exception", pytorch/pytorch#179291).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def case(rank: int, world: int, kind: str, micro_batches: int, out: str) -> None:
@@ -72,16 +78,6 @@ def case(rank: int, world: int, kind: str, micro_batches: int, out: str) -> None
     if rank == 0:
         torch.save({"loss": torch.stack(losses).mean(), "rank_losses": torch.stack(losses),
                     "alone": torch.stack(alones), "grads": grads}, out)
-
-
-def finish() -> None:
-    dist.barrier()  # no rank tears gloo down while another still talks to it
-    dist.destroy_process_group()
-    # Skip interpreter finalisation: gloo's worker threads can still hold tensors then and abort
-    # the process ("terminate called without an active exception", pytorch/pytorch#179291).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def main() -> None:
