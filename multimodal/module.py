@@ -13,6 +13,7 @@ of `multimodal.monitor` count such steps and read the counts only on logging ste
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytorch_lightning as pl
 import torch
@@ -20,6 +21,7 @@ import torch
 from multimodal import distributed
 from multimodal.accumulate import cached_step
 from multimodal.checkpoint import ExactResume, FinalCheckpoint
+from multimodal.data.batch import EvalBatch, TrainBatch
 from multimodal.distributed import max_over_ranks_
 from multimodal.errors import UserError
 from multimodal.eval.embed import collect, encode_batch
@@ -89,13 +91,13 @@ class CLIPModule(pl.LightningModule):
         """The loss of unit features with the model's temperature (and bias), gathered over ranks."""
         return self.loss(image_features, text_features, self.model.logit_scale.exp(), self.model.logit_bias)
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor:
         if self.micro_batches > 1:
             scaler = getattr(self.trainer.precision_plugin, "scaler", None)  # fp16 AMP's loss scale
-            loss, surrogate = cached_step(self.model, batch["image"], batch["text"], self._loss,
+            loss, surrogate = cached_step(self.model, batch.image, batch.text, self._loss,
                                           self.micro_batches, scaler.get_scale() if scaler else 1.0)
         else:
-            terms = self.loss.terms(self.model, batch["image"], batch["text"])
+            terms = self.loss.terms(self.model, batch.image, batch.text)
             loss = surrogate = sum(terms.values())
             if len(terms) > 1:  # CoCa: the contrastive and the captioning term
                 for name, term in terms.items():
@@ -148,17 +150,17 @@ class CLIPModule(pl.LightningModule):
         else:
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        """Embeds every image and caption of the held-out shards (`EmbedBatches` batches)."""
+    def validation_step(self, batch: EvalBatch, batch_idx: int) -> None:
+        """Embeds every image and caption of the held-out shards (finished by the DataModule)."""
         _, images, texts = encode_batch(self.model, batch)  # decoded and normalised by the DataModule
         # The loss's scalars as this step sees them: inside the strategy's forward, where an FSDP
         # model holds whole parameters (outside it, a rank may hold none of logit_scale).
         bias = self.model.logit_bias
         self._val_scalars = (self.model.logit_scale.detach().exp().float().cpu(),
                              bias.detach().float().cpu() if bias is not None else None)
-        if batch["part"] < 0:  # padding (ShardDataModule.val_dataloader): towers run, results dropped
+        if batch.part < 0:  # padding (ShardDataModule.val_dataloader): towers run, results dropped
             return
-        rows = {k: batch[k] for k in ("part", "image_rows", "text_rows")}  # keep no pixels or tokens
+        rows = replace(batch, images=None, texts=None, jpegs=None)  # keep no pixels or tokens
         self._val_outputs.append((rows, images, texts))
 
     def on_validation_epoch_end(self) -> None:

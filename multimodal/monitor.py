@@ -1,5 +1,6 @@
-"""What a user watches while training runs: throughput and MFU, bad data and non-finite steps, the
-progress bar. Lightning callbacks; `multimodal.recipe` hands the first two to the module, which attaches them.
+"""What a user watches while training runs: throughput and MFU, bad data and non-finite steps, the shares
+of a data mixture, the progress bar. Lightning callbacks; `multimodal.recipe` hands the first three to the
+module, which attaches them.
 
 None of them reads a device value on the host except on logging steps (every
 `trainer.log_every_n_steps` steps) and at the end: on a GPU, a read makes the CPU wait for the
@@ -50,7 +51,7 @@ class Throughput(pl.Callback):
             self.flops_per_sample = self.count_flops()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        self.timer.start(batch["image"].shape[0])
+        self.timer.start(len(batch))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         self.timer.end()
@@ -77,7 +78,7 @@ class TrainingHealth(pl.Callback):
 
     The module skips a non-finite step's update on the device by itself (`CLIPModule.nonfinite`, a
     0/1 flag already agreed over the ranks); this callback counts such steps and stops the run once
-    `max_nonfinite_steps` of them came in a row. Bad samples (`batch["bad"]`, `batch["read"]`, plain
+    `max_nonfinite_steps` of them came in a row. Bad samples (a `TrainBatch`'s `bad` and `read`, plain
     values from the loader) stop it once more than `max_bad_fraction` of those read, over all ranks,
     were bad (the DataModule's `data.max_bad_fraction` when not given).
     """
@@ -96,8 +97,8 @@ class TrainingHealth(pl.Callback):
             self.max_bad_fraction = getattr(trainer.datamodule, "max_bad_fraction", None)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
-        self.bad.update(batch.get("bad", {}))
-        self.read += int(batch.get("read", batch["image"].shape[0]))
+        self.bad.update(batch.bad)
+        self.read += batch.read
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         flag = pl_module.nonfinite
@@ -151,6 +152,27 @@ class TrainingHealth(pl.Callback):
             if self.nonfinite_steps:
                 lines.append(f"Skipped {self.nonfinite_steps} steps whose loss was NaN or infinite.")
             print("\n".join(lines), file=sys.stderr)
+
+
+class SourceShares(pl.Callback):
+    """The share of training samples drawn from each source of a weighted mixture (a `TrainBatch`'s
+    `sources`, plain counts from the loader), over all ranks since the run started, logged on logging
+    steps as `train/share/{name}` (names: the DataModule's `source_names`, else source0, source1, ...)."""
+
+    def __init__(self):
+        self.counts: list[int] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if batch.sources:
+            self.counts = [a + b for a, b in zip(self.counts, batch.sources)] if self.counts else list(batch.sources)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not self.counts or not is_logging_step(trainer):
+            return
+        counts = distributed.sum_over_ranks([float(c) for c in self.counts], pl_module.device)
+        names = getattr(trainer.datamodule, "source_names", None) or [f"source{i}" for i in range(len(counts))]
+        for name, count in zip(names, counts):
+            pl_module.log(f"train/share/{name}", count / max(sum(counts), 1.0))
 
 
 class RunProgressBar(TQDMProgressBar):

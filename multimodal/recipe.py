@@ -17,7 +17,7 @@ from multimodal.errors import UserError
 from multimodal.loss import LOSSES
 from multimodal.model import CLIP, create_model
 from multimodal.module import CLIPModule
-from multimodal.monitor import Throughput, TrainingHealth
+from multimodal.monitor import SourceShares, Throughput, TrainingHealth
 from multimodal.throughput import flops_per_sample
 from multimodal.weights import load_weights
 
@@ -131,7 +131,7 @@ def build_module(
         model.towers.visual.compile()
         model.towers.transformer.compile()
     monitors = [Throughput(count_flops_per_sample if count_flops else None, peak_tflops,
-                           warmup_steps=3 if compile else 1), TrainingHealth(max_nonfinite_steps)]
+                           warmup_steps=3 if compile else 1), TrainingHealth(max_nonfinite_steps), SourceShares()]
     module = CLIPModule(model, contrastive, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, micro_batches=micro_batches,
                         val_loss_batch_size=val_loss_batch_size, callbacks=monitors)

@@ -11,6 +11,12 @@ accelerator, and here it takes CPU time from the two workers) and as the uint8 b
 where CUDA is present, a third time with the JPEGs decoded on the GPU (`data.decode: gpu`). Also
 printed: our stream's cost a sample in one process without workers, and the tar reading alone, ours
 (`multimodal.data.tario`) against webdataset's reader on Python's tarfile.
+
+`--layout img2dataset`: the same photos in img2dataset's webdataset layout instead (NNNNN.tar with
+KEY.jpg, KEY.txt, KEY.json; NNNNN.parquet and NNNNN_stats.json beside; written by the tests' builder,
+`tests/layouts.py`), read by both pipelines. Either layout also prints the cost a sample of a weighted
+mixture of the two COCO splits (`data.train_weights`, each sample's source drawn) against the same
+shards as one source, in one process.
 Theirs: `open_clip_train.data.get_wds_dataset`, run in its own virtual environment (.venv-openclip,
 created on first use: open_clip_train's pipeline needs webdataset <= 0.2.86; with webdataset 1.0 it
 fails with KeyError 'fname'). Prints images/s of both and their ratio (ours / theirs).
@@ -32,8 +38,9 @@ sys.path.insert(0, str(REPO))
 
 from multimodal import arch  # noqa: E402
 from multimodal.arch import Architecture  # noqa: E402
-from multimodal.data.pipeline import ImageTextStream, expand_urls  # noqa: E402
-from multimodal.data.pixels import finish_batch  # noqa: E402
+from multimodal.data.batch import finish  # noqa: E402
+from multimodal.data.formats import expand_urls  # noqa: E402
+from multimodal.data.pipeline import ImageTextStream  # noqa: E402
 from multimodal.data.shards import write_coco  # noqa: E402
 from multimodal.data.tario import tarfile_samples  # noqa: E402
 
@@ -64,24 +71,36 @@ print(json.dumps({"images_per_second": batches * batch_size / elapsed, "shape": 
 """
 
 
-def shards(data: Path) -> str:
+def shards(data: Path, layout: str = "ours") -> str:
     """Shards of the COCO subset at full resolution, written once; a '::'-joined spec of both splits."""
     specs = []
     for split in ("train2017", "val2017"):
-        out = REPO / ".bench" / f"coco-full-{split}"
-        if not (out / "sizes.json").is_file():
+        out = REPO / ".bench" / f"coco-full-{split}" if layout == "ours" else REPO / ".bench" / f"i2d-coco-{split}"
+        if layout == "ours" and not (out / "sizes.json").is_file():
             write_coco(data / "annotations" / f"captions_{split}.json", data / split, out, shard_size=20)
+        if layout == "img2dataset" and not (out / "00000_stats.json").is_file():
+            from tests.layouts import write_img2dataset
+
+            coco = json.loads((data / "annotations" / f"captions_{split}.json").read_text())
+            captions: dict[int, list[str]] = {}
+            for a in coco["annotations"]:
+                captions.setdefault(a["image_id"], []).append(a["caption"].strip())
+            photos = [(im["file_name"], (data / split / im["file_name"]).read_bytes(), captions[im["id"]])
+                      for im in sorted(coco["images"], key=lambda im: im["id"]) if im["id"] in captions]
+            write_img2dataset(out, photos, per_shard=20)
         specs.append(str(out))
     return "::".join(specs)
 
 
 def ours(architecture: Architecture, spec: str, batch_size: int, workers: int, batches: int, normalize: bool = True,
-         device: torch.device | None = None) -> float:
+         device: torch.device | None = None, mixture: bool = False) -> float:
     """Images/s of our stream. `device`: decode the JPEGs there (`data.decode: gpu`), the workers only
-    reading them and drawing crop boxes; the batches are then finished and normalised on the device."""
-    urls = expand_urls(spec)
+    reading them and drawing crop boxes; the batches are then finished and normalised on the device.
+    `mixture`: the '::' parts of `spec` as the sources of an equal-weight mixture, not one list of shards."""
+    sources = [expand_urls(part) for part in spec.split("::")] if mixture else [expand_urls(spec)]
     crop = architecture.train_crop
-    stream = ImageTextStream(urls, crop=crop, tokenizer=architecture.tokenizer, batch_size=batch_size,
+    stream = ImageTextStream(sources, weights=(1.0,) * len(sources) if mixture else None, crop=crop,
+                             tokenizer=architecture.tokenizer, batch_size=batch_size,
                              num_batches=batches + 3, shuffle_buffer=1000, resampled=True,
                              decode_on_device=device is not None)
     loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
@@ -90,10 +109,9 @@ def ours(architecture: Architecture, spec: str, batch_size: int, workers: int, b
 
     def take() -> None:
         batch = next(loader)
-        if device is not None:
-            batch = finish_batch({**batch, "text": batch["text"].to(device, non_blocking=True)}, crop, device)
-        if normalize:
-            preprocess.normalize(batch["image"].to(device or "cpu", non_blocking=True))
+        if normalize or device is not None:
+            where = device or torch.device("cpu")
+            finish(batch.to(where, non_blocking=True), where, preprocess, crop)
 
     for _ in range(3):
         take()
@@ -149,11 +167,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=2, help="alternate the two this many times, keep the best")
+    parser.add_argument("--layout", choices=("ours", "img2dataset"), default="ours",
+                        help="the shards' layout: ours (`multimodal shards coco`) or img2dataset's")
     args = parser.parse_args()
     if not (args.data / "annotations").is_dir():
         sys.exit(f"{args.data} is not a COCO folder (annotations/, train2017/, val2017/).")
     torch.set_num_threads(1)
-    spec, architecture = shards(args.data), arch.load(MODEL)
+    spec, architecture = shards(args.data, args.layout), arch.load(MODEL)
     gpu = torch.device("cuda") if torch.cuda.is_available() else None
     ours_best = ours_pipeline = theirs_best = ours_gpu = 0.0
     for _ in range(args.repeats):  # alternate, so that neither gets a quieter machine
@@ -163,16 +183,20 @@ def main() -> None:
                                                  normalize=False))
         if gpu is not None:
             ours_gpu = max(ours_gpu, ours(architecture, spec, args.batch_size, args.workers, args.batches, device=gpu))
-    print(f"{args.batches} batches of {args.batch_size} full-size COCO JPEGs -> {MODEL} 224 px train crops, "
-          f"{args.workers} workers")
+    print(f"{args.batches} batches of {args.batch_size} full-size COCO JPEGs ({args.layout} layout) -> {MODEL} 224 px "
+          f"train crops, {args.workers} workers")
     print(f"  ours      {ours_best:8.1f} images/s, normalised here on the CPU "
           f"({ours_pipeline:.1f} as uint8, normalised on the accelerator in training)")
     if gpu is not None:
         print(f"  ours, JPEGs decoded on {torch.cuda.get_device_name(gpu)} (data.decode gpu) "
               f"{ours_gpu:8.1f} images/s, normalised there")
     print(f"  open_clip {theirs_best:8.1f} images/s")
-    alone = ours(architecture, spec, args.batch_size, 0, args.batches // 4)
-    print(f"  ours in this process, no workers: {1e6 / alone:.0f} us a sample (read, box, decode, crop, tokenise)")
+    alone = mixed = 0.0
+    for _ in range(args.repeats):
+        alone = max(alone, ours(architecture, spec, args.batch_size, 0, args.batches // 4))
+        mixed = max(mixed, ours(architecture, spec, args.batch_size, 0, args.batches // 4, mixture=True))
+    print(f"  ours in this process, no workers: {1e6 / alone:.0f} us a sample (read, box, decode, crop, tokenise); "
+          f"as a two-source mixture {1e6 / mixed:.0f} us ({alone / mixed:.2f}x the cost)")
     tar_ours, tar_theirs = tar_reading(spec)
     print(f"  reading the tar shards alone: ours {tar_ours:.0f} us a sample, webdataset (tarfile) {tar_theirs:.0f} us "
           f"({tar_theirs / tar_ours:.1f}x)")

@@ -19,7 +19,6 @@ CPU, where the model costs little and the pipeline shows; ViT-B-32 with bf16 on 
 import argparse
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,29 +30,15 @@ from bench_data import shards  # noqa: E402
 
 from multimodal import arch  # noqa: E402
 from multimodal.arch import Architecture  # noqa: E402
+from multimodal.data.pixels import OpenClipEvalTransform  # noqa: E402
 from multimodal.eval import embed  # noqa: E402
 from multimodal.model import create_model  # noqa: E402
-
-
-@dataclass(frozen=True)
-class OpenClipEval:
-    """open_clip's eval transform where `EmbedBatches` expects ours: full-size PIL images in, normalised
-    float out of the workers, nothing left to do on the device."""
-
-    transform: object
-    size: None = None  # decode at full size
-
-    def pixels(self, image):
-        return self.transform(image)
-
-    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
-        return pixels
 
 
 def rate(model, architecture: Architecture, spec: str, batch_size: int, workers: int, device: torch.device,
          path: str) -> float:
     """Images/s through `path`: "workers" or "gpu" (ours, decoded there) or "open_clip" (the reference)."""
-    preprocess = OpenClipEval(architecture.open_clip_transforms()[1]) if path == "open_clip" else None
+    preprocess = OpenClipEvalTransform(architecture.eval_transform) if path == "open_clip" else None
     start = time.perf_counter()
     with embed.autocast(device):
         emb = embed.embed_shards(model, spec, batch_size, workers, device, progress=False,

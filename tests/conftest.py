@@ -13,14 +13,14 @@ FLICKR = SHARED_DATA / "flickr8k-1k"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def coco_mini() -> Path:
     if not (COCO_MINI / "annotations" / "captions_train2017.json").is_file():
         pytest.skip(f"real COCO subset not found at {COCO_MINI}")
     return COCO_MINI
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def flickr() -> Path:
     if not (FLICKR / "captions.txt").is_file():
         pytest.skip(f"Flickr8k subset not found at {FLICKR}")

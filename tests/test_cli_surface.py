@@ -5,26 +5,33 @@ file, in the same commit as the change and its note in the docs."""
 import argparse
 import inspect
 
-from multimodal.cli import COMMANDS, caption, evaluate, shards, tools
+from multimodal.cli import COMMANDS, caption, evaluate, probe, shards, tools
 
 SHARDS_OPTIONS = {"--images": None, "--out": None, "--shard_size": 1000, "--max_side": None, "--num_workers": 4,
                   "--overwrite": False}
 WEIGHTS = {"--checkpoint": None, "--model": None, "--pretrained": None, "--cache_dir": None}
 RESULT = {"--dataset": None, "--out": None, "--out_table": None}
+SHARD_MEMBERS = {"--split": "test", "--image_key": None, "--text_key": None, "--caption_field": None}
+LABELLED = {"--split": "test", "--image_key": None, "--label_key": "cls"}
 DECODING = {"--strategy": "beam", "--top_k": 50, "--top_p": 0.9, "--temperature": 1.0, "--beams": 4,
             "--length_penalty": 1.0, "--max_length": 30, "--seed": 0, "--batch_size": 32, "--num_workers": 4,
             "--decode": "auto"}
 SURFACE = {
     "export": {**WEIGHTS, "--out": None, "--overwrite": False},
-    "embed": {**WEIGHTS, "--shards": None, "--images": None, "--texts": None,
+    "embed": {**WEIGHTS, "--shards": None, **SHARD_MEMBERS, "--images": None, "--texts": None,
               "--out": None, "--batch_size": 256, "--dtype": "float16", "--part_size": 10000, "--num_workers": 4,
-              "--accelerator": "auto", "--devices": 1, "--decode": "auto", "--overwrite": False},
-    "eval retrieval": {**WEIGHTS, "--shards": None, "--embeddings": None,
+              "--accelerator": "auto", "--devices": 1, "--decode": "auto", "--preprocess": "fast",
+              "--overwrite": False},
+    "eval retrieval": {**WEIGHTS, "--shards": None, **SHARD_MEMBERS, "--embeddings": None,
                        "--ks": [1, 5, 10], "--batch_size": 256, "--num_workers": 4, "--chunk_size": 4096,
-                       "--decode": "auto", **RESULT},
+                       "--decode": "auto", "--preprocess": "fast", **RESULT},
     "eval zeroshot": {**WEIGHTS, "--preset": None, "--classnames": None,
-                      "--templates": None, "--shards": None, "--images": None, "--batch_size": 128,
-                      "--num_workers": 4, "--decode": "auto", **RESULT},
+                      "--templates": None, "--shards": None, **LABELLED, "--images": None, "--batch_size": 128,
+                      "--num_workers": 4, "--decode": "auto", "--preprocess": "fast", **RESULT},
+    "eval linear_probe": {**WEIGHTS, "--shards": None, **LABELLED, "--train_split": "train", "--train_shards": None,
+                          "--images": None, "--train_images": None, "--val_proportion": None, "--fewshot_k": -1,
+                          "--lr": 0.1, "--epochs": 10, "--seed": 0, "--no_normalize": False, "--batch_size": 64,
+                          "--num_workers": 4, "--decode": "auto", "--preprocess": "fast", **RESULT},
     "search": {"--index": None, "--text": None, "--image": None, "--target": None, "--k": 8, "--grid": None,
                **WEIGHTS},
     "plot": {"run": None, "--out": None},
@@ -47,7 +54,9 @@ TRAIN_MODEL = {  # `multimodal train --model.NAME`
 TRAIN_DATA = {  # `multimodal train --data.NAME`
     "train_shards": inspect.Parameter.empty, "val_shards": None, "model_name": "tiny", "pretrained": None,
     "cache_dir": None, "batch_size": 256,
-    "num_workers": 4, "shuffle_buffer": 2000, "resampled": False, "num_samples": None, "seed": 0, "synthetic": None,
+    "num_workers": 4, "shuffle_buffer": 2000, "resampled": False, "num_samples": None, "train_weights": None,
+    "upsampling_factors": None, "image_key": None, "text_key": None, "caption_field": None, "seed": 0,
+    "synthetic": None,
     "max_bad_fraction": 0.1, "max_image_pixels": 89478485, "decode": "auto",
 }
 TRAIN_FLAGS = {"--resume", "--overwrite"}
@@ -70,6 +79,7 @@ def test_the_commands_and_their_options_and_defaults():
         "export": options(evaluate.export_parser()), "embed": options(evaluate.embed_parser()),
         "eval retrieval": options(evaluate.eval_retrieval_parser()),
         "eval zeroshot": options(evaluate.eval_zeroshot_parser()),
+        "eval linear_probe": options(probe.linear_probe_parser()),
         "search": options(tools.search_parser()), "plot": options(tools.plot_parser()),
         "models": options(tools.models_parser()),
         "caption": options(caption.caption_parser()), "eval captioning": options(caption.eval_captioning_parser()),

@@ -2,7 +2,7 @@
 
 The same crop boxes, pixels within a stated tolerance, bad images counted by kind, and a training
 run through Lightning. Without a GPU the device path runs in the main process on the CPU, through
-the same code (`pixels.finish_batch` with torchvision's `decode_jpeg`).
+the same code (`batch.finish` with torchvision's `decode_jpeg`).
 
 Tolerance: the workers decode at libjpeg-turbo's smallest DCT scale n/8 covering the crop, the device
 at full size. The measured differences print with `pytest tests/test_decode.py -s` (on 32 coco-mini
@@ -12,7 +12,7 @@ scaled image. Full-size decodes by PIL and by torchvision are identical.
 
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pytest
@@ -21,15 +21,25 @@ import torch
 from PIL import Image
 
 from multimodal import arch
+from multimodal.data.batch import finish
 from multimodal.data.datamodule import ShardDataModule
+from multimodal.data.formats import MANIFEST
 from multimodal.data.pipeline import ImageTextStream
-from multimodal.data.pixels import TrainCrop, finish_batch
-from multimodal.data.shards import MANIFEST
+from multimodal.data.pixels import EvalTransform, TrainCrop
 from multimodal.recipe import build_module
 from tests.test_pipeline import batches, write_tar
 
 CPU = torch.device("cpu")
 MEAN_LEVELS, P99_LEVELS = 4.0, 40.0  # worker path vs device path, levels in 255
+AS_LEVELS = EvalTransform(224, (0.0, 0.0, 0.0), (1 / 255,) * 3)  # normalisation that keeps the 0-255 levels exact
+
+
+def finished(batch, crop=None, preprocess=AS_LEVELS):
+    """`batch.finish` on the CPU, its pixels back as uint8 levels (`AS_LEVELS`: x * 255 / 255 is exact)."""
+    batch = finish(batch, CPU, preprocess, crop)
+    field = "image" if crop is not None else "images"
+    pixels = getattr(batch, field)
+    return replace(batch, **{field: pixels.round().to(torch.uint8) if pixels is not None else None})
 
 
 @dataclass(frozen=True)
@@ -61,7 +71,7 @@ def sample(key: str, image: bytes, suffix: str = "jpg") -> dict:
 
 
 def stream(urls, crop, batch_size, on_device, num_batches=1) -> ImageTextStream:
-    return ImageTextStream(urls, crop=crop, tokenizer=arch.load("tiny").tokenizer, batch_size=batch_size,
+    return ImageTextStream([urls], crop=crop, tokenizer=arch.load("tiny").tokenizer, batch_size=batch_size,
                            num_batches=num_batches, shuffle_buffer=0, decode_on_device=on_device)
 
 
@@ -82,16 +92,15 @@ def test_device_decoding_has_the_workers_boxes_and_their_pixels_to_within_the_to
     on_workers, on_device = RecordingCrop(size), RecordingCrop(size)
     worker_batches = batches(stream(jpegs, on_workers, 16, on_device=False, num_batches=2))
     device_batches = batches(stream(jpegs, on_device, 16, on_device=True, num_batches=2))
-    assert all(b["image"].shape[0] == 0 and len(b["jpeg_boxes"]) == 16 for b in device_batches)  # all sent
-    assert [tuple(box) for b in device_batches for box in b["jpeg_boxes"]] == on_workers.boxes  # the same boxes
+    assert all(b.image.shape[0] == 0 and len(b.jpegs.boxes) == 16 for b in device_batches)  # all sent
+    assert [tuple(box) for b in device_batches for box in b.jpegs.boxes] == on_workers.boxes  # the same boxes
 
     diffs = []
     for ours, theirs in zip(device_batches, worker_batches):
-        ours = finish_batch(ours, on_device, CPU)
-        assert ours["keys"] == theirs["keys"] and torch.equal(ours["text"], theirs["text"])
-        assert ours["image"].shape == theirs["image"].shape == (16, 3, size, size)
-        assert ours["image"].dtype == torch.uint8
-        diffs.append((ours["image"].int() - theirs["image"].int()).abs().float().flatten())
+        ours = finished(ours, on_device)
+        assert ours.keys == theirs.keys and torch.equal(ours.text, theirs.text)
+        assert ours.image.shape == theirs.image.shape == (16, 3, size, size)
+        diffs.append((ours.image.int() - theirs.image.int()).abs().float().flatten())
     diff = torch.cat(diffs)
     print(f"device vs worker pixels at {size} px: mean {diff.mean():.2f}, p99 {diff.quantile(0.99):.0f} levels")
     assert diff.mean() < MEAN_LEVELS and diff.quantile(0.99) <= P99_LEVELS, (diff.mean(), diff.quantile(0.99))
@@ -128,21 +137,21 @@ def test_bad_images_on_the_device_path_are_counted_by_kind_and_the_batch_keeps_i
     crop = TrainCrop(64)
     [worker] = batches(stream([url], crop, 11, on_device=False))
     [device] = batches(stream([url], crop, 11, on_device=True))
-    assert worker["bad"] == {"truncated image": 1, "corrupt image": 1}
-    assert device["bad"] == {"truncated image": 1}  # the worker's part; the corrupt one is still bytes
-    assert len(device["jpeg_boxes"]) == 9 and device["keys"][-2:] == ["cmyk", "png"]
+    assert worker.bad == {"truncated image": 1, "corrupt image": 1}
+    assert device.bad == {"truncated image": 1}  # the worker's part; the corrupt one is still bytes
+    assert len(device.jpegs.boxes) == 9 and device.keys[-2:] == ["cmyk", "png"]
 
-    device = finish_batch(device, crop, CPU)
-    assert device["bad"] == {"truncated image": 1, "corrupt image": 1} and device["skipped"] == 2
-    assert device["image"].shape == (11, 3, 64, 64) and device["text"].shape[0] == 11
-    assert "corrupt" not in device["keys"] and len(set(device["keys"])) == 10  # one sample twice
-    replaced = device["keys"].index(next(k for k in device["keys"] if device["keys"].count(k) == 2))
-    twin = len(device["keys"]) - 1 - device["keys"][::-1].index(device["keys"][replaced])
-    assert torch.equal(device["image"][replaced], device["image"][twin])
-    assert torch.equal(device["text"][replaced], device["text"][twin])
-    by_key = dict(zip(worker["keys"], worker["image"]))
+    device = finished(device, crop)
+    assert device.bad == {"truncated image": 1, "corrupt image": 1} and device.skipped == 2
+    assert device.image.shape == (11, 3, 64, 64) and device.text.shape[0] == 11
+    assert "corrupt" not in device.keys and len(set(device.keys)) == 10  # one sample twice
+    replaced = device.keys.index(next(k for k in device.keys if device.keys.count(k) == 2))
+    twin = len(device.keys) - 1 - device.keys[::-1].index(device.keys[replaced])
+    assert torch.equal(device.image[replaced], device.image[twin])
+    assert torch.equal(device.text[replaced], device.text[twin])
+    by_key = dict(zip(worker.keys, worker.image))
     for key in ("cmyk", "png"):  # decoded by the workers in both modes: the same pixels
-        assert torch.equal(device["image"][device["keys"].index(key)], by_key[key])
+        assert torch.equal(device.image[device.keys.index(key)], by_key[key])
 
 
 def test_training_with_device_decoding_runs_through_lightning(tmp_path):
@@ -158,7 +167,7 @@ def test_training_with_device_decoding_runs_through_lightning(tmp_path):
 
     class Pixels(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            seen.append((batch["image"].dtype, tuple(batch["image"].shape), "jpeg" in batch))
+            seen.append((batch.image.dtype, tuple(batch.image.shape), batch.jpegs is not None))
 
     data = ShardDataModule(str(shards), batch_size=8, num_workers=1, decode="gpu")
     trainer = pl.Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
@@ -176,9 +185,9 @@ def test_training_with_device_decoding_runs_through_lightning(tmp_path):
 def test_a_png_only_shard_needs_no_device_decoder(tmp_path):
     url = write_tar(tmp_path / "p.tar", [sample(f"p{i}", png(), "png") for i in range(4)])
     [batch] = batches(stream([url], TrainCrop(32), 4, on_device=True))
-    assert batch["jpeg_boxes"] == [] and batch["jpeg"].numel() == 0
-    batch = finish_batch(batch, TrainCrop(32), CPU)
-    assert batch["image"].shape == (4, 3, 32, 32) and np.all(batch["image"].numpy() <= 3)
+    assert batch.jpegs.boxes == [] and batch.jpegs.data.numel() == 0
+    batch = finished(batch, TrainCrop(32))
+    assert batch.image.shape == (4, 3, 32, 32) and np.all(batch.image.numpy() <= 3)
 
 
 @pytest.mark.parametrize("name", ["ViT-B-32", "tiny"])
@@ -213,27 +222,27 @@ def test_evaluation_on_the_device_path_has_the_workers_rows_and_their_pixels_to_
     import webdataset as wds
 
     from multimodal.data.decode import decode_image
-    from multimodal.data.pixels import finish_eval_batch
-    from multimodal.data.sources import EmbedBatches, ShardSource
+    from multimodal.data.sources import EvalBatches, ShardSource
 
     architecture = arch.load(name)
     preprocess, tokenizer = architecture.eval_transform, architecture.tokenizer
+    as_levels = replace(AS_LEVELS, size=preprocess.size)
     reference, level = architecture.open_clip_transforms()[1], 1 / (255 * min(preprocess.std))
     photos = {raw["__key__"]: raw["jpg"] for raw in wds.tarfile_samples([{"url": url} for url in jpegs])}
     from_open_clip = []
 
     def embed_batches(on_device: bool) -> list[dict]:
-        return list(EmbedBatches(ShardSource("::".join(jpegs)), [0, 1], preprocess, tokenizer, 16, on_device))
+        return list(EvalBatches(ShardSource("::".join(jpegs)), [0, 1], preprocess, tokenizer, 16, on_device))
 
     diffs = []
     for ours, theirs in zip(embed_batches(True), embed_batches(False), strict=True):
-        assert ours["images"] is None and len(ours["jpeg_lengths"]) == 16  # every JPEG sent as bytes
-        ours = finish_eval_batch(ours, preprocess, CPU)
-        assert ours["image_rows"] == theirs["image_rows"] and ours["text_rows"] == theirs["text_rows"]
-        assert torch.equal(ours["texts"], theirs["texts"])
-        assert ours["images"].shape == theirs["images"].shape == (16, 3, preprocess.size, preprocess.size)
-        diffs.append((ours["images"].int() - theirs["images"].int()).abs().float().flatten())
-        for row, pixels in zip(ours["image_rows"], preprocess.normalize(ours["images"])):
+        assert ours.images is None and len(ours.jpegs) == 16  # every JPEG sent as bytes
+        ours = finished(ours, preprocess=as_levels)
+        assert ours.image_rows == theirs.image_rows and ours.text_rows == theirs.text_rows
+        assert torch.equal(ours.texts, theirs.texts)
+        assert ours.images.shape == theirs.images.shape == (16, 3, preprocess.size, preprocess.size)
+        diffs.append((ours.images.int() - theirs.images.int()).abs().float().flatten())
+        for row, pixels in zip(ours.image_rows, preprocess.normalize(ours.images)):
             expected = reference(decode_image(photos[row["key"]]))
             from_open_clip.append((pixels - expected).abs().flatten() / level)
     diff, exact = torch.cat(diffs), torch.cat(from_open_clip)
@@ -247,25 +256,24 @@ def test_an_image_no_decoder_reads_is_left_out_of_an_evaluation_batch_with_its_c
     """The corrupt JPEG reaches the device path and fails there and on the CPU: its row and its caption
     leave the batch, the captions of the others point at their images' new rows. A CMYK JPEG and a PNG
     are decoded by the workers, after the device's JPEGs."""
-    from multimodal.data.pixels import finish_eval_batch
-    from multimodal.data.sources import EmbedBatches, ShardSource
+    from multimodal.data.sources import EvalBatches, ShardSource
 
     good = [sample(f"g{i}", photo(i, size=(96, 80))) for i in range(4)]
     url = write_tar(tmp_path / "odd.tar", [good[0], good[1], sample("corrupt", corrupt_jpeg()),
                                           sample("cmyk", cmyk_jpeg()), sample("png", png(), "png"), good[2], good[3]])
     architecture = arch.load("tiny")
     preprocess = architecture.eval_transform
-    [device] = EmbedBatches(ShardSource(url), [0], preprocess, architecture.tokenizer, 16, decode_on_device=True)
-    [worker] = EmbedBatches(ShardSource(url), [0], preprocess, architecture.tokenizer, 16)
-    assert [r["key"] for r in device["image_rows"]] == ["g0", "g1", "corrupt", "g2", "g3", "cmyk", "png"]
-    assert "corrupt" not in [r["key"] for r in worker["image_rows"]]  # the workers' decoder refused it
+    [device] = EvalBatches(ShardSource(url), [0], preprocess, architecture.tokenizer, 16, decode_on_device=True)
+    [worker] = EvalBatches(ShardSource(url), [0], preprocess, architecture.tokenizer, 16)
+    assert [r["key"] for r in device.image_rows] == ["g0", "g1", "corrupt", "g2", "g3", "cmyk", "png"]
+    assert "corrupt" not in [r["key"] for r in worker.image_rows]  # the workers' decoder refused it
 
-    device = finish_eval_batch(device, preprocess, CPU)
+    device = finished(device, preprocess=replace(AS_LEVELS, size=preprocess.size))
     assert "skipping" in capsys.readouterr().out
-    keys = [r["key"] for r in device["image_rows"]]
-    assert keys == ["g0", "g1", "g2", "g3", "cmyk", "png"] and device["images"].shape[0] == 6
-    assert [keys[r["image"]] for r in device["text_rows"]] == [r["key"] for r in device["text_rows"]]
-    assert device["texts"].shape[0] == len(device["text_rows"]) == 6
-    by_key = dict(zip((r["key"] for r in worker["image_rows"]), worker["images"]))
+    keys = [r["key"] for r in device.image_rows]
+    assert keys == ["g0", "g1", "g2", "g3", "cmyk", "png"] and device.images.shape[0] == 6
+    assert [keys[r["image"]] for r in device.text_rows] == [r["key"] for r in device.text_rows]
+    assert device.texts.shape[0] == len(device.text_rows) == 6
+    by_key = dict(zip((r["key"] for r in worker.image_rows), worker.images))
     for key in ("cmyk", "png"):  # decoded by the workers in both modes: the same pixels
-        assert torch.equal(device["images"][keys.index(key)], by_key[key])
+        assert torch.equal(device.images[keys.index(key)], by_key[key])

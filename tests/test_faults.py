@@ -17,13 +17,20 @@ import webdataset as wds
 from PIL import Image
 
 from multimodal.data import decode
-from multimodal.data.decode import decode_sample
+from multimodal.data.decode import MAX_IMAGE_PIXELS, decode_record, read_record
 from multimodal.data.faults import SAMPLE_KINDS, BadSample
-from multimodal.data.shards import MANIFEST, write_synthetic
+from multimodal.data.formats import MANIFEST
+from multimodal.data.shards import write_synthetic
 from tests.conftest import REPO, run_cli
 from tests.test_pipeline import batches, stream, write_tar
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
+
+
+def decode_sample(raw: dict, min_side: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS):
+    """(image, captions, json) of a raw sample, as every reader decodes it: `read_record`, then `decode_record`."""
+    record = read_record(raw, max_pixels=max_pixels)
+    return decode_record(record, min_side), record.captions, record.meta
 
 
 def jpeg(side=96, seed=0) -> bytes:
@@ -135,10 +142,10 @@ def test_stream_counts_bad_samples_and_shard_faults_by_kind(tmp_path, http_folde
     assert len(out) == 12
     totals: dict = {}
     for batch in out:
-        for kind, n in batch["bad"].items():
+        for kind, n in batch.bad.items():
             totals[kind] = totals.get(kind, 0) + n
-        assert batch["skipped"] == sum(n for k, n in batch["bad"].items() if k in SAMPLE_KINDS)
-        assert batch["read"] == 2 + batch["skipped"]
+        assert batch.skipped == sum(n for k, n in batch.bad.items() if k in SAMPLE_KINDS)
+        assert batch.read == 2 + batch.skipped
     assert set(totals) == set(BROKEN) | {"truncated shard", "missing shard"}
     assert totals["missing shard"] >= 2 and totals["truncated shard"] >= 1  # the 404 and the gone file
 

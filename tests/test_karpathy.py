@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from multimodal.data.pipeline import expand_urls, read_samples
+from multimodal.data.formats import expand_urls, read_records
 
 # Splits by position among the val2017 images: a mix in file order, as dataset_coco.json interleaves
 # test, val and restval among the val2014 images; every train2017 image is `train`.
@@ -73,7 +73,7 @@ def counts(data: dict, split: str) -> tuple[int, int]:
 
 
 def read_back(folder: Path) -> list[tuple[str, list[str], dict]]:
-    return [(key, captions, record) for key, _, captions, record in read_samples(expand_urls(str(folder)))]
+    return [(r.key, r.captions, r.meta) for r in read_records(expand_urls(str(folder)))]
 
 
 def shards(cli, json_path: Path, images: Path, out: Path, *splits: str):

@@ -9,7 +9,8 @@ import torch
 
 from multimodal import arch
 from multimodal.data.datamodule import ShardDataModule
-from multimodal.data.pipeline import expand_urls, read_samples
+from multimodal.data.decode import decode_image
+from multimodal.data.formats import expand_urls, read_records
 from multimodal.data.shards import write_coco
 from multimodal.eval.embed import embed_shards
 from multimodal.eval.retrieval import chance_recall, retrieval_metrics
@@ -62,10 +63,10 @@ def open_clip_recall(model, name: str, spec: str) -> dict[str, float]:
     architecture = arch.load(name)
     transform, tokenizer = architecture.open_clip_transforms()[1], architecture.tokenizer
     images, captions, text_to_image = [], [], []
-    for _, image, texts, _ in read_samples(expand_urls(spec)):
-        images.append(transform(image))
-        captions.extend(texts)
-        text_to_image.extend([len(images) - 1] * len(texts))
+    for record in read_records(expand_urls(spec)):
+        images.append(transform(decode_image(record.data)))
+        captions.extend(record.captions)
+        text_to_image.extend([len(images) - 1] * len(record.captions))
     model = model.eval()
     return retrieval_metrics(model.encode_image(torch.stack(images)), model.encode_text(tokenizer(captions)),
                              torch.tensor(text_to_image))

@@ -15,7 +15,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from multimodal import arch
-from multimodal.data.pipeline import ImageTextStream, StreamPosition, count_samples, expand_urls, read_samples
+from multimodal.data.formats import expand_urls, open_shards, read_records
+from multimodal.data.pipeline import ImageTextStream, StreamPosition
 from multimodal.data.shards import write_synthetic
 from multimodal.errors import UserError
 from tests.conftest import REPO
@@ -40,7 +41,7 @@ def good(key: str, captions=("a red square",)) -> dict:
 
 def stream(urls, *, batch_size=4, num_batches=3, rank=0, world=1, shuffle_buffer=0, **kw) -> ImageTextStream:
     tiny = arch.load("tiny")
-    return ImageTextStream(urls, crop=tiny.train_crop, tokenizer=tiny.tokenizer, batch_size=batch_size,
+    return ImageTextStream([urls], crop=tiny.train_crop, tokenizer=tiny.tokenizer, batch_size=batch_size,
                            num_batches=num_batches, position=StreamPosition(rank, world),
                            shuffle_buffer=shuffle_buffer, **kw)
 
@@ -59,7 +60,7 @@ def test_equal_batches_on_every_rank_with_uneven_shards(tmp_path, num_workers):
         out = batches(stream(urls, batch_size=bs, num_batches=num_batches, rank=rank, world=world,
                              shuffle_buffer=8), num_workers)
         assert len(out) == num_batches
-        assert all(b["image"].shape == (bs, 3, 64, 64) and b["text"].shape == (bs, 32) for b in out)
+        assert all(b.image.shape == (bs, 3, 64, 64) and b.text.shape == (bs, 32) for b in out)
 
 
 def test_resampled_mode_yields_the_nominal_epoch(tmp_path):
@@ -77,8 +78,8 @@ def test_bad_samples_are_skipped_and_counted(tmp_path):
     samples.append({"__key__": "8", "jpg": b"", "txt": b"zero bytes"})
     url = write_tar(tmp_path / "s.tar", samples)
     out = batches(stream([url], batch_size=2, num_batches=2))
-    assert len(out) == 2 and sum(b["skipped"] for b in out) == 4
-    assert sorted(k for k, *_ in read_samples([url])) == ["0", "2", "4", "7"]
+    assert len(out) == 2 and sum(b.skipped for b in out) == 4
+    assert sorted(r.key for r in read_records([url])) == ["0", "2", "4", "7"]
 
 
 def test_pickle_members_are_never_unpickled(tmp_path):
@@ -93,7 +94,7 @@ def test_pickle_members_are_never_unpickled(tmp_path):
         {**good(str(j)), "pyd": evil, "pth": evil, "pickle": evil} for j in range(4)
     ])
     assert len(batches(stream([url], batch_size=2, num_batches=4))) == 4
-    assert len(list(read_samples([url]))) == 4
+    assert len(list(read_records([url]))) == 4
     assert not marker.exists()
     pickle.loads(evil)  # the payload is live: loading it would have created the file
     assert marker.exists()
@@ -103,14 +104,14 @@ def test_a_random_caption_at_every_visit(tmp_path):
     captions = [f"caption number {i}" for i in range(5)]
     url = write_tar(tmp_path / "s.tar", [good("0", captions)])
     out = batches(stream([url], batch_size=1, num_batches=40))
-    seen = {tuple(b["text"][0].tolist()) for b in out}
+    seen = {tuple(b.text[0].tolist()) for b in out}
     assert len(seen) == 5
 
 
 def test_epochs_reshuffle(tmp_path):
     write_synthetic(tmp_path / "d", num_samples=64, shard_size=16)
     ds = stream(expand_urls(str(tmp_path / "d")), batch_size=8, num_batches=8, shuffle_buffer=32)
-    first, second = (torch.cat([b["text"] for b in batches(ds)]) for _ in range(2))
+    first, second = (torch.cat([b.text for b in batches(ds)]) for _ in range(2))
     assert not torch.equal(first, second)
 
 
@@ -128,10 +129,10 @@ def test_url_forms(tmp_path):
     assert expand_urls(f"{folder}/shard-{{000000..000002}}.tar") == by_folder
     assert expand_urls(f"{folder}/*.tar") == by_folder
     assert expand_urls(f"{folder}/shard-000000.tar::{folder}/shard-00000[12].tar") == by_folder
-    assert count_samples(by_folder) == 30
+    assert open_shards(str(folder)).num_samples == 30
     piped = [f"pipe:cat {u}" for u in by_folder]
-    assert expand_urls("::".join(piped)) == piped and count_samples(piped) is None
-    assert len(list(read_samples(piped))) == 30
+    assert expand_urls("::".join(piped)) == piped and open_shards("::".join(piped)).num_samples is None
+    assert len(list(read_records(piped))) == 30
     with pytest.raises(UserError, match="does not exist"):
         expand_urls(f"{folder}/shard-{{000000..000005}}.tar")
     with pytest.raises(UserError, match="No shard matches"):
@@ -195,7 +196,7 @@ def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_trans
 ])
 def test_large_jpegs_decode_at_the_smallest_scale_that_covers_the_crop(size, min_side, expected):
     """Draft decoding: the JPEG's DCT is scaled by n/8, the smallest n keeping both sides >= min_side."""
-    from multimodal.data.decode import decode_sample
+    from tests.test_faults import decode_sample
 
     image, captions, _ = decode_sample({"jpg": jpeg(size=size), "txt": b"a caption"}, min_side)
     width_height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
@@ -211,14 +212,14 @@ def test_training_batches_carry_uint8_pixels(tmp_path):
     write_synthetic(tmp_path / "train", num_samples=64, shard_size=16)
     data = ShardDataModule(str(tmp_path / "train"), batch_size=8, num_workers=0)
     batch = next(iter(data.train_dataloader()))
-    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (8, 3, 64, 64)
+    assert batch.image.dtype == torch.uint8 and batch.image.shape == (8, 3, 64, 64)
 
 
 def test_training_jpeg_decoding_equals_pils_pixels():
     """The training path decodes JPEGs with libjpeg-turbo directly: the same pixels as PIL, as arrays."""
     import numpy as np
 
-    from multimodal.data.decode import decode_sample
+    from tests.test_faults import decode_sample
 
     g = torch.Generator().manual_seed(1)
     noise = torch.randint(0, 256, (3, 240, 320), generator=g, dtype=torch.uint8)
@@ -254,7 +255,7 @@ def test_the_stream_is_the_same_in_every_process(tmp_path):
     urls = [write_tar(tmp_path / f"{s}.tar", [good(f"{s}-{i}", captions) for i in range(6)]) for s in range(3)]
     script = ("import sys, torch; from tests.test_pipeline import stream, batches; "
               f"out = batches(stream({urls!r}, batch_size=3, num_batches=6, shuffle_buffer=4)); "
-              "print([b['keys'] for b in out], torch.stack([b['text'] for b in out]).sum(-1).tolist())")
+              "print([b.keys for b in out], torch.stack([b.text for b in out]).sum(-1).tolist())")
     runs = {subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     assert len(runs) == 1

@@ -24,7 +24,7 @@ class Keys(pl.Callback):
         self.steps: list[list[str]] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.steps.append(list(batch["keys"]))
+        self.steps.append(list(batch.keys))
 
 
 @pytest.fixture(scope="module")

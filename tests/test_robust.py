@@ -2,7 +2,7 @@
 
 Property-based (hypothesis): random bytes; images of every format PIL writes, mutated (bytes
 changed, cut short, the header of one format on the body of another); JSON of any shape as the
-captions; through what every path runs: `read_sample`, `decode_image` at training's DCT scale and
+captions; through what every path runs: `read_record`, `decode_image` at training's DCT scale and
 at evaluation's full size, the training crop, the evaluation transform, and the device decoder.
 Nothing may raise anything but `BadSample`, and its kind must be one of the named kinds.
 """
@@ -19,9 +19,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from multimodal.data.decode import IMAGE_KEYS, decode_image, image_header, read_sample
+from multimodal.data.batch import decode_jpegs
+from multimodal.data.decode import IMAGE_KEYS, Members, decode_image, image_header, read_record
 from multimodal.data.faults import SAMPLE_KINDS, BadSample
-from multimodal.data.pixels import EvalTransform, TrainCrop, decode_jpegs
+from multimodal.data.pixels import EvalTransform, TrainCrop
 
 FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "ICO", "PPM", "TGA", "PCX", "DDS", "JPEG2000", "SGI", "IM",
            "QOI", "EPS", "PDF", "SPIDER", "DIB", "MPO")
@@ -101,7 +102,7 @@ def check_image(image) -> None:
 def test_any_sample_is_an_image_with_captions_or_a_named_bad_sample(raw):
     crop, evaluate = TrainCrop(32), EvalTransform(32, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
     try:
-        sample = read_sample(raw, max_pixels=MAX_PIXELS)
+        sample = read_record(raw, max_pixels=MAX_PIXELS)
         assert sample.captions and all(isinstance(c, str) and c.strip() for c in sample.captions)
         small = decode_image(sample.data, min_side=32)
         check_image(small)
@@ -116,11 +117,36 @@ def test_any_sample_is_an_image_with_captions_or_a_named_bad_sample(raw):
         event(bad.kind)
 
 
+CAPTION_MEMBERS = [Members(), Members(caption_lines=True), Members(text_key="txt2"),
+                   Members(caption_field=("caption_blip",)), Members(text_key="txt", caption_field=("caption", "x")),
+                   Members(image_key="webp", label_key="cls")]
+caption_jsons = st.builds(lambda field, v: json.dumps({field: v}).encode(),
+                          st.sampled_from(["caption", "caption_blip", "captions", "x"]), json_values)
+
+
+@given(raw=samples(), members=st.sampled_from(CAPTION_MEMBERS), extra=st.fixed_dictionaries({}, optional={
+    "txt2": st.binary(max_size=40), "json": caption_jsons, "cls": st.binary(max_size=6)}))
+@settings(max_examples=EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+def test_any_sample_read_with_any_members_is_captions_and_a_class_or_a_named_bad_sample(raw, members, extra):
+    """Whatever a sample's members hold and whichever members are chosen (a second text member, json fields
+    of any shape, captions one a line, a class member): non-empty captions and a class index or None, or a
+    bad sample of a named kind."""
+    try:
+        record = read_record({**raw, **extra}, members, max_pixels=MAX_PIXELS, label=True)
+        assert record.captions and all(isinstance(c, str) and c.strip() == c and c for c in record.captions)
+        assert record.label is None or (isinstance(record.label, int) and record.label >= 0)
+        event(f"read, {len(record.captions)} caption(s)")
+    except BadSample as bad:
+        assert bad.kind in SAMPLE_KINDS
+        event(bad.kind)
+
+
 @given(data=images)
 @settings(max_examples=EXAMPLES // 2, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_the_device_decoder_returns_an_image_or_its_error_for_any_bytes(data):
     """`decode_jpegs` (the device path; here on the CPU) never raises: a bad image comes back as its
-    exception, which `finish_batch` retries with PIL and then counts."""
+    exception, which `batch.finish` retries with PIL and then counts."""
     if not data:
         return  # the workers never send an empty member
     out = decode_jpegs([torch.frombuffer(bytearray(data), dtype=torch.uint8)], torch.device("cpu"))
@@ -141,7 +167,7 @@ def test_a_crafted_dds_that_pil_identifies_but_cannot_decode_is_a_bad_sample():
     dds = bytearray(_encoded("DDS", (8, 8), "RGB"))
     dds[80:84] = b"\0\0\0\0"  # DDS_PIXELFORMAT.dwFlags
     with pytest.raises(BadSample) as bad:
-        read_sample({"jpg": bytes(dds), "txt": b"x"})
+        read_record({"jpg": bytes(dds), "txt": b"x"})
     assert bad.value.kind == "not an image"
 
 
@@ -159,17 +185,17 @@ def test_a_caption_the_tokenizer_refuses_is_counted_and_the_batch_stays_full(tmp
 
     url = write_tar(tmp_path / "s.tar", [good(f"{i}", captions=["boom" if i in (2, 5) else "a red square"])
                                          for i in range(12)])
-    stream = ImageTextStream([url], crop=TrainCrop(32), tokenizer=tokenizer, batch_size=5, num_batches=2,
+    stream = ImageTextStream([[url]], crop=TrainCrop(32), tokenizer=tokenizer, batch_size=5, num_batches=2,
                              shuffle_buffer=0)
     first, second = batches(stream)
-    assert first["text"].shape[0] == second["text"].shape[0] == 5
-    assert "2" not in first["keys"] + second["keys"] and "5" not in first["keys"] + second["keys"]
-    assert first["bad"].get("unreadable caption", 0) + second["bad"].get("unreadable caption", 0) == 2
+    assert first.text.shape[0] == second.text.shape[0] == 5
+    assert "2" not in first.keys + second.keys and "5" not in first.keys + second.keys
+    assert first.bad.get("unreadable caption", 0) + second.bad.get("unreadable caption", 0) == 2
 
 
 def test_evaluation_leaves_out_a_text_the_tokenizer_refuses():
     from multimodal import arch
-    from multimodal.data.sources import EmbedBatches, Item
+    from multimodal.data.sources import EvalBatches, Item
 
     tokenize = arch.load("tiny").tokenizer
 
@@ -181,8 +207,8 @@ def test_evaluation_leaves_out_a_text_the_tokenizer_refuses():
     items = [Item(np.zeros((40, 50, 3), np.uint8), {"key": f"{i}"}, [f"caption {i}", "boom" if i == 1 else "fine"],
                   [{"key": f"{i}", "caption": c} for c in (f"caption {i}", "boom" if i == 1 else "fine")])
              for i in range(3)]
-    batches = EmbedBatches(None, [], EvalTransform(32, (0.5,) * 3, (0.25,) * 3), tokenizer, batch_size=8)
+    batches = EvalBatches(None, [], EvalTransform(32, (0.5,) * 3, (0.25,) * 3), tokenizer, batch_size=8)
     batch = batches._batch(0, items, last=True)
-    assert batch["texts"].shape[0] == 5 and len(batch["text_rows"]) == 5
-    assert "boom" not in [r["caption"] for r in batch["text_rows"]]
-    assert [r["image"] for r in batch["text_rows"]] == [0, 0, 1, 2, 2]
+    assert batch.texts.shape[0] == 5 and len(batch.text_rows) == 5
+    assert "boom" not in [r["caption"] for r in batch.text_rows]
+    assert [r["image"] for r in batch.text_rows] == [0, 0, 1, 2, 2]

@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from multimodal import arch
+from multimodal.data.batch import TrainBatch
 from multimodal.errors import UserError
 from multimodal.module import CLIPModule
 from multimodal.recipe import build_module
@@ -16,12 +17,12 @@ from tests.conftest import REPO
 DEBUG = str(REPO / "configs" / "debug.yaml")
 
 
-def fixed_batch(n: int = 12) -> dict:
+def fixed_batch(n: int = 12) -> TrainBatch:
     g = torch.Generator().manual_seed(3)
     words = ["red", "green", "blue", "square", "circle", "small", "large", "left", "right", "a", "two"]
     texts = [" ".join(words[int(i)] for i in torch.randint(len(words), (5,), generator=g)) for _ in range(n)]
-    return {"image": torch.randn(n, 3, 64, 64, generator=g), "text": arch.load("tiny").tokenizer(texts),
-            "skipped": torch.tensor(0)}
+    return TrainBatch(torch.randn(n, 3, 64, 64, generator=g), arch.load("tiny").tokenizer(texts),
+                      [str(i) for i in range(n)], read=n)
 
 
 class GradCapture(pl.Callback):
@@ -80,7 +81,7 @@ def test_siglip_starts_at_its_published_temperature_and_bias():
 
 def test_patch_dropout_in_training_only():
     m = module(patch_dropout=0.5)
-    images = fixed_batch(4)["image"]
+    images = fixed_batch(4).image
     m.model.train()
     assert not torch.allclose(m.model.encode_image(images), m.model.encode_image(images))
     m.model.eval()

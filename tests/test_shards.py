@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from multimodal.data.pipeline import expand_urls, read_samples
+from multimodal.data.decode import decode_image
+from multimodal.data.formats import expand_urls, read_records
 from multimodal.data.shards import read_coco_entries, write_coco, write_csv
 from multimodal.errors import UserError
 
@@ -18,7 +19,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 
 def read_back(folder: Path) -> dict[str, tuple[Image.Image, list[str]]]:
-    return {key: (image, captions) for key, image, captions, _ in read_samples(expand_urls(str(folder)))}
+    return {r.key: (decode_image(r.data), r.captions) for r in read_records(expand_urls(str(folder)))}
 
 
 @pytest.mark.parametrize("split", ["train2017", "val2017"])

@@ -64,6 +64,67 @@ def add_decode_arg(parser: argparse.ArgumentParser) -> None:
                              "CUDA), cpu (the loader workers), auto: gpu on a GPU")
 
 
+def add_shard_args(parser: argparse.ArgumentParser, what: str, labels: bool = False) -> None:
+    """--shards (clip_benchmark's --dataset_root too) and how their samples read (`labels`: their class too)."""
+    parser.add_argument("--shards", "--dataset_root", dest="shards",
+                        help=f"{what}: our shards, img2dataset's output, or a CLIP_benchmark webdataset dataset's "
+                             "folder "
+                             "(ROOT with ROOT/SPLIT/nshards.txt); a folder, a brace pattern, a glob, or several joined "
+                             "by '::'")
+    parser.add_argument("--split", default="test", help="the split of a CLIP_benchmark dataset folder")
+    parser.add_argument("--image_key", default=None,
+                        help="the member holding the image (default: the first of jpg, jpeg, png, webp)")
+    if labels:
+        parser.add_argument("--label_key", default="cls", help="the member holding the class index")
+    else:
+        parser.add_argument("--text_key", default=None,
+                            help="the member holding the caption (default: json 'captions', else txt)")
+        parser.add_argument("--caption_field", nargs="+", default=None,
+                            help="json field(s) holding captions, e.g. caption_blip (a string or a list each)")
+
+
+def shard_source(args: argparse.Namespace, labels: bool = False):
+    """The `ShardSource` of `add_shard_args`'s options (imports the data layer)."""
+    from multimodal.data.decode import Members
+    from multimodal.data.formats import check_members
+    from multimodal.data.sources import LabelledShardSource, ShardSource
+
+    if labels:
+        members = Members.chosen(args.image_key, label_key=args.label_key, setting="--{}")
+        source = LabelledShardSource(args.shards, members, args.split)
+    else:
+        members = Members.chosen(args.image_key, args.text_key, args.caption_field, setting="--{}")
+        source = ShardSource(args.shards, members, args.split)
+    benchmark, task = source.shards.benchmark, "classification" if labels else "retrieval"
+    if benchmark is not None and benchmark.task != task:
+        other = {"retrieval": "eval retrieval", "classification": "eval zeroshot"}[benchmark.task]
+        raise UserError(f"{args.shards} is a CLIP_benchmark {benchmark.task} dataset: evaluate it with "
+                        f"`multimodal {other}`.")
+    check_members(source.shards, captions=not labels, label=labels, setting="--{}")
+    return source
+
+
+def add_preprocess_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preprocess", default="fast", choices=("fast", "open_clip"),
+                        help="fast: JPEGs decoded at the smallest DCT scale the crop needs and resized by torch "
+                             "(within a stated tolerance of open_clip's figures); open_clip: PIL decoding and "
+                             "open_clip's own eval transform, for figures equal to CLIP_benchmark's")
+
+
+def preprocess_of(args: argparse.Namespace, model):
+    """The eval transform that --preprocess names, for `model`'s architecture."""
+    if args.preprocess == "open_clip":
+        from multimodal.data.pixels import OpenClipEvalTransform
+
+        return OpenClipEvalTransform(model.architecture.eval_transform)
+    return model.architecture.eval_transform
+
+
+def check_preprocess(args: argparse.Namespace) -> None:
+    if args.preprocess == "open_clip" and args.decode == "gpu":
+        raise UserError("--preprocess open_clip decodes images with PIL, as open_clip does: drop --decode gpu.")
+
+
 def check_counts(args: argparse.Namespace, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
                  ) -> None:
     """The named integer options of `args` are at least 1 (`positive`) or at least 0 (`non_negative`)."""
@@ -93,10 +154,13 @@ def check_result_args(args: argparse.Namespace) -> None:
         check_output(args.out_table, "--out_table", "file", (".csv",))
 
 
-def dataset_name(args: argparse.Namespace, data: str | Path) -> str:
-    """--dataset, else the name of the folder that `data` (a folder, a file or a shard pattern) is in."""
+def dataset_name(args: argparse.Namespace, data: str | Path, benchmark=None) -> str:
+    """--dataset, else a CLIP_benchmark dataset's name as CLIP_benchmark writes it (wds/mscoco_captions), else
+    the name of the folder that `data` (a folder, a file or a shard pattern) is in."""
     if args.dataset:
         return args.dataset
+    if benchmark is not None:  # formats.Benchmark
+        return benchmark.name
     path = Path(str(data).rstrip("/"))
     return path.name if path.is_dir() else path.parent.name or path.stem
 

@@ -154,7 +154,6 @@ def eval_captioning(argv: list[str]) -> int:
 
     from tqdm import tqdm
 
-    from multimodal.data.pipeline import count_samples
     from multimodal.data.sources import ShardSource
     from multimodal.eval import results
     from multimodal.eval.captioning import caption_metrics
@@ -163,7 +162,7 @@ def eval_captioning(argv: list[str]) -> int:
 
     source = ShardSource(args.shards)
     model = _model(args)
-    bar = tqdm(total=count_samples(source.urls), unit="img", desc="captioning", mininterval=1.0)
+    bar = tqdm(total=source.shards.num_samples, unit="img", desc="captioning", mininterval=1.0)
 
     def counted(batches):
         for batch, captions in batches:

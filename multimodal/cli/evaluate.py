@@ -11,13 +11,18 @@ from pathlib import Path
 from multimodal.cli.args import (
     add_checkpoint_args,
     add_decode_arg,
+    add_preprocess_arg,
     add_result_args,
+    add_shard_args,
     check_counts,
+    check_preprocess,
     check_result_args,
     check_weights,
     dataset_name,
     load_model,
+    preprocess_of,
     provenance,
+    shard_source,
     weights_given,
 )
 from multimodal.errors import (
@@ -74,10 +79,10 @@ def _check_source(args) -> None:
 
 
 def _source(args):
-    from multimodal.data.sources import ImageFolderSource, ShardSource, TextFileSource
+    from multimodal.data.sources import ImageFolderSource, TextFileSource
 
     if args.shards:
-        return ShardSource(args.shards)
+        return shard_source(args)
     if args.images:
         return ImageFolderSource(args.images, args.part_size)
     return TextFileSource(args.texts, args.part_size)
@@ -86,7 +91,7 @@ def _source(args):
 def embed_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal embed", description="Compute image and/or text embeddings.")
     add_checkpoint_args(parser)
-    parser.add_argument("--shards", help="shards to embed (images and all their captions)")
+    add_shard_args(parser, "shards to embed (images and all their captions)")
     parser.add_argument("--images", type=Path, help="a folder of images (searched recursively)")
     parser.add_argument("--texts", type=Path, help="a text file, one text a line")
     parser.add_argument("--out", type=Path, required=True, help="embedding folder to write (resumed if present)")
@@ -97,6 +102,7 @@ def embed_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu")
     parser.add_argument("--devices", type=int, default=1, help="devices on this node (several: DDP, one part set each)")
     add_decode_arg(parser)
+    add_preprocess_arg(parser)
     parser.add_argument("--overwrite", action="store_true", help="start afresh in an --out made by another run")
     return parser
 
@@ -106,12 +112,13 @@ def embed(argv: list[str]) -> int:
     check_counts(args, positive=("batch_size", "part_size", "devices"), non_negative=("num_workers",))
     check_output(args.out, "--out", "folder")
     _check_source(args)
+    check_preprocess(args)
     check_weights(args)
     import pytorch_lightning as pl
     import torch
 
-    from multimodal.data.pixels import decode_on_device
-    from multimodal.data.sources import EmbedBatches
+    from multimodal.data.batch import jpegs_on_device
+    from multimodal.data.sources import EvalBatches
     from multimodal.eval.callbacks import EmbeddingWriter, EmbedModule
     from multimodal.eval.embed import PartWriter
 
@@ -120,6 +127,9 @@ def embed(argv: list[str]) -> int:
     info = {"model": model.architecture.name, "checkpoint": str(args.checkpoint.resolve()) if args.checkpoint else None,
             **({"pretrained": args.pretrained} if args.pretrained else {}), "dtype": args.dtype,
             "source": {k: str(getattr(args, k)) for k in ("shards", "images", "texts") if getattr(args, k)},
+            **({"members": {k: getattr(args, k) for k in ("split", "image_key", "text_key", "caption_field")
+                            if getattr(args, k) not in (None, "test")}} if args.shards else {}),
+            **({"preprocess": args.preprocess} if args.preprocess != "fast" else {}),
             "part_size": args.part_size, "dim": model.architecture.embed_dim}
     _claim_folder(args.out, info, args.overwrite)
     writer = PartWriter(args.out, info["dim"], args.dtype, images=source.has_images, texts=source.has_texts)
@@ -127,13 +137,13 @@ def embed(argv: list[str]) -> int:
     print(f"{source.num_parts() - len(todo)} of {source.num_parts()} parts already done; embedding {len(todo)}.")
     if not todo:
         return 0
-    preprocess, tokenizer = model.architecture.eval_transform, model.architecture.tokenizer
+    preprocess, tokenizer = preprocess_of(args, model), model.architecture.tokenizer
 
     gpu = args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    on_device = decode_on_device(args.decode, torch.device("cuda" if gpu else "cpu"))
+    on_device = jpegs_on_device(args.decode, torch.device("cuda" if gpu else "cpu"))
 
     def make_dataset(rank: int, world: int):
-        return EmbedBatches(source, todo[rank::world], preprocess, tokenizer, args.batch_size, on_device)
+        return EvalBatches(source, todo[rank::world], preprocess, tokenizer, args.batch_size, on_device)
 
     sizes = [source.part_size(p) for p in todo[0::args.devices]]
     total = sum(sizes) if all(s is not None for s in sizes) else None
@@ -167,13 +177,14 @@ def eval_retrieval_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="multimodal eval retrieval",
                                      description="Zero-shot image<->text retrieval recall@k.")
     add_checkpoint_args(parser, required=False, help="model to embed --shards with")
-    parser.add_argument("--shards", help="shards with several captions per image")
+    add_shard_args(parser, "shards with several captions per image")
     parser.add_argument("--embeddings", type=Path, help="an embedding folder written by `multimodal embed --shards`")
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--chunk_size", type=int, default=4096, help="block size of the score computation")
     add_decode_arg(parser)
+    add_preprocess_arg(parser)
     add_result_args(parser)
     return parser
 
@@ -182,6 +193,7 @@ def eval_retrieval(argv: list[str]) -> int:
     args = eval_retrieval_parser().parse_args(argv)
     check_counts(args, positive=("batch_size", "chunk_size"), non_negative=("num_workers",))
     check_result_args(args)
+    check_preprocess(args)
     if bool(args.shards) == bool(args.embeddings):
         raise UserError("Pass either --shards (with --checkpoint) or --embeddings.")
     if args.shards and not weights_given(args):
@@ -194,9 +206,13 @@ def eval_retrieval(argv: list[str]) -> int:
     from multimodal.eval.embed import embed_shards, load_folder, read_info
     from multimodal.eval.retrieval import evaluate_embeddings, table
 
+    benchmark = None
     if args.shards:
+        source = shard_source(args)
+        benchmark = source.shards.benchmark
         model = load_model(args)
-        emb = embed_shards(model, args.shards, args.batch_size, args.num_workers, decode=args.decode)
+        emb = embed_shards(model, source, args.batch_size, args.num_workers, decode=args.decode,
+                           preprocess=preprocess_of(args, model))
         weights_fields = provenance(model.architecture.name, args.pretrained, args.checkpoint)
     else:
         emb = load_folder(args.embeddings)
@@ -205,16 +221,17 @@ def eval_retrieval(argv: list[str]) -> int:
     metrics, num_images, num_texts = evaluate_embeddings(emb, tuple(args.ks), args.chunk_size)
     print(f"Retrieval over {num_images} images and {num_texts} captions")
     print(table(metrics, num_images, num_texts, tuple(args.ks)))
-    record = results.result("zeroshot_retrieval", dataset_name(args, args.shards or args.embeddings), metrics=metrics,
+    record = results.result("zeroshot_retrieval", dataset_name(args, args.shards or args.embeddings, benchmark),
+                            metrics=metrics,
                             **weights_fields, num_images=num_images, num_texts=num_texts)
     results.write_out(record, args.out, args.out_table)
     return 0
 
 
 def _labelled_source(args):
-    from multimodal.data.sources import ClassFolderSource, LabelledShardSource
+    from multimodal.data.sources import ClassFolderSource
 
-    return ClassFolderSource(args.images) if args.images else LabelledShardSource(args.shards)
+    return ClassFolderSource(args.images) if args.images else shard_source(args, labels=True)
 
 
 def eval_zeroshot_parser() -> argparse.ArgumentParser:
@@ -227,13 +244,14 @@ def eval_zeroshot_parser() -> argparse.ArgumentParser:
                         help="class names, one a line, in label order; for --images the sorted order of the "
                              "class folders (default for --images: the folder names)")
     parser.add_argument("--templates", type=Path, default=None,
-                        help="prompt templates with {} for the class name, one a line (default: the --preset's, "
-                             "else a built-in set)")
-    parser.add_argument("--shards", help="shards whose samples carry a class index (`cls` member)")
+                        help="prompt templates with {} or {c} for the class name, one a line (default: the "
+                             "--preset's, else a CLIP_benchmark folder's, else a built-in set)")
+    add_shard_args(parser, "shards whose samples carry a class index (a `cls` member)", labels=True)
     parser.add_argument("--images", type=Path, help="an ImageFolder-style folder: FOLDER/CLASS/IMAGE")
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--num_workers", type=int, default=4, help="data loading processes")
     add_decode_arg(parser)
+    add_preprocess_arg(parser)
     add_result_args(parser)
     return parser
 
@@ -246,29 +264,29 @@ def eval_zeroshot(argv: list[str]) -> int:
         raise UserError("Pass either --shards or --images.")
     if args.preset and args.classnames:
         raise UserError(f"Pass --preset or --classnames, not both: preset {args.preset} names the classes.")
-    if args.shards and args.classnames is None and args.preset is None:
-        raise UserError("--shards needs --classnames or --preset, the names of the class indices in label order.")
     if args.images:
         check_input(args.images, "Image folder", "pass an ImageFolder-style folder with --images", kind="folder")
     for option, path in (("Class names file", args.classnames), ("Templates file", args.templates)):
         if path is not None:
             check_input(path, option, "pass a text file with one entry a line")
+    check_preprocess(args)
     check_weights(args)
     from torch.utils.data import DataLoader
     from tqdm import tqdm
 
-    from multimodal.data.pixels import decode_on_device
-    from multimodal.data.sources import EmbedBatches
+    from multimodal.data.batch import jpegs_on_device
+    from multimodal.data.sources import EvalBatches
     from multimodal.eval import results, zeroshot
     from multimodal.eval.embed import autocast, default_device
 
     source = _labelled_source(args)
+    benchmark = source.shards.benchmark if args.shards else None
     classnames, templates = zeroshot.classes_and_templates(source, args.preset, args.classnames, args.templates)
     device = default_device()
     model = load_model(args).to(device)
-    preprocess = model.architecture.eval_transform
-    batches = EmbedBatches(source, list(range(source.num_parts())), preprocess, model.architecture.tokenizer,
-                           args.batch_size, decode_on_device(args.decode, device))
+    preprocess = preprocess_of(args, model)
+    batches = EvalBatches(source, list(range(source.num_parts())), preprocess, model.architecture.tokenizer,
+                          args.batch_size, jpegs_on_device(args.decode, device))
     loader = DataLoader(batches, batch_size=None, num_workers=min(args.num_workers, source.num_parts()),
                         pin_memory=device.type == "cuda")
     with autocast(device):
@@ -278,7 +296,8 @@ def eval_zeroshot(argv: list[str]) -> int:
           f"({len(templates)} templates): top-1 {result['acc1']:.4f}, top-5 {result['acc5']:.4f}, "
           f"mean per-class recall {result['mean_per_class_recall']:.4f}")
     metrics = {k: result[k] for k in ("acc1", "acc5", "mean_per_class_recall")}
-    record = results.result("zeroshot_classification", args.preset or dataset_name(args, args.shards or args.images),
+    record = results.result("zeroshot_classification",
+                            args.dataset or args.preset or dataset_name(args, args.shards or args.images, benchmark),
                             metrics=metrics, **provenance(model.architecture.name, args.pretrained, args.checkpoint),
                             num_images=result["num_images"], num_classes=result["num_classes"])
     results.write_out(record, args.out, args.out_table)
@@ -287,9 +306,11 @@ def eval_zeroshot(argv: list[str]) -> int:
 
 def evaluate(argv: list[str]) -> int:
     from multimodal.cli.caption import eval_captioning
+    from multimodal.cli.probe import eval_linear_probe
 
-    commands = {"retrieval": eval_retrieval, "zeroshot": eval_zeroshot, "captioning": eval_captioning}
+    commands = {"retrieval": eval_retrieval, "zeroshot": eval_zeroshot, "linear_probe": eval_linear_probe,
+                "captioning": eval_captioning}
     if not argv or argv[0] not in commands:
-        print("usage: multimodal eval {retrieval,zeroshot,captioning} ...  (add --help for options)")
+        print("usage: multimodal eval {retrieval,zeroshot,linear_probe,captioning} ...  (add --help for options)")
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     return commands[argv[0]](argv[1:])

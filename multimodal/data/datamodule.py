@@ -2,12 +2,13 @@
 
 Its constructor arguments are the `data:` section of the YAML configs. With `synthetic` set,
 `prepare_data` writes the synthetic scenes into the `train_shards` and `val_shards` folders
-first (once per node, skipped when they are already there). It normalises pixels on the device
-(`on_after_batch_transfer`) and keeps the stream's position in checkpoints (`state_dict`), so a
-run stopped mid-epoch continues with the samples it had not seen.
+first (once per node, skipped when they are already there). It finishes batches on the device
+(`batch.finish`: JPEGs decoded there, pixels normalised) and keeps the stream's position in
+checkpoints (`state_dict`), so a run stopped mid-epoch continues with the samples it had not seen.
 """
 
 import math
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -16,19 +17,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from multimodal import arch, distributed
-from multimodal.data.decode import MAX_IMAGE_PIXELS
-from multimodal.data.pipeline import (
-    ImageTextStream,
-    StreamPosition,
-    WorkerProgress,
-    check_split,
-    count_samples,
-    expand_urls,
-    seeded,
-)
-from multimodal.data.pixels import decode_on_device, finish_batch, finish_eval_batch, keep_jpegs_on_host
+from multimodal.data.batch import EvalBatch, TrainBatch, finish, jpegs_on_device
+from multimodal.data.decode import MAX_IMAGE_PIXELS, Members
+from multimodal.data.formats import ShardSet, check_members, open_shards, sources
+from multimodal.data.pipeline import ImageTextStream, StreamPosition, WorkerProgress, check_split, seeded
 from multimodal.data.shards import ensure_synthetic
-from multimodal.data.sources import EmbedBatches, ShardSource
+from multimodal.data.sources import EvalBatches, ShardSource
 from multimodal.data.synthetic import SyntheticData
 from multimodal.errors import UserError
 
@@ -46,6 +40,11 @@ class ShardDataModule(pl.LightningDataModule):
         shuffle_buffer: int = 2000,
         resampled: bool = False,
         num_samples: int | None = None,
+        train_weights: list[float] | str | None = None,
+        upsampling_factors: list[float] | str | None = None,
+        image_key: str | None = None,
+        text_key: str | None = None,
+        caption_field: str | list[str] | None = None,
         seed: int = 0,
         synthetic: SyntheticData | None = None,
         max_bad_fraction: float = 0.1,
@@ -54,9 +53,10 @@ class ShardDataModule(pl.LightningDataModule):
     ):
         """
         Args:
-            train_shards: training shards: a folder, a brace pattern (`shard-{000000..000099}.tar`), a glob,
-                `pipe:` commands for object stores, or several of these joined by `::`.
-            val_shards: held-out shards, in the same forms.
+            train_shards: training shards: a folder (ours, or img2dataset's output), a brace pattern
+                (`shard-{000000..000099}.tar`), a glob, `pipe:` commands for object stores, or several of these
+                joined by `::`: one shard list, or with `train_weights` the sources of a weighted mixture.
+            val_shards: held-out shards, in the same forms, or a CLIP_benchmark retrieval dataset's folder.
             model_name: architecture whose transforms and tokenizer to use (linked to `model.model_name`).
             pretrained: the weights the model starts from (linked to `model.pretrained`): a tag's or hub
                 repository's pixel statistics and resize are what its weights were trained with.
@@ -65,8 +65,18 @@ class ShardDataModule(pl.LightningDataModule):
             num_workers: DataLoader worker processes per device.
             shuffle_buffer: samples held in the shuffle buffer of each worker (0 or 1: no shuffling).
             resampled: draw shards with replacement, endlessly (an epoch is then `num_samples` nominal samples).
-            num_samples: samples per epoch; read from the shards' sizes.json when not given.
-            seed: seed of shard order, shuffle buffer and caption choice.
+            num_samples: samples per epoch; read from the shards' sizes.json, or img2dataset's *_stats.json,
+                when not given.
+            train_weights: the share of training samples drawn from each `::`-separated source of
+                `train_shards`, e.g. [1, 3] (or "1::3"): each sample's source is drawn with these weights.
+            upsampling_factors: open_clip's `--train-data-upsampling-factors` instead of `train_weights`
+                ([1, 2] or "1::2"): source i's share is its factor times its number of samples.
+            image_key: the member holding the image (default: the first of jpg, jpeg, png, webp).
+            text_key: the member holding the caption, e.g. txt or a second text member (default: json
+                `captions`, else txt).
+            caption_field: json field(s) holding captions (a string or a list of strings each), e.g.
+                caption_blip for a recaptioned set; several fields pool their captions.
+            seed: seed of shard order, mixture draws, shuffle buffer and caption choice.
             synthetic: write this many synthetic scenes into the train/val shard folders if absent.
             max_bad_fraction: stop the run when more than this fraction of the training samples read
                 (over all ranks, from the first 1,000 on) was skipped as bad: broken images, missing captions.
@@ -89,16 +99,37 @@ class ShardDataModule(pl.LightningDataModule):
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
         self.resampled, self.num_samples, self.seed, self.synthetic = resampled, num_samples, seed, synthetic
         self.decode = decode
+        self.members = Members.chosen(image_key, text_key, caption_field, setting="data.{}")
+        self.weights = read_weights(train_weights, upsampling_factors, len(sources(train_shards)))
+        self.upsampling = upsampling_factors is not None
         self.arch = arch.load(model_name, pretrained, cache_dir)
         self.crop, self.preprocess = self.arch.train_crop, self.arch.eval_transform
         self._resume: dict | None = None
         self._epoch, self._progress = -1, {}  # this epoch's worker -> (batches, samples consumed)
         if synthetic is None:  # fail before any work starts, not at the first batch
-            expand_urls(train_shards)
+            for shards in self._train_sources():
+                check_members(shards)
             if val_shards:
-                expand_urls(val_shards)
+                check_members(open_shards(val_shards, self.members))
         elif val_shards is None and synthetic.val_samples:
             raise UserError("data.synthetic needs data.val_shards, a folder to write the held-out scenes into.")
+
+    def _train_sources(self) -> list[ShardSet]:
+        """The training shard set: one, or each source of a weighted mixture."""
+        if self.weights is None:
+            return [open_shards(self.train_shards, self.members)]
+        return [open_shards(spec, self.members) for spec in sources(self.train_shards)]
+
+    @property
+    def source_names(self) -> list[str]:
+        """A short name for each source of the mixture (its folder's), as its share is logged."""
+        names = []
+        for spec in sources(self.train_shards):
+            path = Path(re.split(r"[{*?\[]", spec)[0].rstrip("/"))
+            folder = path.name if path.suffix != ".tar" else path.parent.name
+            name = re.sub(r"[^A-Za-z0-9_.-]+", "_", folder) or "source"
+            names.append(name if name not in names else f"{name}_{len(names)}")
+        return names
 
     def prepare_data(self) -> None:
         if self.synthetic is None:
@@ -112,12 +143,12 @@ class ShardDataModule(pl.LightningDataModule):
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Record the stream's position as each training batch arrives, before the step whose
         checkpoint (ModelCheckpoint saves in `on_train_batch_end`) must include it."""
-        if isinstance(batch, dict) and "worker" in batch:
+        if isinstance(batch, TrainBatch):
             epoch = self.trainer.current_epoch
             if self._epoch != epoch:
                 self._epoch, self._progress = epoch, {}
-            batches = self._progress.get(batch["worker"], (0, 0))[0]
-            self._progress[batch["worker"]] = (batches + 1, int(batch["consumed"]))
+            batches = self._progress.get(batch.worker, (0, 0))[0]
+            self._progress[batch.worker] = (batches + 1, batch.consumed)
         return batch
 
     def state_dict(self) -> dict:
@@ -158,23 +189,39 @@ class ShardDataModule(pl.LightningDataModule):
         done = position["ranks"][rank]
         return {"first_epoch": epoch, "resume": {int(w): WorkerProgress(*p) for w, p in done.items()}}
 
+    def _mixture(self, shards: list[ShardSet]) -> tuple[float, ...] | None:
+        """Each source's share of the samples: `train_weights`, or open_clip's upsampling factors times
+        each source's samples."""
+        if self.weights is None or not self.upsampling:
+            return self.weights
+        unknown = [s.spec for s in shards if s.num_samples is None]
+        if unknown:
+            raise UserError(f"data.upsampling_factors weighs each source by its samples, and the number of samples in "
+                            f"{unknown[0]} is unknown (no sizes.json or *_stats.json beside its shards): give "
+                            "data.train_weights, each source's share, instead.")
+        return tuple(f * s.num_samples for f, s in zip(self.weights, shards))
+
     def train_dataloader(self) -> DataLoader:
-        urls = expand_urls(self.train_shards)
+        shards = self._train_sources()
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
-        total = self.num_samples or count_samples(urls)
+        counts = [s.num_samples for s in shards]
+        total = self.num_samples or (None if None in counts else sum(counts))
         if total is None:
-            raise UserError(f"The number of samples in {self.train_shards} is unknown (no sizes.json beside the "
-                            "shards): set data.num_samples.")
+            raise UserError(f"The number of samples in {self.train_shards} is unknown (no sizes.json or img2dataset "
+                            "*_stats.json beside the shards): set data.num_samples.")
         if not self.resampled:  # here, before the workers start, and not in each of them
-            check_split(len(urls), world, max(1, self.num_workers))
+            for source in shards:
+                check_split(len(source.urls), world, max(1, self.num_workers),
+                            f"shards of {source.spec}" if len(shards) > 1 else "shards")
         num_batches = total // (self.batch_size * world)
         if num_batches == 0:
             raise UserError(f"{total} training samples do not fill one global batch of {self.batch_size} x {world} "
                             "devices: lower data.batch_size.")
         resume = self._resume_args(rank, world, num_batches)
         stream = ImageTextStream(
-            urls, crop=self.crop, tokenizer=self.arch.tokenizer, decode_on_device=self._decode_on_device(),
+            [s.urls for s in shards], weights=self._mixture(shards), members=self.members, crop=self.crop,
+            tokenizer=self.arch.tokenizer, decode_on_device=self._decode_on_device(),
             batch_size=self.batch_size, num_batches=num_batches, position=StreamPosition(rank, world),
             shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, max_image_pixels=self.max_image_pixels,
             **{"seed": self.seed, **resume},
@@ -186,26 +233,14 @@ class ShardDataModule(pl.LightningDataModule):
 
     def _decode_on_device(self) -> bool:
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        return decode_on_device(self.decode, device)
-
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        """As Lightning moves a batch, except the JPEG bytes to decode on the device (`pixels.finish_batch`)."""
-        return keep_jpegs_on_host(batch, lambda b: super(ShardDataModule, self).transfer_batch_to_device(
-            b, device, dataloader_idx))
+        return jpegs_on_device(self.decode, device)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """On the device: JPEGs decoded (`data.decode: gpu`), then uint8 pixels normalised (training
-        `image`, validation `images`): uint8 travels as a quarter of float32's bytes."""
-        if not isinstance(batch, dict):
-            return batch
-        if "jpeg" in batch and "text" in batch:
-            batch = finish_batch(batch, self.crop, batch["text"].device)
-        elif "jpeg" in batch:  # a validation batch (`EmbedBatches`)
-            batch = finish_eval_batch(batch, self.preprocess, self.trainer.strategy.root_device)
-        for key in ("image", "images"):  # training and evaluation share open_clip's statistics
-            pixels = batch.get(key)
-            if isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8:
-                batch[key] = self.preprocess.normalize(pixels)
+        """On the device: JPEGs decoded (`data.decode: gpu`), then uint8 pixels normalised (`batch.finish`):
+        uint8 travels as a quarter of float32's bytes."""
+        if isinstance(batch, (TrainBatch, EvalBatch)):
+            device = batch.text.device if isinstance(batch, TrainBatch) else self.trainer.strategy.root_device
+            return finish(batch, device, self.preprocess, self.crop)
         return batch
 
     def val_dataloader(self) -> "EvenBatches | list":
@@ -219,7 +254,7 @@ class ShardDataModule(pl.LightningDataModule):
             return []
         world = self.trainer.world_size if self.trainer else 1
         rank = self.trainer.global_rank if self.trainer else 0
-        source = ShardSource(self.val_shards)
+        source = ShardSource(self.val_shards, self.members)
         sizes = [source.part_size(p) for p in range(source.num_parts())]
         if world > 1 and None in sizes:
             raise UserError(f"The number of samples in the validation shards {self.val_shards} is unknown (no "
@@ -229,14 +264,35 @@ class ShardDataModule(pl.LightningDataModule):
                       for r in range(world)]
         parts = list(range(source.num_parts()))[rank::world]
         tokenizer = self.arch.tokenizer
-        batches = EmbedBatches(source, parts, self.preprocess, tokenizer, self.batch_size,
-                               decode_on_device=self._decode_on_device())
+        batches = EvalBatches(source, parts, self.preprocess, tokenizer, self.batch_size,
+                              decode_on_device=self._decode_on_device())
         loader = DataLoader(batches, batch_size=None, num_workers=min(self.num_workers, len(parts)))
         size = self.arch.image_size
-        padding = {"part": -1, "last": True, "images": torch.zeros(1, 3, size, size, dtype=torch.uint8),
-                   "image_rows": [],
-                   "texts": tokenizer([""]), "text_rows": []}
+        padding = EvalBatch(-1, True, images=torch.zeros(1, 3, size, size, dtype=torch.uint8), image_rows=[],
+                            texts=tokenizer([""]), text_rows=[])
         return EvenBatches(loader, max(batches_of), padding)
+
+
+def read_weights(weights: list[float] | str | None, factors: list[float] | str | None,
+                 num_sources: int) -> tuple[float, ...] | None:
+    """`data.train_weights` or `data.upsampling_factors` as numbers, one a source of `train_shards`."""
+    if weights is not None and factors is not None:
+        raise UserError("Give data.train_weights (each source's share) or data.upsampling_factors (open_clip's), "
+                        "not both.")
+    given, name = (weights, "train_weights") if weights is not None else (factors, "upsampling_factors")
+    if given is None:
+        return None
+    try:
+        values = [float(w) for w in (given.split("::") if isinstance(given, str) else given)]
+    except (TypeError, ValueError):
+        raise UserError(f"data.{name} must be numbers, one a source (a list, or joined by '::' as open_clip "
+                        f"writes them), got {given!r}.") from None
+    if len(values) != num_sources:
+        raise UserError(f"data.{name} gives {len(values)} weights for the {num_sources} sources of data.train_shards "
+                        "(its parts joined by '::'): give one a source.")
+    if not all(math.isfinite(v) and v >= 0 for v in values) or not any(v > 0 for v in values):
+        raise UserError(f"data.{name} must be finite, 0 or more, and not all 0, got {values}.")
+    return tuple(values)
 
 
 class EvenBatches:
@@ -256,6 +312,6 @@ class EvenBatches:
         count = 0
         for batch in self.loader:
             count += 1
-            yield batch if batch["images"] is not None else self.padding
+            yield batch if batch.images is not None or batch.jpegs is not None else self.padding
         for _ in range(count, self.length):
             yield self.padding

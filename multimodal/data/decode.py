@@ -1,8 +1,9 @@
-"""One webdataset sample's bytes -> an image and its captions, or a `BadSample` of a named kind.
+"""One webdataset sample's bytes -> an image, its captions and its class, or a `BadSample` of a named kind.
 
-Only the image member (jpg/jpeg/png/webp) and the text members (json captions, else txt) are ever
-decoded, by this module's own code: webdataset's default decoders would unpickle `.pyd` and `.pth`
-members. An image's size is read from its header first (`read_sample`): one of more than
+Only the members that `Members` names are decoded, by this module's own code: the image (jpg, jpeg,
+png or webp by default), the captions (json `captions`, else txt; or a chosen text member and json
+fields) and the class (`cls`). webdataset's default decoders would unpickle `.pyd` and `.pth`
+members. An image's size is read from its header first (`read_record`): one of more than
 `max_pixels` pixels is refused before any decoding, since a small file can declare 20,000 x 20,000
 pixels. JPEGs decode with libjpeg-turbo (simplejpeg) straight into uint8 arrays, at a reduced DCT
 scale when the caller needs fewer pixels; other formats and JPEGs it refuses go through PIL, which
@@ -21,6 +22,7 @@ import torch
 from PIL import Image
 
 from multimodal.data.faults import BadSample
+from multimodal.errors import UserError
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's warning threshold: 1/4 GiB of 24-bit pixels
@@ -36,14 +38,53 @@ def open_image(data: bytes) -> Image.Image:
 
 
 @dataclass(frozen=True)
-class Sample:
-    """A sample whose image header and captions were read, its pixels not yet decoded."""
+class Members:
+    """Which members of a webdataset sample hold its image, its captions and its class, and how they read.
 
+    The defaults read every layout we know: the image is the first of jpg, jpeg, png and webp; the
+    captions are json's `captions` (ours), else the txt member (img2dataset's caption, CLIP_benchmark's).
+    `text_key` and `caption_field` choose instead: the text member of that extension, and/or these json
+    fields (each a string or a list of strings; several fields pool their captions, as for a recaptioned
+    set with `caption` and `caption_blip`). `caption_lines`: the text member holds one caption a line
+    (CLIP_benchmark's retrieval shards, split as its reader splits them: `str.splitlines`).
+    """
+
+    image_key: str | None = None
+    text_key: str | None = None
+    caption_field: tuple[str, ...] = ()
+    caption_lines: bool = False
+    label_key: str = "cls"
+
+    @property
+    def default_captions(self) -> bool:
+        return self.text_key is None and not self.caption_field
+
+    @classmethod
+    def chosen(cls, image_key: str | None = None, text_key: str | None = None,
+               caption_field: str | list[str] | tuple[str, ...] | None = None, label_key: str = "cls",
+               setting: str = "data.{}") -> "Members":
+        """The members a user's settings choose; `setting` names a setting in the caller's words
+        ("data.{}" in a config, "--{}" on a command line)."""
+        fields = [caption_field] if isinstance(caption_field, str) else list(caption_field or [])
+        for name, value in (("image_key", image_key), ("text_key", text_key), ("label_key", label_key),
+                            *(("caption_field", f) for f in fields)):
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                raise UserError(f"{setting.format(name)} must name a member or a json field, got {value!r}.")
+        return cls(image_key=image_key, text_key=text_key, caption_field=tuple(fields), label_key=label_key)
+
+
+@dataclass(frozen=True)
+class Record:
+    """A sample whose image header, captions and class were read, its pixels not yet decoded."""
+
+    key: str
+    url: str | None
     data: bytes  # the image member
     size: tuple[int, int]  # (width, height) from the header
     jpeg_colourspace: str | None  # "YCbCr", "Gray", "CMYK", ... for a JPEG libjpeg-turbo reads; else None
-    captions: list[str]
-    record: dict  # the json member, or {}
+    captions: list[str]  # empty only when not asked for
+    label: int | None  # the class member's index; None when not asked for
+    meta: dict  # the json member, or {}
 
 
 def image_header(data: bytes) -> tuple[tuple[int, int], str | None] | None:
@@ -99,14 +140,19 @@ def checked_header(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tu
     return header
 
 
-def read_sample(raw: dict, max_pixels: int | None = MAX_IMAGE_PIXELS) -> Sample:
-    """The image member's header and the captions of a raw webdataset sample; raises BadSample."""
-    image_key = next((k for k in IMAGE_KEYS if k in raw), None)
-    if image_key is None:
+def read_record(raw: dict, members: Members = Members(), max_pixels: int | None = MAX_IMAGE_PIXELS,
+                captions: bool = True, label: bool = False) -> Record:
+    """The image member's header, the captions (`captions`) and the class index (`label`) of a raw
+    webdataset sample, read as `members` says; raises BadSample."""
+    image_key = members.image_key or next((k for k in IMAGE_KEYS if k in raw), None)
+    if image_key is None or image_key not in raw:
         raise BadSample("no image")
     size, colourspace = checked_header(raw[image_key], max_pixels)
-    captions, record = _captions(raw)
-    return Sample(raw[image_key], size, colourspace, captions, record)
+    meta = _json(raw) if "json" in raw else {}
+    texts = _captions(raw, meta, members) if captions else []
+    index = _label(raw, members.label_key) if label else None
+    return Record(raw.get("__key__", ""), raw.get("__url__"), raw[image_key], size, colourspace, texts, index,
+                  meta if isinstance(meta, dict) else {})
 
 
 def decodable_on_device(data: bytes, colourspace: str | None) -> bool:
@@ -119,9 +165,15 @@ def decode_checked(data: bytes, min_side: int | None = None, on_device: bool = F
                    ) -> Image.Image | np.ndarray | bytes:
     """`decode_image` of an image whose header passed `checked_header`; raises BadSample. With
     `on_device`, a JPEG the device's decoder reads comes back undecoded, its bytes, for
-    `pixels.finish_eval_batch` to decode with the rest of its batch."""
+    `batch.finish` to decode with the rest of its batch."""
     _, colourspace = checked_header(data)
     return _decode_unless_on_device(data, colourspace, min_side, on_device)
+
+
+def decode_record(record: Record, min_side: int | None = None, on_device: bool = False
+                  ) -> Image.Image | np.ndarray | bytes:
+    """`record`'s image as `decode_checked` gives it, from the header `read_record` read; raises BadSample."""
+    return _decode_unless_on_device(record.data, record.jpeg_colourspace, min_side, on_device)
 
 
 def _decode_unless_on_device(data: bytes, colourspace: str | None, min_side: int | None, on_device: bool
@@ -148,15 +200,6 @@ def decode_image(data: bytes, min_side: int | None = None) -> Image.Image | np.n
         raise BadSample("truncated image" if "truncat" in str(exc).lower() else "corrupt image") from exc
 
 
-def decode_sample(raw: dict, min_side: int | None = None, max_pixels: int | None = MAX_IMAGE_PIXELS,
-                  on_device: bool = False) -> tuple[Image.Image | np.ndarray | bytes, list[str], dict]:
-    """(RGB image, captions, json record) from a raw webdataset sample; raises BadSample with its kind.
-    `on_device`: JPEGs the device decodes are left as bytes (`decode_checked`)."""
-    sample = read_sample(raw, max_pixels)
-    image = _decode_unless_on_device(sample.data, sample.jpeg_colourspace, min_side, on_device)
-    return image, sample.captions, sample.record
-
-
 def tokenize(tokenizer, texts: list[str]) -> tuple[torch.Tensor | None, list[int]]:
     """(tokens of the texts the tokenizer takes, indices of those it refuses). All in one call, as a rule;
     text by text only after that call failed: a tokenizer's failure is a text's, never the run's."""
@@ -172,35 +215,64 @@ def tokenize(tokenizer, texts: list[str]) -> tuple[torch.Tensor | None, list[int
         return (torch.stack(taken) if taken else None), refused
 
 
-def _captions(raw: dict) -> tuple[list[str], dict]:
-    """(captions, json record): json `captions` first (a string or a list of strings), else the txt
-    member; raises BadSample. JSON of any other shape is an unreadable caption, never an error."""
-    if "json" not in raw and "txt" not in raw:
-        raise BadSample("no caption")
-    record: dict = {}
-    captions: list = []
-    if "json" in raw:
-        try:
-            record = json.loads(raw["json"])
-        except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than Python recurses
-            record = None
-        if not isinstance(record, dict):
-            if "txt" not in raw:
+def _json(raw: dict) -> dict | None:
+    """The json member as a dict; None when it is not JSON, not UTF-8 or not an object."""
+    try:
+        record = json.loads(raw["json"])
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested deeper than Python recurses
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _text(raw: dict, key: str, lines: bool) -> list:
+    try:
+        text = raw[key].decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadSample("unreadable caption") from None
+    return text.splitlines() if lines else [text]
+
+
+def _field(value) -> list | None:
+    """A json caption field's captions: a string, or a list of strings; None for any other shape."""
+    if isinstance(value, str):
+        return [value]
+    return value if isinstance(value, list) else None
+
+
+def _captions(raw: dict, meta: dict | None, members: Members) -> list[str]:
+    """The non-empty captions of a sample, read as `members` says; raises BadSample. By default json
+    `captions` first (a string or a list of strings), else the txt member; JSON of any other shape is an
+    unreadable caption, never an error. A chosen text member or json field that is absent: no caption."""
+    if members.default_captions:
+        if "json" not in raw and "txt" not in raw:
+            raise BadSample("no caption")
+        found = _field(meta.get("captions") or []) if meta is not None else None
+        if not found and "txt" in raw:
+            found = _text(raw, "txt", members.caption_lines)
+        if found is None:
+            raise BadSample("unreadable caption")
+    else:
+        found = []
+        if members.text_key is not None and members.text_key in raw:
+            found += _text(raw, members.text_key, members.caption_lines)
+        if members.caption_field and "json" in raw:
+            if meta is None:
                 raise BadSample("unreadable caption")
-            record = {}
-        captions = record.get("captions") or []
-        if isinstance(captions, str):
-            captions = [captions]
-        if not isinstance(captions, list):
-            if "txt" not in raw:
-                raise BadSample("unreadable caption")
-            captions = []
-    if not captions and "txt" in raw:
-        try:
-            captions = [raw["txt"].decode("utf-8")]
-        except UnicodeDecodeError:
-            raise BadSample("unreadable caption") from None
-    captions = [c.strip() for c in captions if isinstance(c, str) and c.strip()]
+            for name in members.caption_field:
+                found += _field(meta.get(name)) or []
+        elif not found:
+            raise BadSample("no caption")
+    captions = [c.strip() for c in found if isinstance(c, str) and c.strip()]
     if not captions:
-        raise BadSample("empty caption")
-    return captions, record
+        raise BadSample("empty caption" if found or members.default_captions else "no caption")
+    return captions
+
+
+def _label(raw: dict, key: str) -> int | None:
+    """The class index of a sample's `key` member (CLIP_benchmark's and webdataset's `cls`: decimal
+    text); None when it has none or it is not a non-negative integer."""
+    try:
+        value = int(raw[key].decode("utf-8").strip())
+    except (KeyError, ValueError):
+        return None
+    return value if value >= 0 else None

@@ -1,7 +1,8 @@
-"""The streaming pipeline: webdataset tar shards -> shuffled, decoded, tokenised batches.
+"""The streaming pipeline: webdataset tar shards -> shuffled, decoded, tokenised `TrainBatch`es.
 
-    shard URLs -> per (rank, worker) shard stream -> tar members (`tario`) -> shuffle buffer
-               -> header + captions (`decode.read_sample`) -> crop box and caption from the sample's seed
+    shard URLs of each source -> per (rank, worker) shard stream -> tar members (`tario`)
+               -> [weighted mixture of sources] -> shuffle buffer
+               -> header, captions (`decode.read_record`) -> crop box and caption from the sample's seed
                -> decoded and cropped here, or bytes + box for the device (`pixels`) -> tokenised batches
 
 Shards are split by rank and by DataLoader worker. Every worker cycles over its shards (a fresh
@@ -9,138 +10,37 @@ shard order each pass) until it has produced its quota of batches, so each rank 
 `num_batches` full batches per epoch however unevenly the shards divide: no rank runs dry while
 the others wait in an all-gather. In resampled mode each worker draws shards with replacement.
 
-Only image and caption members are decoded (`multimodal.data.decode`): nothing is unpickled. A
-sample that cannot be used is skipped and counted by kind; each batch carries the counts since the
-previous one (`batch["bad"]`, `batch["skipped"]`).
+A weighted mixture (several sources and their `weights`) draws each sample's source at random with
+probability proportional to its weight, from a generator of its own, so a source's share of the
+samples is its weight's share whatever its shard sizes; each source is split and cycled as above.
+
+Only the members `decode.Members` names are decoded: nothing is unpickled. A sample that cannot be
+used is skipped and counted by kind; each batch carries the counts since the previous one (`bad`).
 """
 
-import glob
 import random
+from bisect import bisect
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from itertools import islice
-from pathlib import Path
+from itertools import accumulate, islice
 
-import numpy as np
 import torch
 import webdataset as wds
-from braceexpand import braceexpand
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from multimodal.data.decode import (
-    IMAGE_KEYS,
-    MAX_IMAGE_PIXELS,
-    decodable_on_device,
-    decode_checked,
-    decode_image,
-    decode_sample,
-    read_sample,
-    tokenize,
-)
-from multimodal.data.faults import BadSample, FaultCounter, bad_sample_count
-from multimodal.data.pixels import TrainCrop, pack
-from multimodal.data.shards import MANIFEST, read_manifest
+from multimodal.data.batch import DeviceJpegs, TrainBatch
+from multimodal.data.decode import MAX_IMAGE_PIXELS, Members, decodable_on_device, decode_image, read_record, tokenize
+from multimodal.data.faults import BadSample, FaultCounter
+from multimodal.data.pixels import TrainCrop
 from multimodal.data.tario import tarfile_samples
 from multimodal.errors import UserError
 
-REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 MAX_BAD_IN_A_ROW = 10_000
 # A pass starts yielding once its shuffle buffer holds this many samples, and the buffer grows to its
 # full size as it goes (open_clip's _SAMPLE_SHUFFLE_INITIAL): a full 5,000-sample buffer of
 # full-size JPEGs costs seconds at every epoch boundary before the first batch.
 SHUFFLE_INITIAL = 1000
-
-
-def expand_urls(spec: str) -> list[str]:
-    """Shard URLs of `spec`: '::'-separated brace patterns, globs, folders or `pipe:` commands."""
-    urls: list[str] = []
-    for part in spec.split("::"):
-        for item in braceexpand(part.strip()):
-            if item.startswith(REMOTE_PREFIXES):
-                urls.append(item)
-            elif Path(item).is_dir():
-                found = sorted(str(p) for p in Path(item).glob("*.tar"))
-                if not found:
-                    raise UserError(f"Shard folder {item} holds no .tar files: "
-                                    "write shards into it with `multimodal shards`.")
-                urls.extend(found)
-            elif glob.has_magic(item):
-                found = sorted(glob.glob(item))
-                if not found:
-                    raise UserError(f"No shard matches {item}: "
-                                    "check the pattern, or write shards with `multimodal shards`.")
-                urls.extend(found)
-            elif Path(item).is_file():
-                urls.append(item)
-            else:
-                raise UserError(f"Shard {item} does not exist: "
-                                "check the path, or write shards with `multimodal shards`.")
-    if not urls:
-        raise UserError(f"The shard specification '{spec}' names no shards.")
-    return urls
-
-
-def count_samples(urls: list[str]) -> int | None:
-    """Total samples of local `urls` from the `sizes.json` beside them; None when unknown."""
-    total = 0
-    manifests: dict[Path, dict] = {}
-    for url in urls:
-        path = Path(url)
-        if url.startswith(REMOTE_PREFIXES) or not (path.parent / MANIFEST).is_file():
-            return None
-        if path.parent not in manifests:
-            manifests[path.parent] = read_manifest(path.parent / MANIFEST)
-        if path.name not in manifests[path.parent]:
-            return None
-        total += manifests[path.parent][path.name]
-    return total
-
-
-def read_samples(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue,
-                 min_side: int | None = None, on_device: bool = False
-                 ) -> Iterator[tuple[str, Image.Image | np.ndarray | bytes, list[str], dict]]:
-    """(key, image, captions, json record) for every decodable sample of `urls`, in order, once.
-    `min_side`: decode JPEGs to arrays at the smallest DCT scale keeping both sides >= it (`decode_image`);
-    `on_device`: leave the JPEGs a device decodes as their bytes (`decode_sample`)."""
-    for raw in tarfile_samples(urls, handler=on_error):
-        try:
-            image, captions, record = decode_sample(raw, min_side, on_device=on_device)
-        except BadSample:
-            continue
-        yield raw["__key__"], image, captions, record
-
-
-def read_labelled(urls: list[str], on_error: Callable[[Exception], bool] = wds.warn_and_continue,
-                  min_side: int | None = None, on_device: bool = False
-                  ) -> Iterator[tuple[str, Image.Image | np.ndarray | bytes, int]]:
-    """(key, image, class index) for every sample of `urls` with a decodable image and `cls` member;
-    `min_side` and `on_device` as for `read_samples`."""
-    for raw in tarfile_samples(urls, handler=on_error):
-        image_key = next((k for k in IMAGE_KEYS if k in raw), None)
-        if image_key is None or "cls" not in raw:
-            continue
-        try:
-            label = int(raw["cls"].decode("utf-8").strip())
-            image = decode_checked(raw[image_key], min_side, on_device)
-        except (ValueError, BadSample):
-            continue
-        yield raw["__key__"], image, label
-
-
-def fetch_images(url: str, keys: set[str]) -> dict[str, Image.Image]:
-    """The images of the samples `keys` of one shard, decoding nothing else."""
-    found = {}
-    for raw in tarfile_samples([url], handler=wds.warn_and_continue):
-        image_key = next((k for k in IMAGE_KEYS if k in raw), None)
-        if raw["__key__"] in keys and image_key is not None:
-            try:
-                found[raw["__key__"]] = decode_checked(raw[image_key])
-            except BadSample:
-                continue
-            if len(found) == len(keys):
-                break
-    return found
 
 
 @dataclass(frozen=True)
@@ -171,49 +71,51 @@ class _Ready:
     key: str
     url: str | None
     caption: str
+    source: int
     pixels: torch.Tensor | None = None
     jpeg: bytes | None = None
     box: tuple[int, int, int, int] | None = None
 
 
-def check_split(num_shards: int, world_size: int, num_workers: int) -> None:
+def check_split(num_shards: int, world_size: int, num_workers: int, what: str = "shards") -> None:
     """Every (rank, worker) reads whole shards of its own, so there must be a shard for each."""
     if num_shards < world_size * num_workers:
-        raise UserError(f"{num_shards} shards cannot be split over {world_size} ranks x {num_workers} "
+        raise UserError(f"{num_shards} {what} cannot be split over {world_size} ranks x {num_workers} "
                         "workers: write more, smaller shards, lower data.num_workers, or set data.resampled.")
 
 
 class ImageTextStream(IterableDataset):
-    """Full batches of {"image": (B, 3, H, W), "text": (B, L), "keys": [B], "bad": {kind: count},
-    "skipped": int, "read": int, "worker": int, "consumed": int} for one rank.
+    """Exactly `num_batches` full `TrainBatch`es per epoch for one rank, split over the DataLoader's workers.
 
-    `bad` counts the samples skipped and shard faults met since the previous batch, by kind
-    (`multimodal.data.faults`); `skipped` is its number of bad samples, `read` the raw samples
-    read for this batch, good and bad.
+    `sources` holds the shard URLs of each source: one source, or a mixture drawn by `weights` (one per
+    source; their shares of the samples). Each batch carries the bad samples and shard faults met since
+    the previous one, by kind (`multimodal.data.faults`), the raw samples read for it, and for a mixture
+    the samples it took from each source.
 
     `worker` and `consumed` (raw samples this worker's batches have consumed so far this epoch)
     let a trainer record its position; `resume` (worker -> WorkerProgress) continues epoch
-    `first_epoch` from such a position: each worker replays its shard order and shuffle buffer
-    without decoding, skips the samples it had consumed, and yields only its remaining batches.
-    The shuffle buffer draws from its own generator; each sample's crop and caption from a seed of
-    (seed, epoch, rank, worker, its position in the stream): the replay, and the pixels, are exact.
+    `first_epoch` from such a position: each worker replays its shard order, mixture draws and shuffle
+    buffer without decoding, skips the samples it had consumed, and yields only its remaining batches.
+    The shuffle buffer and the mixture draw from generators of their own; each sample's crop and caption
+    from a seed of (seed, epoch, rank, worker, its position in the stream): the replay, and the pixels,
+    are exact.
 
     `image` holds (3, S, S) uint8 pixels of `crop` (`multimodal.data.pixels`), normalised on the
-    device by the DataModule. With `decode_on_device`, the JPEGs that the device can decode are not
-    decoded here: the batch carries their bytes ("jpeg", one uint8 tensor, cut by "jpeg_lengths") and
-    crop boxes ("jpeg_boxes"), and they come first in "text" and "keys"; `image` holds the others'
-    pixels (`pixels.finish_batch` puts them together on the device).
-
-    Yields exactly `num_batches` batches per epoch, split over the DataLoader's workers.
+    device (`batch.finish`). With `decode_on_device`, the JPEGs that the device can decode are not
+    decoded here: the batch carries their bytes and crop boxes (`jpegs`), and they come first in `text`
+    and `keys`.
     """
 
-    def __init__(self, urls: list[str], *, crop: TrainCrop, tokenizer: Callable, batch_size: int,
-                 num_batches: int, position: StreamPosition = StreamPosition(), shuffle_buffer: int = 1000,
-                 resampled: bool = False, seed: int = 0, first_epoch: int = 0,
-                 resume: dict[int, WorkerProgress] | None = None, max_image_pixels: int | None = MAX_IMAGE_PIXELS,
-                 decode_on_device: bool = False):
+    def __init__(self, sources: list[list[str]], *, crop: TrainCrop, tokenizer: Callable, batch_size: int,
+                 num_batches: int, weights: tuple[float, ...] | None = None, members: Members = Members(),
+                 position: StreamPosition = StreamPosition(), shuffle_buffer: int = 1000, resampled: bool = False,
+                 seed: int = 0, first_epoch: int = 0, resume: dict[int, WorkerProgress] | None = None,
+                 max_image_pixels: int | None = MAX_IMAGE_PIXELS, decode_on_device: bool = False):
         super().__init__()
-        self.urls, self.crop, self.tokenizer = urls, crop, tokenizer
+        if any(isinstance(urls, str) for urls in sources) or (weights is not None and len(weights) != len(sources)):
+            raise ValueError("sources: a list of URL lists, one a source; weights: one a source")
+        self.sources, self.weights, self.members = sources, weights, members
+        self.crop, self.tokenizer = crop, tokenizer
         self.max_image_pixels, self.decode_on_device = max_image_pixels, decode_on_device
         self.faults = FaultCounter()
         self.batch_size, self.num_batches, self.position = batch_size, num_batches, position
@@ -224,64 +126,86 @@ class ImageTextStream(IterableDataset):
     def __len__(self) -> int:
         return self.num_batches
 
-    def _passes(self, worker: int, num_workers: int) -> Iterator[Iterator[str]]:
-        """This worker's shard URLs, one iterator per pass over its shards (a fresh order each pass);
-        resampled: a single endless draw with replacement."""
-        pos = self.position
+    def _passes(self, source: int, worker: int, num_workers: int) -> Iterator[Iterator[str]]:
+        """This worker's shard URLs of one source, one iterator per pass over its shards (a fresh order
+        each pass); resampled: a single endless draw with replacement."""
+        pos, urls = self.position, self.sources[source]
+        tag = () if source == 0 else (f"source{source}",)
         if self.resampled:
-            rng = seeded(self.seed, self.epoch, pos.rank, worker, "resampled")
-            yield (rng.choice(self.urls) for _ in iter(int, 1))
+            rng = seeded(self.seed, self.epoch, pos.rank, worker, "resampled", *tag)
+            yield (rng.choice(urls) for _ in iter(int, 1))
             return
         slot, slots = pos.rank * num_workers + worker, pos.world_size * num_workers
-        check_split(len(self.urls), pos.world_size, num_workers)
+        check_split(len(urls), pos.world_size, num_workers)
         cycle = 0
         while True:
-            order = list(self.urls)
-            seeded(self.seed, self.epoch, cycle, "shards").shuffle(order)  # same on every rank
+            order = list(urls)
+            seeded(self.seed, self.epoch, cycle, "shards", *tag).shuffle(order)  # same on every rank
             yield iter(order[slot::slots])
             cycle += 1
 
-    def _raw_samples(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict]:
-        """Raw samples, shuffled within each pass: the buffer drains at the end of a pass, so one
-        pass yields every sample of this worker's shards exactly once."""
-        for urls in self._passes(worker, num_workers):
+    def _shuffled(self, raw: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        if self.shuffle_buffer <= 1:
+            return raw
+        return wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, SHUFFLE_INITIAL), rng=rng)(raw)
+
+    def _source_samples(self, source: int, worker: int, num_workers: int, rng: random.Random | None
+                        ) -> Iterator[dict]:
+        """Raw samples of one source, pass after pass, each tagged with its source; with `rng`, shuffled
+        within each pass (the buffer drains at the end of a pass, so a pass over shards read in order
+        yields every sample of this worker's shards exactly once)."""
+        for urls in self._passes(source, worker, num_workers):
             raw = tarfile_samples(urls, handler=self.faults.shard_fault)
-            if self.shuffle_buffer > 1:
-                raw = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, SHUFFLE_INITIAL), rng=rng)(raw)
             empty = True
-            for sample in raw:
+            for sample in self._shuffled(raw, rng) if rng is not None else raw:
                 empty = False
+                sample["__source__"] = source
                 yield sample
             if empty:  # a whole pass over our shards gave nothing: never loop forever
-                raise UserError(f"The shards of worker {worker} on rank {self.position.rank} hold no readable "
+                raise UserError(f"The shards of worker {worker} on rank {self.position.rank}"
+                                f"{f' in source {source}' if len(self.sources) > 1 else ''} hold no readable "
                                 "image-text sample.")
+
+    def _raw_samples(self, worker: int, num_workers: int, rng: random.Random) -> Iterator[dict]:
+        """Raw samples, shuffled by `rng`: one source's pass by pass; a mixture's as they are drawn, each
+        sample's source chosen by the weights from a generator of its own."""
+        if len(self.sources) == 1:
+            return self._source_samples(0, worker, num_workers, rng)
+        streams = [self._source_samples(i, worker, num_workers, None) for i in range(len(self.sources))]
+        draw = seeded(self.seed, self.epoch, self.position.rank, worker, "mixture")
+        cumulative = list(accumulate(self.weights or [1.0] * len(streams)))
+        last = len(streams) - 1
+        mixed = (next(streams[min(bisect(cumulative, draw.random() * cumulative[-1]), last)]) for _ in iter(int, 1))
+        return self._shuffled(mixed, rng)
 
     def _ready(self, raw: dict, worker: int, consumed: int) -> _Ready:
         """One raw sample made ready for a batch; raises BadSample. Its crop box and caption come from
         its own seed: the same whatever came before it, so a resumed run that skips what it had read
         without decoding it gets the same pixels, and the worker and device paths the same boxes."""
-        sample = read_sample(raw, self.max_image_pixels)
+        record = read_record(raw, self.members, self.max_image_pixels)
         rng = seeded(self.seed, self.epoch, self.position.rank, worker, consumed)
-        box = self.crop.box(*sample.size, rng)
-        caption = sample.captions[rng.randrange(len(sample.captions))]
-        if self.decode_on_device and decodable_on_device(sample.data, sample.jpeg_colourspace):
-            return _Ready(raw["__key__"], raw.get("__url__"), caption, jpeg=sample.data, box=box)
-        image = decode_image(sample.data, min_side=self.crop.size)
-        return _Ready(raw["__key__"], raw.get("__url__"), caption, pixels=self.crop.pixels(image, box, sample.size))
+        box = self.crop.box(*record.size, rng)
+        caption = record.captions[rng.randrange(len(record.captions))]
+        ready = _Ready(record.key, record.url, caption, raw.get("__source__", 0))
+        if self.decode_on_device and decodable_on_device(record.data, record.jpeg_colourspace):
+            ready.jpeg, ready.box = record.data, box
+        else:
+            image = decode_image(record.data, min_side=self.crop.size)
+            ready.pixels = self.crop.pixels(image, box, record.size)
+        return ready
 
-    def _batch(self, ready: list[_Ready], tokens: torch.Tensor) -> dict:
+    def _batch(self, ready: list[_Ready], tokens: torch.Tensor, **fields) -> TrainBatch:
         """The batch of `ready` (tokens in its order): device-decoded JPEGs first, then the others."""
         order = sorted(range(len(ready)), key=lambda i: ready[i].jpeg is None)  # stable: the device's JPEGs first
         here = [ready[i] for i in order if ready[i].jpeg is None]
+        on_device = [ready[i] for i in order if ready[i].jpeg is not None]
         size = self.crop.size
-        batch = {"image": torch.stack([r.pixels for r in here]) if here else torch.empty(0, 3, size, size,
-                                                                                          dtype=torch.uint8),
-                 "text": tokens[order], "keys": [ready[i].key for i in order]}
-        if self.decode_on_device:
-            on_device = [ready[i] for i in order if ready[i].jpeg is not None]
-            batch["jpeg"], batch["jpeg_lengths"] = pack([r.jpeg for r in on_device])
-            batch["jpeg_boxes"] = [r.box for r in on_device]
-        return batch
+        image = torch.stack([r.pixels for r in here]) if here else torch.empty(0, 3, size, size, dtype=torch.uint8)
+        jpegs = DeviceJpegs.pack([r.jpeg for r in on_device], [r.box for r in on_device]) \
+            if self.decode_on_device else None
+        counts = Counter(r.source for r in ready)
+        sources = tuple(counts[i] for i in range(len(self.sources))) if len(self.sources) > 1 else ()
+        return TrainBatch(image, tokens[order], [ready[i].key for i in order], jpegs, sources=sources, **fields)
 
     def _tokens(self, ready: list[_Ready]) -> tuple[torch.Tensor | None, list[_Ready]]:
         """The captions of `ready` tokenised together, or (rare) None and the samples whose captions the
@@ -291,7 +215,7 @@ class ImageTextStream(IterableDataset):
             self.faults.add("unreadable caption", ready[i].url, ready[i].key, "the tokenizer refused it")
         return (None, [r for i, r in enumerate(ready) if i not in refused]) if refused else (tokens, ready)
 
-    def _batches(self, raw_samples: Iterator[dict], worker: int, consumed: int) -> Iterator[dict]:
+    def _batches(self, raw_samples: Iterator[dict], worker: int, consumed: int) -> Iterator[TrainBatch]:
         ready, read, bad_in_a_row = [], 0, 0
         for raw in raw_samples:
             consumed, read = consumed + 1, read + 1
@@ -309,12 +233,10 @@ class ImageTextStream(IterableDataset):
                 tokens, ready = self._tokens(ready)
                 if tokens is None:  # some captions refused: read more samples to fill the batch
                     continue
-                bad = self.faults.take()
-                yield {**self._batch(ready, tokens), "bad": bad, "skipped": bad_sample_count(bad), "read": read,
-                       "worker": worker, "consumed": consumed}
+                yield self._batch(ready, tokens, bad=self.faults.take(), read=read, worker=worker, consumed=consumed)
                 ready, read = [], 0
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[TrainBatch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         self.epoch += 1

@@ -1,4 +1,4 @@
-"""Pixels for the model: crop boxes, resampling to its input size, and decoding JPEGs on the device.
+"""Pixels for the model: crop boxes, resampling to its input size, normalisation.
 
 Training (open_clip's RandomResizedCrop, scale 0.9-1, bicubic): each sample's box is drawn in the
 pixels of the full-size image, whose size its header gives, as RandomResizedCrop draws it on a
@@ -10,17 +10,17 @@ full-size PIL image, from the sample's own seed. Two places turn the JPEG bytes 
   torch's antialiased bicubic kernel resamples the crop;
 - the training device (`data.decode: gpu`): the worker sends the bytes and the box; the batch's JPEGs
   are decoded together by `torchvision.io.decode_jpeg(device=...)` (nvJPEG on CUDA, libjpeg-turbo on
-  the CPU) at full size, and each is cropped with its box and resampled by the same kernel there.
+  the CPU) at full size (`batch.finish`), and each is cropped with its box and resampled by the same
+  kernel there.
 
 The two agree to within the resolution the worker decoded at (tests/test_decode.py states the
 tolerance). Evaluation (open_clip's eval transform: shorter side resized to S, bicubic, centre crop)
-is `EvalTransform`, from DCT-scaled pixels too. Normalisation always happens on the device
-(`normalize`): uint8 pixels are a quarter of float32's bytes in workers, pinned memory and copies.
+is `EvalTransform`, from DCT-scaled pixels too; `OpenClipEvalTransform` is open_clip's own, for figures
+equal to CLIP_benchmark's. Normalisation always happens on the device (`normalize`): uint8 pixels are a
+quarter of float32's bytes in workers, pinned memory and copies.
 """
 
 import math
-from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -28,11 +28,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg
-
-from multimodal.data.decode import decode_image
-from multimodal.data.faults import BadSample
-from multimodal.errors import UserError
 
 Box = tuple[int, int, int, int]  # (top, left, height, width), in pixels of the image it applies to
 
@@ -159,8 +154,47 @@ class EvalTransform:
         """(B, 3, H, W) uint8 -> float32 normalised, on the pixels' device."""
         return normalize(pixels, self.mean, self.std)
 
+    @property
+    def decode_side(self) -> int:
+        """The shortest side an image need be decoded at for `pixels` (a JPEG's DCT scaling)."""
+        return self.size
+
     def __call__(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
         return self.normalize(self.pixels(image)[None])[0]
+
+
+class OpenClipEvalTransform:
+    """open_clip's own eval transform, run as it is (`--preprocess open_clip`): full-size PIL images in
+    (`decode_side` None), and out the normalised float32 pixels that `open_clip.image_transform(...,
+    is_train=False)` gives for the same statistics, resize mode and interpolation: PIL's resampling of the
+    whole image, as CLIP_benchmark feeds the same weights. Slower than `EvalTransform` (and its workers
+    hand over 4x the bytes), which agrees with it to within a tolerance `tests/test_benchmarks.py` states."""
+
+    decode_side = None
+
+    def __init__(self, like: EvalTransform):
+        import open_clip
+
+        self.size, self.mean, self.std = like.size, like.mean, like.std
+        self.transform = open_clip.image_transform(like.size, is_train=False, mean=like.mean, std=like.std,
+                                                   resize_mode=like.resize_mode, interpolation=like.mode)
+
+    def pixels(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
+        image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+        width, height = image.size
+        if max(width, height) > MAX_ASPECT * min(width, height):  # as EvalTransform: only the middle is kept
+            keep = MAX_ASPECT * min(width, height)
+            box = ((width - keep) // 2, 0, (width + keep) // 2, height) if width > height else \
+                (0, (height - keep) // 2, width, (height + keep) // 2)
+            image = image.crop(box)
+        return self.transform(image)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Already normalised by `pixels`."""
+        return pixels
+
+    def __call__(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
+        return self.pixels(image)
 
 
 def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -170,127 +204,3 @@ def normalize(pixels: torch.Tensor, mean: tuple[float, ...], std: tuple[float, .
     for c, (m, s) in enumerate(zip(mean, std)):
         out[:, c].mul_(1 / (255 * s)).sub_(m / s)
     return out
-
-
-def decode_jpegs(jpegs: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | Exception]:
-    """JPEG bytes (1-D uint8 CPU tensors) -> (3, H, W) uint8 RGB images on `device`, decoded together
-    (nvJPEG's batched decoder on CUDA). An image that cannot be decoded comes back as its exception."""
-    if not jpegs:
-        return []
-    try:
-        return list(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:  # one bad image fails the whole call: find it, decode the others
-        out: list[torch.Tensor | Exception] = []
-        for data in jpegs:
-            try:
-                out.append(decode_jpeg(data, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError as exc:
-                out.append(exc)
-        return out
-
-
-def pack(datas: list[bytes]) -> tuple[torch.Tensor, list[int]]:
-    """Byte strings as one uint8 tensor and their lengths: a worker hands a tensor over through
-    shared memory, where a list of bytes objects would be pickled through a pipe."""
-    lengths = [len(d) for d in datas]
-    packed = torch.empty(sum(lengths), dtype=torch.uint8)
-    view, start = packed.numpy(), 0
-    for data in datas:
-        view[start:start + len(data)] = np.frombuffer(data, dtype=np.uint8)
-        start += len(data)
-    return packed, lengths
-
-
-def unpack(packed: torch.Tensor, lengths: list[int]) -> list[torch.Tensor]:
-    """The byte strings of `pack` as 1-D uint8 views of `packed`."""
-    starts = np.cumsum([0, *lengths]).tolist()
-    return [packed[start:start + n] for start, n in zip(starts, lengths)]
-
-
-def finish_batch(batch: dict, crop: TrainCrop, device: torch.device) -> dict:
-    """The batch's JPEGs (`ImageTextStream` with `decode_on_device`) decoded together on `device`,
-    cropped with their boxes and resampled there, put before the worker-decoded pixels in `image`.
-
-    A JPEG the device's decoder refuses is decoded again on the CPU (PIL). One that fails there too is a
-    bad sample of its kind, counted in `batch["bad"]`, and a copy of another sample of the batch (image,
-    caption and key) takes its place: every rank keeps the batch size that the gathered loss needs.
-    """
-    jpegs = unpack(batch.pop("jpeg"), batch.pop("jpeg_lengths"))
-    pixels: list[torch.Tensor | None] = []
-    bad: Counter = Counter()
-    for data, image, box in zip(jpegs, decode_jpegs(jpegs, device), batch.pop("jpeg_boxes")):
-        try:
-            if isinstance(image, Exception):
-                image = decode_image(data.numpy().tobytes())  # a full-size PIL image, or BadSample
-            pixels.append(crop.pixels(image, box).to(device, non_blocking=True))
-        except BadSample as exc:
-            bad[exc.kind] += 1
-            pixels.append(None)
-    if bad:
-        everyone = pixels + list(batch["image"].unbind())
-        good = [i for i, p in enumerate(everyone) if p is not None]
-        if not good:
-            raise UserError("No image of a whole training batch could be decoded: check the shards.")
-        for i in [i for i, p in enumerate(pixels) if p is None]:
-            copy = good[i % len(good)]
-            pixels[i], batch["text"][i], batch["keys"][i] = everyone[copy], batch["text"][copy], batch["keys"][copy]
-        batch["bad"] = dict(Counter(batch.get("bad", {})) + bad)
-        batch["skipped"] = batch.get("skipped", 0) + sum(bad.values())
-    batch["image"] = torch.cat([torch.stack(pixels), batch["image"]]) if pixels else batch["image"]
-    return batch
-
-
-def decode_on_device(decode: str, device: torch.device) -> bool:
-    """`decode` ("auto", "cpu" or "gpu", as `data.decode` and `--decode` say) for a run on `device`:
-    "auto" decodes JPEGs on the device when it is a GPU; "gpu" on a CPU run decodes them in the main
-    process with the device path's code (what the tests check against the workers' path)."""
-    return decode == "gpu" or (decode == "auto" and device.type == "cuda")
-
-
-def finish_eval_batch(batch: dict, preprocess: EvalTransform, device: torch.device) -> dict:
-    """An `EmbedBatches` batch's JPEGs decoded together on `device` and resized and centre-cropped there
-    (`preprocess.pixels`), put before the worker-decoded pixels in "images", all on `device`.
-
-    A JPEG the device's decoder refuses is decoded again on the CPU. One that fails there too is left
-    out with its captions, with a line saying so, as the workers leave out images they cannot decode.
-    """
-    jpegs = unpack(batch.pop("jpeg"), batch.pop("jpeg_lengths"))
-    pixels: list[torch.Tensor | None] = []
-    for row, data, image in zip(batch["image_rows"], jpegs, decode_jpegs(jpegs, device)):
-        try:
-            if isinstance(image, Exception):
-                image = decode_image(data.numpy().tobytes(), preprocess.size)
-            pixels.append(preprocess.pixels(image).to(device, non_blocking=True))
-        except BadSample as exc:
-            print(f"skipping {row.get('file_name') or row.get('key')}: {exc.kind}")
-            pixels.append(None)
-    dropped = [i for i, p in enumerate(pixels) if p is None]
-    if dropped:
-        batch = drop_images(batch, dropped)
-    decoded = [p for p in pixels if p is not None]
-    parts = ([torch.stack(decoded)] if decoded else []) + \
-        ([batch["images"].to(device, non_blocking=True)] if batch["images"] is not None else [])
-    batch["images"] = torch.cat(parts) if parts else None
-    return batch
-
-
-def drop_images(batch: dict, dropped: list[int]) -> dict:
-    """An `EmbedBatches` batch without the images at positions `dropped` and without their captions."""
-    gone = set(dropped)
-    keep = [i for i in range(len(batch["image_rows"])) if i not in gone]
-    new_position = {old: new for new, old in enumerate(keep)}
-    texts = [j for j, row in enumerate(batch["text_rows"]) if row.get("image") not in gone]
-    return {**batch, "image_rows": [batch["image_rows"][i] for i in keep],
-            "text_rows": [{**row, "image": new_position[row["image"]]} if "image" in row else row
-                          for row in (batch["text_rows"][j] for j in texts)],
-            "texts": batch["texts"][texts] if batch["texts"] is not None and texts else None}
-
-
-def keep_jpegs_on_host(batch, move: Callable):
-    """`move` (Lightning's transfer to the device) of a batch, except its JPEG bytes: the device's
-    decoder reads them from host memory (`decode_jpegs`)."""
-    jpeg = batch.pop("jpeg", None) if isinstance(batch, dict) else None
-    batch = move(batch)
-    if jpeg is not None:
-        batch["jpeg"] = jpeg
-    return batch

@@ -27,11 +27,11 @@ from tqdm import tqdm
 
 from multimodal.data import synthetic
 from multimodal.data.decode import open_image
+from multimodal.data.formats import MANIFEST
 from multimodal.errors import UserError, check_output, read_json, reading, writing
 from multimodal.files import atomic_file, write_json
 
 SHARD_PATTERN = "shard-{:06d}.tar"
-MANIFEST = "sizes.json"
 SYNTHETIC = "synthetic.json"  # beside synthetic shards: the settings that made them
 
 
@@ -102,15 +102,6 @@ def write_shards(samples: Iterable[Sample], out_dir: Path, shard_size: int, tota
             writer.close()  # the tar's end blocks; the file itself is closed by atomic_file
         sizes[final.name] = count
     write_json(out_dir / MANIFEST, sizes)
-    return sizes
-
-
-def read_manifest(path: Path) -> dict[str, int]:
-    """A `sizes.json`: shard file name -> number of samples."""
-    fix = "delete it, or write the shards again with `multimodal shards`"
-    sizes = read_json(path, fix)
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in sizes.values()):
-        raise UserError(f"{path} is not a shard manifest (shard file name -> number of samples): {fix}.")
     return sizes
 
 

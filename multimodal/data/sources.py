@@ -1,9 +1,10 @@
-"""What to embed or validate on, cut into parts: shards, a folder of images, or a text file (one text a line).
+"""What to embed, evaluate or validate on, cut into parts: shard sets of any layout `formats` reads, a
+folder of images, or a text file (one text a line), and `EvalBatches`, their `EvalBatch`es.
 
 A part is the unit of output and of resuming: one per shard, or `part_size` consecutive images
-or lines. `EmbedBatches` yields the batches of the parts given to one (rank, worker) in order;
+or lines. `EvalBatches` yields the batches of the parts given to one (rank, worker) in order;
 a batch never spans two parts and the last batch of every part, possibly empty, says so, so
-that a writer can close the part.
+that a writer can close the part. A new kind of source is one `Source` subclass plus its tests.
 """
 
 import math
@@ -13,13 +14,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from multimodal.data.decode import decode_checked, tokenize
+from multimodal.data.batch import DeviceJpegs, EvalBatch
+from multimodal.data.decode import IMAGE_KEYS, Members, decode_checked, decode_record, read_record, tokenize
 from multimodal.data.faults import BadSample
-from multimodal.data.pipeline import count_samples, expand_urls, read_labelled, read_samples
-from multimodal.data.pixels import EvalTransform, pack
+from multimodal.data.formats import ShardSet, open_shards
+from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
+from multimodal.data.tario import tarfile_samples
 from multimodal.errors import UserError, read_lines
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -71,32 +75,74 @@ class Source:
 
 
 class ShardSource(Source):
-    def __init__(self, spec: str):
-        self.urls = expand_urls(spec)
+    """A shard set (`formats.open_shards`: ours, img2dataset's, CLIP_benchmark's), a shard a part: each
+    image with all its captions (`labels`: with its class index instead, samples without one left out).
+    A shard that holds another number of samples than the file beside it says stops the run, in one
+    sentence: its counts and its samples come from different runs."""
+
+    def __init__(self, shards: str | ShardSet, members: Members = Members(), split: str = "test",
+                 labels: bool = False):
+        self.shards = shards if isinstance(shards, ShardSet) else open_shards(shards, members, split, verify=True)
+        self.urls, self.labels = self.shards.urls, labels
+        self.has_texts = not labels
 
     def num_parts(self) -> int:
         return len(self.urls)
 
     def part_size(self, part: int) -> int | None:
-        return count_samples([self.urls[part]])
+        return self.shards.sizes[part]
 
     def items(self, part: int, min_side: int | None = None, on_device: bool = False) -> Iterator[Item]:
-        url = self.urls[part]
-        for key, image, captions, record in read_samples([url], min_side=min_side, on_device=on_device):
-            row = {"key": key, "url": url, **({"file_name": record["file_name"]} if "file_name" in record else {})}
-            yield Item(image, row, captions, [{"key": key, "caption": c} for c in captions])
+        url, faults = self.urls[part], []
+
+        def on_error(exc: Exception) -> bool:
+            faults.append(exc)
+            return wds.warn_and_continue(exc)
+
+        read = 0
+        for raw in tarfile_samples([url], handler=on_error):
+            read += 1
+            try:
+                record = read_record(raw, self.shards.members, captions=not self.labels, label=self.labels)
+                if self.labels and record.label is None:
+                    continue
+                image = decode_record(record, min_side, on_device)
+            except BadSample:
+                continue
+            row = {"key": record.key, "url": url,
+                   **({"file_name": record.meta["file_name"]} if "file_name" in record.meta else {}),
+                   **({"label": record.label} if self.labels else {})}
+            yield Item(image, row, record.captions, [{"key": record.key, "caption": c} for c in record.captions])
+        expected = self.shards.sizes[part]
+        if not faults and expected is not None and read != expected:
+            said = self.shards.stats[part].name if self.shards.stats and self.shards.stats[part] else "sizes.json"
+            raise UserError(f"{url} holds {read} samples but {said} says {expected}: the shard and its counts come "
+                            "from different runs; write or download them again.")
 
 
 class LabelledShardSource(ShardSource):
-    """Shards whose samples carry a class index (a `cls` member): one image item each, its row holding
-    the "label"; samples without one are left out."""
+    """Shards whose samples carry a class index (a `cls` member, or `members.label_key`): one image item
+    each, its row holding the "label"; samples without one are left out."""
 
     has_texts = False
 
-    def items(self, part: int, min_side: int | None = None, on_device: bool = False) -> Iterator[Item]:
-        url = self.urls[part]
-        for key, image, label in read_labelled([url], min_side=min_side, on_device=on_device):
-            yield Item(image, {"key": key, "url": url, "label": label})
+    def __init__(self, shards: str | ShardSet, members: Members = Members(), split: str = "test"):
+        super().__init__(shards, members, split, labels=True)
+
+
+def fetch_images(url: str, keys: set[str], members: Members = Members()) -> dict[str, Image.Image]:
+    """The images of the samples `keys` of one shard, decoding nothing else."""
+    found = {}
+    for raw in tarfile_samples([url], handler=wds.warn_and_continue):
+        image_key = members.image_key or next((k for k in IMAGE_KEYS if k in raw), None)
+        if raw["__key__"] in keys and image_key in raw:
+            try:
+                found[raw["__key__"]] = decode_checked(raw[image_key])
+            except BadSample:
+                continue
+            if len(found) == len(keys):
+                break
+    return found
 
 
 class ImageFolderSource(Source):
@@ -162,42 +208,39 @@ class TextFileSource(Source):
             yield Item(None, {}, [line], [{"key": f"{i:09d}", "caption": line}])
 
 
-class EmbedBatches(IterableDataset):
-    """Batches of up to `batch_size` items of the given parts, split over DataLoader workers.
+class EvalBatches(IterableDataset):
+    """`EvalBatch`es of up to `batch_size` items of the given parts, split over DataLoader workers.
 
-    A batch: {"part", "last", "images": (n, 3, H, W) uint8 or None, "image_rows": [n dicts],
-    "texts": (m, L) or None, "text_rows": [m dicts]}. The images are `preprocess.pixels` of images
-    decoded no larger than it needs; the consumer normalises them on its device (`preprocess.normalize`).
-    With `decode_on_device`, the JPEGs a device decodes travel as their bytes ("jpeg", "jpeg_lengths":
-    `pixels.pack`), first in "image_rows", and `pixels.finish_eval_batch` turns them into pixels there.
+    The images are `preprocess.pixels` of images decoded no larger than it needs (`decode_side`): uint8
+    that the consumer normalises on its device (`batch.finish`), or, from `OpenClipEvalTransform`, float32
+    already normalised. With `decode_on_device`, the JPEGs a device decodes travel as their bytes
+    (`jpegs`), first in `image_rows`, and `batch.finish` turns them into pixels there.
     """
 
-    def __init__(self, source: Source, parts: list[int], preprocess: EvalTransform, tokenizer: Callable,
-                 batch_size: int, decode_on_device: bool = False):
+    def __init__(self, source: Source, parts: list[int], preprocess: EvalTransform | OpenClipEvalTransform,
+                 tokenizer: Callable, batch_size: int, decode_on_device: bool = False):
         super().__init__()
-        self.source, self.parts, self.decode_on_device = source, parts, decode_on_device
+        self.source, self.parts = source, parts
+        self.decode_on_device = decode_on_device and preprocess.decode_side is not None
         self.preprocess, self.tokenizer, self.batch_size = preprocess, tokenizer, batch_size
 
-    def _batch(self, part: int, items: list[Item], last: bool) -> dict:
+    def _batch(self, part: int, items: list[Item], last: bool) -> EvalBatch:
         jpegs = [i for i in items if isinstance(i.image, bytes)]
         decoded = [i for i in items if i.image is not None and not isinstance(i.image, bytes)]
         with_image = jpegs + decoded
+        position = {id(item): n for n, item in enumerate(with_image)}
         text_rows = []
         for item in items:  # a caption row points at its image's row within this batch
-            image = {"image": with_image.index(item)} if item.image is not None else {}
+            image = {"image": position[id(item)]} if item.image is not None else {}
             text_rows.extend({**row, **image} for row in item.text_rows)
         texts = [t for i in items for t in i.texts]
         tokens, text_rows = self._tokens(texts, text_rows)
-        batch = {
-            "part": part, "last": last,
-            "images": torch.stack([self.preprocess.pixels(i.image) for i in decoded]) if decoded else None,
-            "image_rows": [i.image_row for i in with_image],
-            "texts": tokens,
-            "text_rows": text_rows,
-        }
-        if jpegs:
-            batch["jpeg"], batch["jpeg_lengths"] = pack([i.image for i in jpegs])
-        return batch
+        return EvalBatch(
+            part, last,
+            images=torch.stack([self.preprocess.pixels(i.image) for i in decoded]) if decoded else None,
+            image_rows=[i.image_row for i in with_image], texts=tokens, text_rows=text_rows,
+            jpegs=DeviceJpegs.pack([i.image for i in jpegs]) if jpegs else None,
+        )
 
     def _tokens(self, texts: list[str], rows: list[dict]) -> tuple[torch.Tensor | None, list[dict]]:
         """The texts tokenised together; (rare) one the tokenizer refuses is left out with its row."""
@@ -206,12 +249,12 @@ class EmbedBatches(IterableDataset):
             print(f"skipping a text the tokenizer refuses: {texts[i][:60]!r}")
         return tokens, [row for i, row in enumerate(rows) if i not in refused]
 
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[EvalBatch]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         for part in self.parts[worker::num_workers]:
             pending: list[Item] = []
-            for item in self.source.items(part, min_side=self.preprocess.size, on_device=self.decode_on_device):
+            for item in self.source.items(part, min_side=self.preprocess.decode_side, on_device=self.decode_on_device):
                 if len(pending) == self.batch_size:
                     yield self._batch(part, pending, last=False)
                     pending = []

@@ -1,6 +1,7 @@
 """Lightning adapters of the evaluation code: multi-device embedding, and the zero-shot classification and
 retrieval callbacks that evaluate on standard splits during training."""
 
+import math
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -13,8 +14,9 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
-from multimodal.data.pixels import EvalTransform, decode_on_device, keep_jpegs_on_host
-from multimodal.data.sources import ClassFolderSource, EmbedBatches, LabelledShardSource, ShardSource
+from multimodal.data.batch import EvalBatch, jpegs_on_device
+from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
+from multimodal.data.sources import ClassFolderSource, EvalBatches, LabelledShardSource, ShardSource
 from multimodal.errors import UserError
 from multimodal.eval import presets, zeroshot
 from multimodal.eval.embed import PartWriter, autocast, embed_shards, encode_batch
@@ -23,11 +25,11 @@ from multimodal.model import CLIP
 
 
 class EmbedModule(pl.LightningModule):
-    """Encodes the batches of `EmbedBatches`; rank r takes the parts `make_dataset(r, world)` gives.
-    Their uint8 images are normalised on the device (`preprocess`)."""
+    """Encodes the batches of `EvalBatches`; rank r takes the parts `make_dataset(r, world)` gives. They are
+    finished on the device (`batch.finish` with `preprocess`: JPEGs decoded, pixels normalised)."""
 
     def __init__(self, model: CLIP, make_dataset: Callable[[int, int], IterableDataset], num_workers: int,
-                 preprocess: EvalTransform):
+                 preprocess: EvalTransform | OpenClipEvalTransform):
         super().__init__()
         self.model = model.eval()
         self.make_dataset, self.num_workers, self.preprocess = make_dataset, num_workers, preprocess
@@ -37,11 +39,7 @@ class EmbedModule(pl.LightningModule):
         return DataLoader(dataset, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
                           prefetch_factor=4 if self.num_workers else None)
 
-    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
-        return keep_jpegs_on_host(batch, lambda b: super(EmbedModule, self).transfer_batch_to_device(
-            b, device, dataloader_idx))
-
-    def predict_step(self, batch: dict, batch_idx: int):
+    def predict_step(self, batch: EvalBatch, batch_idx: int):
         return encode_batch(self.model, batch, self.preprocess)
 
 
@@ -62,7 +60,7 @@ class EmbeddingWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         batch, image_features, text_features = prediction  # the batch as encoded: its rows of images kept
         self.writer.add(batch, image_features, text_features)
-        self.bar.update(len(batch["image_rows"]) if self.unit == "img" else len(batch["text_rows"]))
+        self.bar.update(len(batch.image_rows) if self.unit == "img" else len(batch.text_rows))
 
     def on_predict_end(self, trainer, pl_module) -> None:
         self.bar.close()
@@ -112,12 +110,13 @@ class ZeroShotCallback(pl.Callback):
         if trainer.sanity_checking:
             return
         architecture = pl_module.model.architecture
-        batches = EmbedBatches(self.source, list(range(self.source.num_parts())), architecture.eval_transform,
-                               architecture.tokenizer, self.batch_size, decode_on_device("auto", pl_module.device))
+        batches = EvalBatches(self.source, list(range(self.source.num_parts())), architecture.eval_transform,
+                              architecture.tokenizer, self.batch_size, jpegs_on_device("auto", pl_module.device))
         with _whole_parameters(trainer), autocast(pl_module.device):
             result = zeroshot.evaluate(pl_module.model, self.classnames, self.templates, batches)
         for key in ("acc1", "acc5", "mean_per_class_recall"):
-            pl_module.log(f"val/{self.dataset}/{key}", result[key], sync_dist=True)
+            if not math.isnan(result[key]):  # acc5 of fewer than 5 classes
+                pl_module.log(f"val/{self.dataset}/{key}", result[key], sync_dist=True)
 
 
 class RetrievalCallback(pl.Callback):

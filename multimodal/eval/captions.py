@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from multimodal.data.pixels import decode_on_device, finish_eval_batch
-from multimodal.data.sources import EmbedBatches, Source
+from multimodal.data.batch import EvalBatch, finish, jpegs_on_device
+from multimodal.data.sources import EvalBatches, Source
 from multimodal.decoding import Decoding, generate
 from multimodal.errors import UserError, settings_changed
 from multimodal.eval.embed import PART, autocast
@@ -55,27 +55,26 @@ def text(tokenizer, ids: list[int]) -> str:
 
 def caption_source(model: CLIP, source: Source, parts: list[int], decoding: Decoding, seed: int = 0,
                    batch_size: int = 32, num_workers: int = 0, decode: str = "auto"
-                   ) -> Iterator[tuple[dict, list[str]]]:
-    """(batch, captions of its images) for every batch of `parts`, in order; the batch's "image_rows"
-    say which image each caption is of, its "text_rows" (with "image") hold the reference captions.
+                   ) -> Iterator[tuple[EvalBatch, list[str]]]:
+    """(batch, captions of its images) for every batch of `parts`, in order; the batch's `image_rows`
+    say which image each caption is of, its `text_rows` (with "image") hold the reference captions.
     Part p samples with a generator seeded by (seed, p)."""
     device = next(model.parameters()).device
     preprocess = model.architecture.eval_transform
-    batches = EmbedBatches(source, parts, preprocess, model.architecture.tokenizer, batch_size,
-                           decode_on_device(decode, device))
+    batches = EvalBatches(source, parts, preprocess, model.architecture.tokenizer, batch_size,
+                          jpegs_on_device(decode, device))
     generators: dict[int, torch.Generator] = {}
     model.eval()
     for batch in DataLoader(batches, batch_size=None, num_workers=min(num_workers, len(parts)),
                             pin_memory=device.type == "cuda"):
-        if "jpeg" in batch:
-            batch = finish_eval_batch(batch, preprocess, device)
-        if batch["images"] is None:
+        batch = finish(batch.to(device, non_blocking=True), device, preprocess)
+        if batch.images is None:
             yield batch, []
             continue
-        generator = generators.setdefault(batch["part"], torch.Generator(device).manual_seed(
-            seed * 1_000_003 + batch["part"]))
+        generator = generators.setdefault(batch.part,
+                                          torch.Generator(device).manual_seed(seed * 1_000_003 + batch.part))
         with autocast(device):
-            captions = caption_images(model, preprocess.normalize(batch["images"].to(device)), decoding, generator)
+            captions = caption_images(model, batch.images, decoding, generator)
         yield batch, captions
 
 
@@ -84,10 +83,10 @@ def collect_captions(batches) -> tuple[dict[str, str], dict[str, list[str]], lis
     ("PART/KEY"), and the image rows with their "caption", in order."""
     generated, references, rows = {}, {}, []
     for batch, captions in batches:
-        for i, (row, caption) in enumerate(zip(batch["image_rows"], captions)):
-            key = f"{batch['part']}/{row.get('key', i)}"
+        for i, (row, caption) in enumerate(zip(batch.image_rows, captions)):
+            key = f"{batch.part}/{row.get('key', i)}"
             generated[key] = caption
-            references[key] = [r["caption"] for r in batch["text_rows"] if r.get("image") == i]
+            references[key] = [r["caption"] for r in batch.text_rows if r.get("image") == i]
             rows.append({**row, "caption": caption})
     return generated, references, rows
 
@@ -109,13 +108,13 @@ class CaptionWriter:
     def done(self, part: int) -> bool:
         return (self.folder / f"{PART.format(part)}.jsonl").is_file()
 
-    def add(self, batch: dict, captions: list[str]) -> list[dict]:
+    def add(self, batch: EvalBatch, captions: list[str]) -> list[dict]:
         """The rows of this batch's captions; a part is written when its last batch arrives."""
-        rows = [{**row, "caption": caption} for row, caption in zip(batch["image_rows"], captions)]
-        self.open.setdefault(batch["part"], []).extend(rows)
-        if batch["last"]:
-            lines = self.open.pop(batch["part"])
-            write_text(self.folder / f"{PART.format(batch['part'])}.jsonl",
+        rows = [{**row, "caption": caption} for row, caption in zip(batch.image_rows, captions)]
+        self.open.setdefault(batch.part, []).extend(rows)
+        if batch.last:
+            lines = self.open.pop(batch.part)
+            write_text(self.folder / f"{PART.format(batch.part)}.jsonl",
                        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
         return rows
 

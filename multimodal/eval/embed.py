@@ -23,9 +23,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from multimodal.data.pipeline import count_samples
-from multimodal.data.pixels import EvalTransform, decode_on_device, finish_eval_batch
-from multimodal.data.sources import EmbedBatches, ShardSource
+from multimodal.data.batch import EvalBatch, finish, jpegs_on_device
+from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
+from multimodal.data.sources import EvalBatches, ShardSource
 from multimodal.errors import UserError, read_json, reading
 from multimodal.files import atomic_file, write_text
 from multimodal.model import CLIP
@@ -43,22 +43,37 @@ class Embeddings:
 
 
 @torch.no_grad()
-def encode_batch(model: CLIP, batch: dict, preprocess: EvalTransform | None = None,
-                 ) -> tuple[dict, torch.Tensor | None, torch.Tensor | None]:
-    """(batch, image_features, text_features) of one `EmbedBatches` batch, the features float32 on the
-    CPU (None where the batch has no images or no texts), on the model's device. With `preprocess`, the
-    batch's JPEG bytes are decoded there and its uint8 pixels normalised there (`pixels.finish_eval_batch`;
-    the batch returned has the rows of the images kept); without, the batch is ready (a DataModule's)."""
-    device = next(model.parameters()).device
-    if preprocess is not None and "jpeg" in batch:
-        batch = finish_eval_batch(batch, preprocess, device)
-    images, texts = batch["images"], batch["texts"]
-    if images is not None:
-        images = images.to(device, non_blocking=True)
-        images = model.encode_image(preprocess.normalize(images) if preprocess else images).float().cpu()
-    if texts is not None:
-        texts = model.encode_text(texts.to(device, non_blocking=True)).float().cpu()
+def encode_batch(model: CLIP, batch: EvalBatch, preprocess: EvalTransform | OpenClipEvalTransform | None = None,
+                 ) -> tuple[EvalBatch, torch.Tensor | None, torch.Tensor | None]:
+    """(batch, image_features, text_features) of one `EvalBatch`, the features float32 on the CPU (None where
+    the batch has no images or no texts), encoded on the model's device. With `preprocess`, the batch is
+    moved there and finished there first (`batch.finish`: JPEGs decoded, pixels normalised; the batch
+    returned has the rows of the images kept); without, it is ready (a DataModule finished it)."""
+    if preprocess is not None:
+        device = next(model.parameters()).device
+        batch = finish(batch.to(device, non_blocking=True), device, preprocess)
+    images = model.encode_image(batch.images).float().cpu() if batch.images is not None else None
+    texts = model.encode_text(batch.texts).float().cpu() if batch.texts is not None else None
     return batch, images, texts
+
+
+@torch.no_grad()
+def labelled_features(model: CLIP, batches: Iterable[EvalBatch], preprocess: EvalTransform | OpenClipEvalTransform
+                      | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, D) float32 image features and (N,) class indices of the labelled images in `batches` (`EvalBatches`
+    of a labelled source: each image row holds its "label"), in order, encoded where the model is
+    (`encode_batch` with `preprocess`, the architecture's eval transform unless given)."""
+    preprocess = preprocess or model.architecture.eval_transform
+    features, labels = [], []
+    for batch in batches:
+        batch, images, _ = encode_batch(model.eval(), batch, preprocess)
+        if images is not None:
+            features.append(images)
+            labels.extend(row["label"] for row in batch.image_rows)
+    if not features:
+        raise UserError("No labelled image was found: check that the samples carry a class (a cls member) or that "
+                        "the folder holds images in class folders.")
+    return torch.cat(features), torch.tensor(labels, dtype=torch.long)
 
 
 class _Part:
@@ -68,10 +83,10 @@ class _Part:
         self.image_rows: list[dict] = []
         self.text_rows: list[dict] = []
 
-    def add(self, batch: dict, image_features, text_features) -> None:
+    def add(self, batch: EvalBatch, image_features, text_features) -> None:
         offset = len(self.image_rows)
-        self.image_rows.extend(batch["image_rows"])
-        self.text_rows.extend({**r, "image": r["image"] + offset} if "image" in r else r for r in batch["text_rows"])
+        self.image_rows.extend(batch.image_rows)
+        self.text_rows.extend({**r, "image": r["image"] + offset} if "image" in r else r for r in batch.text_rows)
         if image_features is not None:
             self.images.append(image_features)
         if text_features is not None:
@@ -92,11 +107,11 @@ class PartWriter:
     def done(self, part: int) -> bool:
         return all((self.out / f"{kind}_index" / f"{PART.format(part)}.jsonl").is_file() for kind in self.kinds)
 
-    def add(self, batch: dict, image_features: torch.Tensor | None, text_features: torch.Tensor | None) -> None:
-        part = self.open.setdefault(batch["part"], _Part())
+    def add(self, batch: EvalBatch, image_features: torch.Tensor | None, text_features: torch.Tensor | None) -> None:
+        part = self.open.setdefault(batch.part, _Part())
         part.add(batch, image_features, text_features)
-        if batch["last"]:
-            self._write(batch["part"], self.open.pop(batch["part"]))
+        if batch.last:
+            self._write(batch.part, self.open.pop(batch.part))
 
     def _write(self, index: int, part: _Part) -> None:
         outputs = {"img": (part.images, part.image_rows), "text": (part.texts, part.text_rows)}
@@ -116,7 +131,7 @@ def collect(batches: Iterable[tuple[dict, torch.Tensor | None, torch.Tensor | No
     """Embeddings in memory from (batch, image_features, text_features) in order, parts in turn."""
     parts: dict[int, _Part] = {}
     for batch, image_features, text_features in batches:
-        parts.setdefault(batch["part"], _Part()).add(batch, image_features, text_features)
+        parts.setdefault(batch.part, _Part()).add(batch, image_features, text_features)
     return _join([parts[k] for k in sorted(parts)])
 
 
@@ -209,27 +224,28 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def embed_shards(model: CLIP, spec: str, batch_size: int = 256, num_workers: int = 0,
+def embed_shards(model: CLIP, shards: "str | ShardSource", batch_size: int = 256, num_workers: int = 0,
                  device: torch.device | None = None, progress: bool = True,
-                 preprocess: EvalTransform | None = None, decode: str = "auto") -> Embeddings:
-    """Every image and caption of the shards `spec`, in one process, batched as `multimodal embed` batches.
-    `preprocess`: the model architecture's eval transform unless given; `decode`: where JPEGs are decoded
-    (`decode_on_device`)."""
-    source, architecture = ShardSource(spec), model.architecture
+                 preprocess: EvalTransform | OpenClipEvalTransform | None = None, decode: str = "auto") -> Embeddings:
+    """Every image and caption of `shards` (a specification, or a `ShardSource` of any layout), in one process,
+    batched as `multimodal embed` batches. `preprocess`: the model architecture's eval transform unless given;
+    `decode`: where JPEGs are decoded (`batch.jpegs_on_device`)."""
+    source, architecture = shards if isinstance(shards, ShardSource) else ShardSource(shards), model.architecture
     preprocess = preprocess or architecture.eval_transform
     device = device or default_device()
-    dataset = EmbedBatches(source, list(range(source.num_parts())), preprocess, architecture.tokenizer, batch_size,
-                           decode_on_device=decode_on_device(decode, device))
+    dataset = EvalBatches(source, list(range(source.num_parts())), preprocess, architecture.tokenizer, batch_size,
+                          decode_on_device=jpegs_on_device(decode, device))
     model = model.eval().to(device)
-    bar = tqdm(total=count_samples(source.urls), unit="img", desc="embedding", mininterval=1.0, disable=not progress)
+    loader = DataLoader(dataset, batch_size=None, num_workers=min(num_workers, source.num_parts()),
+                        pin_memory=device.type == "cuda")
+    with tqdm(total=source.shards.num_samples, unit="img", desc="embedding", mininterval=1.0,
+              disable=not progress) as bar:  # closed, its line ended, before any error is printed
 
-    def outputs():
-        for batch in DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda"):
-            with autocast(device):
-                batch, image_features, text_features = encode_batch(model, batch, preprocess)
-            bar.update(len(batch["image_rows"]))
-            yield batch, image_features, text_features
+        def outputs():
+            for batch in loader:
+                with autocast(device):
+                    batch, image_features, text_features = encode_batch(model, batch, preprocess)
+                bar.update(len(batch.image_rows))
+                yield batch, image_features, text_features
 
-    embeddings = collect(outputs())
-    bar.close()
-    return embeddings
+        return collect(outputs())

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-from multimodal.data.pipeline import fetch_images
-from multimodal.data.sources import read_image_file
+from multimodal.data.sources import fetch_images, read_image_file
 from multimodal.eval.embed import Embeddings
 
 

@@ -11,5 +11,5 @@ class PoisonBatches(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.seen in self.batches and trainer.global_rank == self.rank:
-            batch["image"].fill_(float("nan"))  # normalised float pixels by now (on_after_batch_transfer)
+            batch.image.fill_(float("nan"))  # normalised float pixels by now (on_after_batch_transfer)
         self.seen += 1
