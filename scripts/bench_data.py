@@ -24,6 +24,7 @@ fails with KeyError 'fname'). Prints images/s of both and their ratio (ours / th
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -191,12 +192,13 @@ def main() -> None:
         print(f"  ours, JPEGs decoded on {torch.cuda.get_device_name(gpu)} (data.decode gpu) "
               f"{ours_gpu:8.1f} images/s, normalised there")
     print(f"  open_clip {theirs_best:8.1f} images/s")
-    alone = mixed = 0.0
-    for _ in range(args.repeats):
-        alone = max(alone, ours(architecture, spec, args.batch_size, 0, args.batches // 4))
-        mixed = max(mixed, ours(architecture, spec, args.batch_size, 0, args.batches // 4, mixture=True))
-    print(f"  ours in this process, no workers: {1e6 / alone:.0f} us a sample (read, box, decode, crop, tokenise); "
-          f"as a two-source mixture {1e6 / mixed:.0f} us ({alone / mixed:.2f}x the cost)")
+    alone, mixed = [], []
+    for _ in range(4):  # alternating; medians, as the machine's load swings between runs
+        alone.append(1e6 / ours(architecture, spec, args.batch_size, 0, args.batches // 4))
+        mixed.append(1e6 / ours(architecture, spec, args.batch_size, 0, args.batches // 4, mixture=True))
+    print(f"  ours in this process, no workers: {statistics.median(alone):.0f} us a sample (read, box, decode, crop, "
+          f"tokenise); as a two-source mixture {statistics.median(mixed):.0f} us "
+          f"({statistics.median(mixed) / statistics.median(alone):.2f}x the cost; medians of 4 alternating runs)")
     tar_ours, tar_theirs = tar_reading(spec)
     print(f"  reading the tar shards alone: ours {tar_ours:.0f} us a sample, webdataset (tarfile) {tar_theirs:.0f} us "
           f"({tar_theirs / tar_ours:.1f}x)")

@@ -115,10 +115,11 @@ class ShardDataModule(pl.LightningDataModule):
             raise UserError("data.synthetic needs data.val_shards, a folder to write the held-out scenes into.")
 
     def _train_sources(self) -> list[ShardSet]:
-        """The training shard set: one, or each source of a weighted mixture."""
+        """The training shard set: one, or each source of a weighted mixture (a CLIP_benchmark dataset's
+        folder: its train split; validation reads its test split)."""
         if self.weights is None:
-            return [open_shards(self.train_shards, self.members)]
-        return [open_shards(spec, self.members) for spec in sources(self.train_shards)]
+            return [open_shards(self.train_shards, self.members, split="train")]
+        return [open_shards(spec, self.members, split="train") for spec in sources(self.train_shards)]
 
     @property
     def source_names(self) -> list[str]:

@@ -232,11 +232,6 @@ def _verify_stats(urls: list[str], sizes: list[int | None], stats: list[Path | N
                             "files come from different runs; download or write the shard again.")
 
 
-def count_raw(url: str) -> int:
-    """The samples of one tar shard, counted from its member names (nothing decoded)."""
-    return sum(1 for _ in tarfile_samples([url], handler=_raise))
-
-
 def _raise(exc: Exception) -> bool:
     raise exc
 

@@ -125,7 +125,8 @@ class RetrievalCallback(pl.Callback):
     as `multimodal eval retrieval` and CLIP_benchmark count them (every image with all its captions).
 
     Args:
-        shards: the split's shards, e.g. written by `multimodal shards karpathy --split test`.
+        shards: the split's shards, e.g. written by `multimodal shards karpathy --split test`, or a CLIP_benchmark
+            retrieval dataset's folder (its test split).
         dataset: the name in the logged keys (default: the shard folder's name), e.g. mscoco_captions.
         ks: the k of recall@k.
         batch_size: images per forward pass.
@@ -133,10 +134,11 @@ class RetrievalCallback(pl.Callback):
 
     def __init__(self, shards: str, dataset: str | None = None, ks: tuple[int, ...] = (1, 5, 10),
                  batch_size: int = 256):
-        ShardSource(shards)  # a missing or empty shard folder stops the run before training starts
+        source = ShardSource(shards)  # a missing or empty shard folder stops the run before training starts
         path = Path(shards.rstrip("/"))
         self.shards, self.ks, self.batch_size = shards, tuple(ks), batch_size
-        self.dataset = dataset or (path.name if path.is_dir() else path.parent.name)
+        benchmark = source.shards.benchmark  # a CLIP_benchmark folder: its name, wds/mscoco_captions
+        self.dataset = dataset or (benchmark.name if benchmark else path.name if path.is_dir() else path.parent.name)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:
