@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from multimodal import arch  # noqa: E402
 from multimodal.arch import Architecture  # noqa: E402
+from multimodal.data import formats  # noqa: E402
 from multimodal.data.batch import finish  # noqa: E402
 from multimodal.data.formats import expand_urls  # noqa: E402
 from multimodal.data.pipeline import ImageTextStream  # noqa: E402
@@ -98,7 +99,7 @@ def ours(architecture: Architecture, spec: str, batch_size: int, workers: int, b
     """Images/s of our stream. `device`: decode the JPEGs there (`data.decode: gpu`), the workers only
     reading them and drawing crop boxes; the batches are then finished and normalised on the device.
     `mixture`: the '::' parts of `spec` as the sources of an equal-weight mixture, not one list of shards."""
-    sources = [expand_urls(part) for part in spec.split("::")] if mixture else [expand_urls(spec)]
+    sources = [expand_urls(part) for part in formats.sources(spec)] if mixture else [expand_urls(spec)]
     crop = architecture.train_crop
     stream = ImageTextStream(sources, weights=(1.0,) * len(sources) if mixture else None, crop=crop,
                              tokenizer=architecture.tokenizer, batch_size=batch_size,
@@ -112,7 +113,7 @@ def ours(architecture: Architecture, spec: str, batch_size: int, workers: int, b
         batch = next(loader)
         if normalize or device is not None:
             where = device or torch.device("cpu")
-            finish(batch.to(where, non_blocking=True), where, preprocess, crop)
+            finish(batch.to(where), where, preprocess, crop)
 
     for _ in range(3):
         take()

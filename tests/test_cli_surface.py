@@ -11,8 +11,8 @@ SHARDS_OPTIONS = {"--images": None, "--out": None, "--shard_size": 1000, "--max_
                   "--overwrite": False}
 WEIGHTS = {"--checkpoint": None, "--model": None, "--pretrained": None, "--cache_dir": None}
 RESULT = {"--dataset": None, "--out": None, "--out_table": None}
-SHARD_MEMBERS = {"--split": "test", "--image_key": None, "--text_key": None, "--caption_field": None}
-LABELLED = {"--split": "test", "--image_key": None, "--label_key": "cls"}
+SHARD_MEMBERS = {"--split": None, "--image_key": None, "--text_key": None, "--caption_field": None}
+LABELLED = {"--split": None, "--image_key": None, "--label_key": "cls"}
 DECODING = {"--strategy": "beam", "--top_k": 50, "--top_p": 0.9, "--temperature": 1.0, "--beams": 4,
             "--length_penalty": 1.0, "--max_length": 30, "--seed": 0, "--batch_size": 32, "--num_workers": 4,
             "--decode": "auto"}

@@ -279,3 +279,57 @@ def test_templates_take_either_placeholder_and_nothing_else(text, expected):
             template(text, "t.txt")
     else:
         assert template(text, "t.txt") == expected
+
+
+def test_training_on_a_clip_benchmark_retrieval_split_takes_one_caption_a_line(benchmark_retrieval):
+    """Each training sample's caption is one of its image's five, tokenised alone: never the five joined."""
+    from multimodal.data.datamodule import ShardDataModule
+
+    data = ShardDataModule(str(benchmark_retrieval / "test"), batch_size=8, num_workers=0, shuffle_buffer=0,
+                           num_samples=40)  # a CLIP_benchmark split counts its shards, not its samples
+    tokenizer = data.arch.tokenizer
+    captions = {r.key: r.captions for r in read_records(open_shards(str(benchmark_retrieval)).urls,
+                                                         Members(caption_lines=True))}
+    batches = list(data.train_dataloader())
+    assert len(batches) == 5
+    for batch in batches:
+        for key, tokens in zip(batch.keys, batch.text):
+            assert any(tokenizer([c])[0].equal(tokens) for c in captions[key]), key
+
+
+def test_a_clip_benchmark_folder_is_not_joined_with_other_shards_or_read_as_another_split(
+        benchmark_retrieval, benchmark_classification, img2dataset, cli, trained, tmp_path):
+    folder, _ = img2dataset
+    with pytest.raises(UserError, match="give it alone, not joined with other shards"):
+        open_shards(f"{benchmark_retrieval}::{folder}")
+    with pytest.raises(UserError, match="is the test split of a CLIP_benchmark dataset: to read its train split"):
+        open_shards(str(benchmark_classification / "test"), split="train")
+    ckpt, _ = trained
+    result = cli("eval", "linear_probe", "--checkpoint", str(ckpt), "--shards", str(benchmark_classification / "test"),
+                 "--num_workers", "0", cwd=tmp_path)
+    assert result.returncode == 2 and "to read its train split, name the dataset's folder" in \
+        one_sentence(result.stderr), result.stderr
+
+
+def test_a_linear_probe_on_class_folders_that_differ_is_one_sentence(cli, trained, tmp_path):
+    from PIL import Image
+
+    for split, classes in (("train", ("cat", "dog")), ("test", ("cat", "cow"))):
+        for name in classes:
+            (tmp_path / split / name).mkdir(parents=True)
+            Image.new("RGB", (32, 32), (9, 9, 9)).save(tmp_path / split / name / "0.jpg")
+    ckpt, _ = trained
+    result = cli("eval", "linear_probe", "--checkpoint", str(ckpt), "--train_images", str(tmp_path / "train"),
+                 "--images", str(tmp_path / "test"), "--num_workers", "0", cwd=tmp_path)
+    assert result.returncode == 2 and "have different class folders (cow, dog in one only)" in \
+        one_sentence(result.stderr), result.stderr
+
+
+def test_callbacks_take_clip_benchmark_folders_with_their_names_and_classes(benchmark_classification,
+                                                                         benchmark_retrieval):
+    from multimodal.eval.callbacks import RetrievalCallback, ZeroShotCallback
+
+    zeroshot = ZeroShotCallback(shards=str(benchmark_classification))
+    assert zeroshot.dataset == "wds/flickr_people" and zeroshot.classnames == ["dog", "child", "person"]
+    assert zeroshot.templates == ["a photo of a {}.", "a picture of the {}."]
+    assert RetrievalCallback(str(benchmark_retrieval)).dataset == "wds/flickr8k"

@@ -78,3 +78,31 @@ def test_training_steps_read_device_values_only_on_logging_steps(shards, tmp_pat
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     header = metrics.splitlines()[0].split(",")
     assert {"train/loss", "train/lr", "train/samples_per_second", "train/nonfinite_steps"} <= set(header)
+
+
+def test_batches_move_to_an_accelerator_without_waiting_for_it(monkeypatch):
+    """Lightning moves a typed batch by calling its `to(device)` with no flag (it passes non_blocking only
+    to bare tensors): the batch copies asynchronously to an accelerator ("meta" stands in for one here),
+    synchronously to the CPU, and leaves the JPEG bytes on the host for the device decoder."""
+    from lightning_fabric.utilities.apply_func import move_data_to_device
+
+    from multimodal.data.batch import DeviceJpegs, EvalBatch, TrainBatch
+
+    flags, to = [], torch.Tensor.to
+
+    def recorded(self, *args, **kwargs):
+        flags.append(kwargs.get("non_blocking"))
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recorded)
+    jpegs = DeviceJpegs.pack([b"\xff\xd8jpeg"], [(0, 0, 4, 4)])
+    train = TrainBatch(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(2, 5, dtype=torch.long), ["a", "b"],
+                       jpegs)
+    moved = move_data_to_device(train, torch.device("meta"))
+    assert flags == [True, True] and moved.image.is_meta and moved.text.is_meta
+    assert moved.jpegs.data.device.type == "cpu"
+    flags.clear()
+    evaluation = EvalBatch(0, True, torch.zeros(1, 3, 4, 4, dtype=torch.uint8), [{}], torch.zeros(1, 5), [{}])
+    move_data_to_device(evaluation, torch.device("meta"))
+    move_data_to_device(evaluation, torch.device("cpu"))
+    assert flags == [True, True, False, False]

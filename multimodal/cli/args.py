@@ -71,7 +71,8 @@ def add_shard_args(parser: argparse.ArgumentParser, what: str, labels: bool = Fa
                              "folder "
                              "(ROOT with ROOT/SPLIT/nshards.txt); a folder, a brace pattern, a glob, or several joined "
                              "by '::'")
-    parser.add_argument("--split", default="test", help="the split of a CLIP_benchmark dataset folder")
+    parser.add_argument("--split", default=None,
+                        help="the split of a CLIP_benchmark dataset folder (default: test, or the split folder named)")
     parser.add_argument("--image_key", default=None,
                         help="the member holding the image (default: the first of jpg, jpeg, png, webp)")
     if labels:

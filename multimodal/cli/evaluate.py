@@ -128,7 +128,7 @@ def embed(argv: list[str]) -> int:
             **({"pretrained": args.pretrained} if args.pretrained else {}), "dtype": args.dtype,
             "source": {k: str(getattr(args, k)) for k in ("shards", "images", "texts") if getattr(args, k)},
             **({"members": {k: getattr(args, k) for k in ("split", "image_key", "text_key", "caption_field")
-                            if getattr(args, k) not in (None, "test")}} if args.shards else {}),
+                            if getattr(args, k) is not None}} if args.shards else {}),
             **({"preprocess": args.preprocess} if args.preprocess != "fast" else {}),
             "part_size": args.part_size, "dim": model.architecture.embed_dim}
     _claim_folder(args.out, info, args.overwrite)
@@ -281,7 +281,8 @@ def eval_zeroshot(argv: list[str]) -> int:
 
     source = _labelled_source(args)
     benchmark = source.shards.benchmark if args.shards else None
-    classnames, templates = zeroshot.classes_and_templates(source, args.preset, args.classnames, args.templates)
+    classnames, templates = zeroshot.classes_and_templates(source, args.preset, args.classnames, args.templates,
+                                                           setting="--{}")
     device = default_device()
     model = load_model(args).to(device)
     preprocess = preprocess_of(args, model)

@@ -57,7 +57,12 @@ def _sources(args):
     from multimodal.data.sources import ClassFolderSource
 
     if args.images:
-        return ClassFolderSource(args.train_images), ClassFolderSource(args.images)
+        train, test = ClassFolderSource(args.train_images), ClassFolderSource(args.images)
+        if train.classes != test.classes:  # each numbers its own sorted class folders
+            only = sorted(set(train.classes) ^ set(test.classes))
+            raise UserError(f"{args.train_images} and {args.images} have different class folders ({', '.join(only[:3])}"
+                            f"{', ...' if len(only) > 3 else ''} in one only): their labels would not agree.")
+        return train, test
     test = shard_source(args, labels=True)
     train_args = argparse.Namespace(**{**vars(args), "shards": args.train_shards or args.shards,
                                        "split": args.train_split})
@@ -102,8 +107,8 @@ def eval_linear_probe(argv: list[str]) -> int:
         with autocast(device):
             return labelled_features(model, loader, preprocess)
 
-    train_features, train_labels = features(train)
-    test_features, test_labels = features(test)
+    train_features, train_labels = (t.to(device) for t in features(train))  # the probe trains where they are
+    test_features, test_labels = (t.to(device) for t in features(test))
     print(f"Features of {len(train_labels)} training and {len(test_labels)} test images; training the probe.")
     metrics = probe(train_features, train_labels, test_features, test_labels, lr=args.lr, epochs=args.epochs,
                     batch_size=args.batch_size, seed=args.seed, normalize=not args.no_normalize,

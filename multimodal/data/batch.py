@@ -56,7 +56,12 @@ class DeviceJpegs:
         return replace(self, data=self.data.pin_memory())
 
 
-def _move(tensor: torch.Tensor | None, device, non_blocking: bool) -> torch.Tensor | None:
+def _move(tensor: torch.Tensor | None, device, non_blocking: bool | None) -> torch.Tensor | None:
+    """`tensor` on `device`; unless told otherwise, asynchronously to an accelerator, as Lightning moves plain
+    tensors (it calls a batch's `to(device)` without the flag): a blocking copy from pinned memory would make
+    the host wait for the kernels already queued, every step."""
+    if non_blocking is None:
+        non_blocking = torch.device(device).type not in ("cpu", "mps")
     return tensor.to(device, non_blocking=non_blocking) if tensor is not None else None
 
 
@@ -80,7 +85,7 @@ class TrainBatch:
     def __len__(self) -> int:
         return self.text.shape[0]
 
-    def to(self, device, non_blocking: bool = False) -> "TrainBatch":
+    def to(self, device, non_blocking: bool | None = None) -> "TrainBatch":
         """On `device` (Lightning's transfer calls this), but for the JPEG bytes, which stay on the host."""
         return replace(self, image=_move(self.image, device, non_blocking), text=_move(self.text, device, non_blocking))
 
@@ -99,7 +104,7 @@ class EvalBatch:
     text_rows: list[dict]  # (m,) caption and key, and "image": its image's position in this batch
     jpegs: DeviceJpegs | None = None  # the first len(jpegs) images' JPEGs, decoded by `finish`
 
-    def to(self, device, non_blocking: bool = False) -> "EvalBatch":
+    def to(self, device, non_blocking: bool | None = None) -> "EvalBatch":
         return replace(self, images=_move(self.images, device, non_blocking),
                        texts=_move(self.texts, device, non_blocking))
 

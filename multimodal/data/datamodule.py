@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from multimodal import arch, distributed
 from multimodal.data.batch import EvalBatch, TrainBatch, finish, jpegs_on_device
 from multimodal.data.decode import MAX_IMAGE_PIXELS, Members
-from multimodal.data.formats import ShardSet, check_members, open_shards, sources
+from multimodal.data.formats import ShardSet, check_members, count_samples, open_shards, sources
 from multimodal.data.pipeline import ImageTextStream, StreamPosition, WorkerProgress, check_split, seeded
 from multimodal.data.shards import ensure_synthetic
 from multimodal.data.sources import EvalBatches, ShardSource
@@ -118,8 +118,8 @@ class ShardDataModule(pl.LightningDataModule):
         """The training shard set: one, or each source of a weighted mixture (a CLIP_benchmark dataset's
         folder: its train split; validation reads its test split)."""
         if self.weights is None:
-            return [open_shards(self.train_shards, self.members, split="train")]
-        return [open_shards(spec, self.members, split="train") for spec in sources(self.train_shards)]
+            return [open_shards(self.train_shards, self.members, default_split="train")]
+        return [open_shards(spec, self.members, default_split="train") for spec in sources(self.train_shards)]
 
     @property
     def source_names(self) -> list[str]:
@@ -221,7 +221,8 @@ class ShardDataModule(pl.LightningDataModule):
                             "devices: lower data.batch_size.")
         resume = self._resume_args(rank, world, num_batches)
         stream = ImageTextStream(
-            [s.urls for s in shards], weights=self._mixture(shards), members=self.members, crop=self.crop,
+            [s.urls for s in shards], weights=self._mixture(shards), members=[s.members for s in shards],
+            crop=self.crop,
             tokenizer=self.arch.tokenizer, decode_on_device=self._decode_on_device(),
             batch_size=self.batch_size, num_batches=num_batches, position=StreamPosition(rank, world),
             shuffle_buffer=self.shuffle_buffer, resampled=self.resampled, max_image_pixels=self.max_image_pixels,
@@ -257,10 +258,8 @@ class ShardDataModule(pl.LightningDataModule):
         rank = self.trainer.global_rank if self.trainer else 0
         source = ShardSource(self.val_shards, self.members)
         sizes = [source.part_size(p) for p in range(source.num_parts())]
-        if world > 1 and None in sizes:
-            raise UserError(f"The number of samples in the validation shards {self.val_shards} is unknown (no "
-                            "sizes.json beside them), so they cannot be split evenly over the ranks: write them "
-                            "with `multimodal shards`, or add a sizes.json mapping shard names to sample counts.")
+        if world > 1 and None in sizes:  # every rank must know every rank's batches: count what no file counts
+            sizes = [size if size is not None else count_samples(url) for size, url in zip(sizes, source.urls)]
         batches_of = [sum(max(1, math.ceil((sizes[p] or 0) / self.batch_size)) for p in range(r, len(sizes), world))
                       for r in range(world)]
         parts = list(range(source.num_parts()))[rank::world]
@@ -297,13 +296,13 @@ def read_weights(weights: list[float] | str | None, factors: list[float] | str |
 
 
 class EvenBatches:
-    """The batches of `loader`, then copies of `padding` up to `length` batches in all.
+    """The `EvalBatch`es of `loader`, then copies of `padding` up to `length` batches in all.
 
     An empty batch of the loader (a part without samples) is replaced by `padding` too, so
     that every step runs both towers, as on every other rank.
     """
 
-    def __init__(self, loader: DataLoader, length: int, padding: dict):
+    def __init__(self, loader: DataLoader, length: int, padding: EvalBatch):
         self.loader, self.length, self.padding = loader, length, padding
 
     def __len__(self) -> int:

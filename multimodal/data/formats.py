@@ -76,16 +76,22 @@ def sources(spec: str) -> list[str]:
     return parts
 
 
-def open_shards(spec: str, members: Members = Members(), split: str = "test", verify: bool = False) -> ShardSet:
+def open_shards(spec: str, members: Members = Members(), split: str | None = None, verify: bool = False,
+                default_split: str = "test") -> ShardSet:
     """The shard set `spec` names. `members` chooses what its samples' members mean (a CLIP_benchmark
-    retrieval set reads captions one a line on top); `split`: the split of a CLIP_benchmark root folder.
-    `verify`: check every img2dataset stats file against its parquet (reading their status column)."""
+    retrieval set reads captions one a line on top). `split`: the split of a CLIP_benchmark dataset (its
+    root folder's `default_split` when None; a split folder named is that split, and another `split` is
+    refused). `verify`: check every img2dataset stats file against its parquet (their status column)."""
     urls: list[str] = []
     benchmark = None
-    for part in sources(spec):
-        root = _benchmark_root(part, split)
+    parts = sources(spec)
+    for part in parts:
+        root = _benchmark_root(part, split, default_split)
+        if root is not None and len(parts) > 1:
+            raise UserError(f"{part} is a CLIP_benchmark dataset, whose samples read their own way: give it alone, "
+                            "not joined with other shards by '::' (or as a source of a weighted mixture).")
         if root is not None:
-            benchmark = _read_benchmark(*root)
+            benchmark = _read_benchmark(root[0])
             urls.extend(_benchmark_urls(*root))
         else:
             urls.extend(_expand(part))
@@ -126,14 +132,18 @@ def _expand(part: str) -> list[str]:
     return urls
 
 
-def _benchmark_root(part: str, split: str) -> tuple[Path, str] | None:
+def _benchmark_root(part: str, split: str | None, default_split: str) -> tuple[Path, str] | None:
     """(root, split) when `part` is a CLIP_benchmark webdataset folder: its root (ROOT/{split}/nshards.txt)
     or one of its splits (SPLIT/nshards.txt); None for any other shard specification."""
     path = Path(part)
     if part.startswith(REMOTE_PREFIXES) or not path.is_dir():
         return None
     if (path / "nshards.txt").is_file():
+        if split is not None and split != path.name:
+            raise UserError(f"{path} is the {path.name} split of a CLIP_benchmark dataset: to read its {split} split, "
+                            f"name the dataset's folder, {path.parent}.")
         return path.parent, path.name
+    split = split or default_split
     if (path / split / "nshards.txt").is_file():
         return path, split
     if any((path / name).is_file() for name in BENCHMARK_FILES) and not any(path.glob("*.tar")):
@@ -153,7 +163,7 @@ def _read_lines(path: Path) -> tuple[str, ...] | None:
     return tuple(line.strip() for line in lines if line.strip())
 
 
-def _read_benchmark(root: Path, split: str) -> Benchmark:
+def _read_benchmark(root: Path) -> Benchmark:
     kind = _read_lines(root / "dataset_type.txt")
     task = kind[0].lower() if kind else "classification"  # CLIP_benchmark's default when the file is absent
     if task not in ("retrieval", "classification"):
@@ -232,6 +242,11 @@ def _verify_stats(urls: list[str], sizes: list[int | None], stats: list[Path | N
                             "files come from different runs; download or write the shard again.")
 
 
+def count_samples(url: str) -> int:
+    """The samples of one tar shard, counted by reading it (nothing decoded): for a shard no file counts."""
+    return sum(1 for _ in tarfile_samples([url], handler=_raise))
+
+
 def _raise(exc: Exception) -> bool:
     raise exc
 
@@ -270,7 +285,7 @@ def check_members(shards: ShardSet, captions: bool = True, label: bool = False, 
     if m.image_key is None and not any(k in first for k in IMAGE_KEYS):
         raise UserError(f"The first sample of {url} has no image member ({', '.join(IMAGE_KEYS)}; it has {have}): "
                         f"set {setting.format('image_key')} to the one holding its image.")
-    if captions and m.caption_field:
+    if captions and m.caption_field and not (m.text_key is not None and m.text_key in first):
         try:
             meta = json.loads(first["json"]) if "json" in first else None
         except ValueError:

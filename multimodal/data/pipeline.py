@@ -88,9 +88,10 @@ class ImageTextStream(IterableDataset):
     """Exactly `num_batches` full `TrainBatch`es per epoch for one rank, split over the DataLoader's workers.
 
     `sources` holds the shard URLs of each source: one source, or a mixture drawn by `weights` (one per
-    source; their shares of the samples). Each batch carries the bad samples and shard faults met since
-    the previous one, by kind (`multimodal.data.faults`), the raw samples read for it, and for a mixture
-    the samples it took from each source.
+    source; their shares of the samples); `members`, how each source's samples read (one for all, or one
+    a source: a CLIP_benchmark retrieval folder's captions are one a line). Each batch carries the bad
+    samples and shard faults met since the previous one, by kind (`multimodal.data.faults`), the raw
+    samples read for it, and for a mixture the samples it took from each source.
 
     `worker` and `consumed` (raw samples this worker's batches have consumed so far this epoch)
     let a trainer record its position; `resume` (worker -> WorkerProgress) continues epoch
@@ -107,14 +108,16 @@ class ImageTextStream(IterableDataset):
     """
 
     def __init__(self, sources: list[list[str]], *, crop: TrainCrop, tokenizer: Callable, batch_size: int,
-                 num_batches: int, weights: tuple[float, ...] | None = None, members: Members = Members(),
+                 num_batches: int, weights: tuple[float, ...] | None = None,
+                 members: Members | list[Members] = Members(),
                  position: StreamPosition = StreamPosition(), shuffle_buffer: int = 1000, resampled: bool = False,
                  seed: int = 0, first_epoch: int = 0, resume: dict[int, WorkerProgress] | None = None,
                  max_image_pixels: int | None = MAX_IMAGE_PIXELS, decode_on_device: bool = False):
         super().__init__()
         if any(isinstance(urls, str) for urls in sources) or (weights is not None and len(weights) != len(sources)):
             raise ValueError("sources: a list of URL lists, one a source; weights: one a source")
-        self.sources, self.weights, self.members = sources, weights, members
+        self.sources, self.weights = sources, weights
+        self.members = members if isinstance(members, list) else [members] * len(sources)  # one a source
         self.crop, self.tokenizer = crop, tokenizer
         self.max_image_pixels, self.decode_on_device = max_image_pixels, decode_on_device
         self.faults = FaultCounter()
@@ -182,7 +185,7 @@ class ImageTextStream(IterableDataset):
         """One raw sample made ready for a batch; raises BadSample. Its crop box and caption come from
         its own seed: the same whatever came before it, so a resumed run that skips what it had read
         without decoding it gets the same pixels, and the worker and device paths the same boxes."""
-        record = read_record(raw, self.members, self.max_image_pixels)
+        record = read_record(raw, self.members[raw.get("__source__", 0)], self.max_image_pixels)
         rng = seeded(self.seed, self.epoch, self.position.rank, worker, consumed)
         box = self.crop.box(*record.size, rng)
         caption = record.captions[rng.randrange(len(record.captions))]

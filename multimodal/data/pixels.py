@@ -33,6 +33,18 @@ Box = tuple[int, int, int, int]  # (top, left, height, width), in pixels of the 
 
 
 MAX_ASPECT = 4  # evaluation keeps at most the middle 4:1 of longer images (the centre crop is 1:1)
+# open_clip's own transform resizes whole images: the same up to this aspect (a 1 x 10^5 image would
+# become 224 x 2 * 10^7 pixels on the way), only the middle beyond it
+EXACT_MAX_ASPECT = 100
+
+
+def middle(width: int, height: int, max_aspect: int) -> tuple[int, int, int, int] | None:
+    """(left, top, right, bottom) of the middle `max_aspect`:1 of a longer image; None when it is not longer."""
+    if max(width, height) <= max_aspect * min(width, height):
+        return None
+    keep = max_aspect * min(width, height)
+    return ((width - keep) // 2, 0, (width + keep) // 2, height) if width > height else \
+        (0, (height - keep) // 2, width, (height + keep) // 2)
 
 
 class Draws(Protocol):
@@ -136,14 +148,11 @@ class EvalTransform:
         pixels = chw(image)
         if self.resize_mode == "squash":
             return resize(pixels, (self.size, self.size), self.mode)
+        box = middle(pixels.shape[2], pixels.shape[1], MAX_ASPECT)  # a 1 x 10^7 image must not become 224 x 10^9
+        if box is not None:
+            left, top, right, bottom = box
+            pixels = pixels[:, top:bottom, left:right]
         h, w = pixels.shape[1:]
-        if max(h, w) > MAX_ASPECT * min(h, w):  # only the middle: a 1 x 10^7 image must not become 224 x 10^9
-            keep = MAX_ASPECT * min(h, w)
-            if h > w:
-                pixels = pixels[:, (h - keep) // 2:(h + keep) // 2]
-            else:
-                pixels = pixels[:, :, (w - keep) // 2:(w + keep) // 2]
-            h, w = pixels.shape[1:]
         new_long = int(self.size * max(h, w) / min(h, w))
         new_h, new_w = (self.size, new_long) if h <= w else (new_long, self.size)
         pixels = resize(pixels, (new_h, new_w), self.mode)
@@ -167,27 +176,23 @@ class OpenClipEvalTransform:
     """open_clip's own eval transform, run as it is (`--preprocess open_clip`): full-size PIL images in
     (`decode_side` None), and out the normalised float32 pixels that `open_clip.image_transform(...,
     is_train=False)` gives for the same statistics, resize mode and interpolation: PIL's resampling of the
-    whole image, as CLIP_benchmark feeds the same weights. Slower than `EvalTransform` (and its workers
-    hand over 4x the bytes), which agrees with it to within a tolerance `tests/test_benchmarks.py` states."""
+    whole image, as CLIP_benchmark feeds the same weights (but for images longer than 100:1, whose middle
+    100:1 is kept: memory stays bounded). Slower than `EvalTransform` (and its workers hand over 4x the
+    bytes), which agrees with it to within a tolerance `tests/test_benchmarks.py` states."""
 
     decode_side = None
 
     def __init__(self, like: EvalTransform):
         import open_clip
 
-        self.size, self.mean, self.std = like.size, like.mean, like.std
+        self.size, self.mean, self.std, self.resize_mode = like.size, like.mean, like.std, like.resize_mode
         self.transform = open_clip.image_transform(like.size, is_train=False, mean=like.mean, std=like.std,
                                                    resize_mode=like.resize_mode, interpolation=like.mode)
 
     def pixels(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
         image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-        width, height = image.size
-        if max(width, height) > MAX_ASPECT * min(width, height):  # as EvalTransform: only the middle is kept
-            keep = MAX_ASPECT * min(width, height)
-            box = ((width - keep) // 2, 0, (width + keep) // 2, height) if width > height else \
-                (0, (height - keep) // 2, width, (height + keep) // 2)
-            image = image.crop(box)
-        return self.transform(image)
+        box = middle(*image.size, EXACT_MAX_ASPECT) if self.resize_mode == "shortest" else None
+        return self.transform(image.crop(box) if box is not None else image)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """Already normalised by `pixels`."""

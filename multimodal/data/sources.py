@@ -80,7 +80,7 @@ class ShardSource(Source):
     A shard that holds another number of samples than the file beside it says stops the run, in one
     sentence: its counts and its samples come from different runs."""
 
-    def __init__(self, shards: str | ShardSet, members: Members = Members(), split: str = "test",
+    def __init__(self, shards: str | ShardSet, members: Members = Members(), split: str | None = None,
                  labels: bool = False):
         self.shards = shards if isinstance(shards, ShardSet) else open_shards(shards, members, split, verify=True)
         self.urls, self.labels = self.shards.urls, labels
@@ -126,7 +126,7 @@ class LabelledShardSource(ShardSource):
 
     has_texts = False
 
-    def __init__(self, shards: str | ShardSet, members: Members = Members(), split: str = "test"):
+    def __init__(self, shards: str | ShardSet, members: Members = Members(), split: str | None = None):
         super().__init__(shards, members, split, labels=True)
 
 

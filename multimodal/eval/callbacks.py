@@ -83,10 +83,11 @@ class ZeroShotCallback(pl.Callback):
             (`multimodal.eval.presets`; class folders are checked against it).
         classnames: file of class names, one a line, in label order (for `images`, defaults to folder names).
         images: an ImageFolder-style folder (FOLDER/CLASS/IMAGE).
-        shards: shards whose samples carry a `cls` member (instead of `images`).
+        shards: shards whose samples carry a `cls` member (instead of `images`), or a CLIP_benchmark
+            classification dataset's folder (its test split, class names and templates).
         templates: prompt templates file, one a line with {} for the class name (default: the preset's, else
             the built-in set).
-        dataset: the name in the logged keys (default: the preset, else `zeroshot`).
+        dataset: the name in the logged keys (default: the preset, a CLIP_benchmark folder's name, else `zeroshot`).
         batch_size: images per forward pass.
     """
 
@@ -99,12 +100,13 @@ class ZeroShotCallback(pl.Callback):
             raise UserError(f"ZeroShotCallback preset '{preset}' is not one of {', '.join(presets.PRESETS)}.")
         if preset and classnames:
             raise UserError("ZeroShotCallback takes preset or classnames, not both.")
-        if shards and not (classnames or preset):
-            raise UserError("ZeroShotCallback with shards needs classnames or a preset.")
         self.source = ClassFolderSource(Path(images)) if images else LabelledShardSource(shards)
         self.classnames, self.templates = zeroshot.classes_and_templates(
-            self.source, preset, Path(classnames) if classnames else None, Path(templates) if templates else None)
-        self.dataset, self.batch_size = dataset or preset or "zeroshot", batch_size
+            self.source, preset, Path(classnames) if classnames else None, Path(templates) if templates else None,
+            setting="ZeroShotCallback's {}")
+        benchmark = self.source.shards.benchmark if shards else None  # a CLIP_benchmark folder: wds/NAME
+        self.dataset = dataset or preset or (benchmark.name if benchmark else "zeroshot")
+        self.batch_size = batch_size
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking:

@@ -67,7 +67,7 @@ def caption_source(model: CLIP, source: Source, parts: list[int], decoding: Deco
     model.eval()
     for batch in DataLoader(batches, batch_size=None, num_workers=min(num_workers, len(parts)),
                             pin_memory=device.type == "cuda"):
-        batch = finish(batch.to(device, non_blocking=True), device, preprocess)
+        batch = finish(batch.to(device), device, preprocess)
         if batch.images is None:
             yield batch, []
             continue

@@ -51,7 +51,7 @@ def encode_batch(model: CLIP, batch: EvalBatch, preprocess: EvalTransform | Open
     returned has the rows of the images kept); without, it is ready (a DataModule finished it)."""
     if preprocess is not None:
         device = next(model.parameters()).device
-        batch = finish(batch.to(device, non_blocking=True), device, preprocess)
+        batch = finish(batch.to(device), device, preprocess)
     images = model.encode_image(batch.images).float().cpu() if batch.images is not None else None
     texts = model.encode_text(batch.texts).float().cpu() if batch.texts is not None else None
     return batch, images, texts
@@ -127,7 +127,7 @@ class PartWriter:
             self.rows_written += len(rows)
 
 
-def collect(batches: Iterable[tuple[dict, torch.Tensor | None, torch.Tensor | None]]) -> Embeddings:
+def collect(batches: Iterable[tuple[EvalBatch, torch.Tensor | None, torch.Tensor | None]]) -> Embeddings:
     """Embeddings in memory from (batch, image_features, text_features) in order, parts in turn."""
     parts: dict[int, _Part] = {}
     for batch, image_features, text_features in batches:

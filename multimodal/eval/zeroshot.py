@@ -52,12 +52,13 @@ def read_templates(path: Path | None) -> list[str]:
 
 
 def classes_and_templates(source, preset: str | None = None, classnames: Path | None = None,
-                          templates: Path | None = None) -> tuple[list[str], list[str]]:
+                          templates: Path | None = None, setting: str = "{}") -> tuple[list[str], list[str]]:
     """The class names in label order and the prompt templates for the labelled `source`
     (`ClassFolderSource` or `LabelledShardSource`): a preset's (`multimodal.eval.presets`; its classes
     checked against the class folders), or the `classnames` file's, or a CLIP_benchmark dataset's own
     `classnames.txt` and templates, or for a folder its class folders' names; the built-in templates when
-    none of these has any; a `templates` file replaces the templates of either."""
+    none of these has any; a `templates` file replaces the templates of either. `setting` names a setting
+    in the caller's words ("--{}" on a command line)."""
     folder = source.folder if isinstance(source, ClassFolderSource) else None  # named in sentences
     benchmark = source.shards.benchmark if isinstance(source, ShardSource) else None
     if preset:
@@ -74,8 +75,8 @@ def classes_and_templates(source, preset: str | None = None, classnames: Path | 
     elif folder is not None:
         names, prompts = [name.replace("_", " ") for name in source.classes], list(DEFAULT_TEMPLATES)
     else:
-        raise UserError("Shards need --classnames or --preset, the names of the class indices in label order "
-                        "(a CLIP_benchmark dataset names them in its classnames.txt).")
+        raise UserError(f"Shards need {setting.format('classnames')} or {setting.format('preset')}, the names of "
+                        "the class indices in label order (a CLIP_benchmark dataset names them in its classnames.txt).")
     if folder is not None and not preset and len(names) != len(source.classes):
         raise UserError(f"{classnames} names {len(names)} classes but {folder} has "
                         f"{len(source.classes)} class folders.")
