@@ -15,11 +15,11 @@ from pathlib import Path
 
 import open_clip
 import torch
-from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
 from multimodal import pretrained as published
-from multimodal.data.pixels import EvalTransform, TrainCrop
 from multimodal.errors import UserError, first_line
+from multimodal.preprocessing import Preprocessing
 
 # configs/ as package data in an installed wheel; the repository's own in a checkout or editable install
 CONFIG_DIR = next(p for p in (Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent /
@@ -42,28 +42,16 @@ class Architecture:
     embed_dim: int
     context_length: int
     tokenizer: Callable[[list[str]], torch.Tensor]  # open_clip's: list of strings -> (N, context_length) int64
-    # open_clip's training crop (RandomResizedCrop, scale 0.9-1, its interpolation) as boxes and uint8
-    # resampling (`multimodal.data.pixels`): the same boxes for the same random state as
-    # `open_clip_transforms()[0]`, resampled by torch's antialiased uint8 kernels (several times faster
-    # than PIL's, within a level or two in 255), normalised later on the device.
-    train_crop: TrainCrop
-    # open_clip's eval transform (shorter side resized, centre crop, normalised with its pixel statistics),
-    # split into uint8 pixels for the loader and normalisation on the device. Within a level or two in 255
-    # of `open_clip_transforms()[1]` on the same image; from DCT-scaled JPEGs, a few more.
-    eval_transform: EvalTransform
+    # the input size, pixel statistics, interpolation and resize mode its weights were trained with, as
+    # numbers: the data layer builds its crops and transforms from them (`multimodal.data.pixels`)
+    preprocessing: Preprocessing
     _config: dict = field(repr=False)
-    _preprocess: PreprocessCfg = field(repr=False)
     _create: dict = field(repr=False)  # what open_clip.create_model needs for these weights (QuickGELU)
 
     @property
     def config(self) -> dict:
         """A copy of the open_clip model config (embed_dim, vision_cfg, text_cfg), the caller's to change."""
         return copy.deepcopy(self._config)
-
-    def open_clip_transforms(self):
-        """open_clip's own (train, val) PIL transforms: PIL image -> normalised (3, H, W); the reference
-        that `train_crop` and `eval_transform` are compared with."""
-        return image_transform_v2(self._preprocess, is_train=True), image_transform_v2(self._preprocess, is_train=False)
 
     @property
     def captions(self) -> bool:
@@ -123,10 +111,9 @@ def _load(name: str, tag: str | None, cache_dir: str | None) -> Architecture:
     return Architecture(
         name=name, open_clip_name=open_clip_name, own=own, image_size=size, embed_dim=config["embed_dim"],
         context_length=tokenizer.context_length, tokenizer=tokenizer,
-        train_crop=TrainCrop(size, mode=preprocess.interpolation),
-        eval_transform=EvalTransform(size, tuple(preprocess.mean), tuple(preprocess.std),
-                                     mode=preprocess.interpolation, resize_mode=preprocess.resize_mode),
-        _config=config, _preprocess=preprocess, _create=create,
+        preprocessing=Preprocessing(size, tuple(preprocess.mean), tuple(preprocess.std), preprocess.interpolation,
+                                    preprocess.resize_mode),
+        _config=config, _create=create,
     )
 
 

@@ -43,6 +43,7 @@ from multimodal.data import formats  # noqa: E402
 from multimodal.data.batch import finish  # noqa: E402
 from multimodal.data.formats import expand_urls  # noqa: E402
 from multimodal.data.pipeline import ImageTextStream  # noqa: E402
+from multimodal.data.pixels import EvalTransform, TrainCrop  # noqa: E402
 from multimodal.data.shards import write_coco  # noqa: E402
 from multimodal.data.tario import tarfile_samples  # noqa: E402
 
@@ -100,14 +101,14 @@ def ours(architecture: Architecture, spec: str, batch_size: int, workers: int, b
     reading them and drawing crop boxes; the batches are then finished and normalised on the device.
     `mixture`: the '::' parts of `spec` as the sources of an equal-weight mixture, not one list of shards."""
     sources = [expand_urls(part) for part in formats.sources(spec)] if mixture else [expand_urls(spec)]
-    crop = architecture.train_crop
+    crop = TrainCrop.of(architecture.preprocessing)
     stream = ImageTextStream(sources, weights=(1.0,) * len(sources) if mixture else None, crop=crop,
                              tokenizer=architecture.tokenizer, batch_size=batch_size,
                              num_batches=batches + 3, shuffle_buffer=1000, resampled=True,
                              decode_on_device=device is not None)
     loader = iter(DataLoader(stream, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None,
                              pin_memory=device is not None and device.type == "cuda"))
-    preprocess = architecture.eval_transform  # its normalisation: open_clip's statistics
+    preprocess = EvalTransform.of(architecture.preprocessing)  # its normalisation: open_clip's statistics
 
     def take() -> None:
         batch = next(loader)

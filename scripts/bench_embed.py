@@ -38,7 +38,7 @@ from multimodal.model import create_model  # noqa: E402
 def rate(model, architecture: Architecture, spec: str, batch_size: int, workers: int, device: torch.device,
          path: str) -> float:
     """Images/s through `path`: "workers" or "gpu" (ours, decoded there) or "open_clip" (the reference)."""
-    preprocess = OpenClipEvalTransform(architecture.eval_transform) if path == "open_clip" else None
+    preprocess = OpenClipEvalTransform(architecture.preprocessing) if path == "open_clip" else None
     start = time.perf_counter()
     with embed.autocast(device):
         emb = embed.embed_shards(model, spec, batch_size, workers, device, progress=False,

@@ -27,6 +27,17 @@ def flickr() -> Path:
     return FLICKR
 
 
+def open_clip_transforms(architecture):
+    """open_clip's own (train, eval) PIL transforms for an architecture's preprocessing numbers: the reference
+    our crops and eval transforms are compared with."""
+    import open_clip
+
+    p = architecture.preprocessing
+    settings = {"mean": p.mean, "std": p.std, "resize_mode": p.resize_mode, "interpolation": p.interpolation}
+    return (open_clip.image_transform(p.size, is_train=True, **settings),
+            open_clip.image_transform(p.size, is_train=False, **settings))
+
+
 def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """`python -m multimodal ARGS` in `cwd`, in a new process (`env`: extra variables): for what only a
     process of its own can show (DDP re-launching the command, a SIGKILL, a traceback); `cli` for the rest."""

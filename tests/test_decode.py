@@ -27,6 +27,7 @@ from multimodal.data.formats import MANIFEST
 from multimodal.data.pipeline import ImageTextStream
 from multimodal.data.pixels import EvalTransform, TrainCrop
 from multimodal.recipe import build_module
+from tests.conftest import open_clip_transforms
 from tests.test_pipeline import batches, write_tar
 
 CPU = torch.device("cpu")
@@ -199,7 +200,7 @@ def test_evaluation_pixels_match_open_clips_eval_transform(jpegs, name):
     from multimodal.data.decode import decode_image
 
     architecture = arch.load(name)
-    ours, theirs = architecture.eval_transform, architecture.open_clip_transforms()[1]
+    ours, theirs = EvalTransform.of(architecture.preprocessing), open_clip_transforms(architecture)[1]
     level = 1 / (255 * min(ours.std))  # one uint8 level in normalised units, at most
     full, scaled = [], []
     for raw in wds.tarfile_samples([{"url": url} for url in jpegs]):
@@ -225,9 +226,9 @@ def test_evaluation_on_the_device_path_has_the_workers_rows_and_their_pixels_to_
     from multimodal.data.sources import EvalBatches, ShardSource
 
     architecture = arch.load(name)
-    preprocess, tokenizer = architecture.eval_transform, architecture.tokenizer
+    preprocess, tokenizer = EvalTransform.of(architecture.preprocessing), architecture.tokenizer
     as_levels = replace(AS_LEVELS, size=preprocess.size)
-    reference, level = architecture.open_clip_transforms()[1], 1 / (255 * min(preprocess.std))
+    reference, level = open_clip_transforms(architecture)[1], 1 / (255 * min(preprocess.std))
     photos = {raw["__key__"]: raw["jpg"] for raw in wds.tarfile_samples([{"url": url} for url in jpegs])}
     from_open_clip = []
 
@@ -262,7 +263,7 @@ def test_an_image_no_decoder_reads_is_left_out_of_an_evaluation_batch_with_its_c
     url = write_tar(tmp_path / "odd.tar", [good[0], good[1], sample("corrupt", corrupt_jpeg()),
                                           sample("cmyk", cmyk_jpeg()), sample("png", png(), "png"), good[2], good[3]])
     architecture = arch.load("tiny")
-    preprocess = architecture.eval_transform
+    preprocess = EvalTransform.of(architecture.preprocessing)
     [device] = EvalBatches(ShardSource(url), [0], preprocess, architecture.tokenizer, 16, decode_on_device=True)
     [worker] = EvalBatches(ShardSource(url), [0], preprocess, architecture.tokenizer, 16)
     assert [r["key"] for r in device.image_rows] == ["g0", "g1", "corrupt", "g2", "g3", "cmyk", "png"]

@@ -12,6 +12,7 @@ import pytest
 
 from multimodal.data.decode import Members
 from multimodal.data.formats import open_shards, read_records
+from multimodal.data.pixels import TrainCrop
 from multimodal.errors import UserError
 from tests.conftest import REPO
 from tests.layouts import (
@@ -178,8 +179,8 @@ def test_a_sample_without_the_chosen_member_is_a_bad_sample_of_its_kind(img2data
         for s in samples:
             writer.write(s)
     tiny = arch.load("tiny")
-    stream = ImageTextStream([[str(tmp_path / "half.tar")]], crop=tiny.train_crop, tokenizer=tiny.tokenizer,
-                             batch_size=7, num_batches=1, shuffle_buffer=0,
+    stream = ImageTextStream([[str(tmp_path / "half.tar")]], crop=TrainCrop.of(tiny.preprocessing),
+                             tokenizer=tiny.tokenizer, batch_size=7, num_batches=1, shuffle_buffer=0,
                              members=Members(caption_field=("caption_blip",)))
     [batch] = batches(stream)
     assert len(batch) == 7 and batch.bad == {"no caption": 6} and batch.read == 13

@@ -1,5 +1,7 @@
-"""The import rules of STYLE.md: torch-only modules import nothing of ours but `distributed` and `errors`,
-the model, data pipeline and metrics import no Lightning, and nothing imports the CLI."""
+"""The rules of docs/design.md's layout, held: imports flow one way (torch-only modules import nothing of
+ours but `distributed` and `errors`; the model layer imports no data or evaluation module, only plain
+numbers from `preprocessing`; the model, data pipeline and metrics import no Lightning; the data layer sits
+below evaluation; nothing imports the CLI), and every file is written through one atomic write."""
 
 import ast
 from pathlib import Path
@@ -7,6 +9,10 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "multimodal"
 LIGHTNING_USERS = {"module.py", "monitor.py", "checkpoint.py", "cli/train.py", "data/datamodule.py",
                    "eval/callbacks.py"}
+# the model layer: architectures, the model, its weights and what counts its FLOPs; built and loaded without
+# PIL, simplejpeg or torchvision.io, the data layer's
+MODEL_LAYER = {"arch.py", "model.py", "pretrained.py", "weights.py", "preprocessing.py", "throughput.py",
+               "accumulate.py", "loss.py", "fsdp.py", "distributed.py"}
 TORCH_ONLY = {"loss.py": {"multimodal.distributed"}, "distributed.py": set(), "optim.py": set(), "fsdp.py": set(),
               "decoding.py": {"multimodal.errors", "multimodal.errors.UserError"}}
 
@@ -34,6 +40,8 @@ def test_import_direction():
         assert not any(n.startswith("lightning") for n in names), f"{rel}: use the pytorch_lightning namespace"
         if rel.startswith("data/"):  # the data layer sits below evaluation
             assert not any(n.startswith("multimodal.eval") for n in ours), rel
+        if rel in MODEL_LAYER:
+            assert not any(n.startswith(("multimodal.data", "multimodal.eval")) for n in ours), (rel, ours)
         if not rel.startswith("cli/") and rel != "__main__.py":
             assert not any(n.startswith("multimodal.cli") for n in names), rel
 

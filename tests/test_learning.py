@@ -15,7 +15,7 @@ from multimodal.data.shards import write_coco
 from multimodal.eval.embed import embed_shards
 from multimodal.eval.retrieval import chance_recall, retrieval_metrics
 from multimodal.recipe import build_module
-from tests.conftest import REPO
+from tests.conftest import REPO, open_clip_transforms
 
 
 @pytest.mark.slow
@@ -61,7 +61,7 @@ RECALL_TOLERANCE = 0.02  # absolute, on 80 images and 400 captions: 8 captions o
 def open_clip_recall(model, name: str, spec: str) -> dict[str, float]:
     """Recall with open_clip's own eval transform on full-size PIL images: the reference."""
     architecture = arch.load(name)
-    transform, tokenizer = architecture.open_clip_transforms()[1], architecture.tokenizer
+    transform, tokenizer = open_clip_transforms(architecture)[1], architecture.tokenizer
     images, captions, text_to_image = [], [], []
     for record in read_records(expand_urls(spec)):
         images.append(transform(decode_image(record.data)))

@@ -11,6 +11,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from multimodal import arch
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.data.pipeline import ImageTextStream, StreamPosition
+from multimodal.data.pixels import TrainCrop
 from multimodal.data.shards import write_synthetic
 from multimodal.errors import UserError
 from multimodal.recipe import build_module
@@ -29,7 +30,8 @@ def source(folder, prefix: str, shards: int, per_shard: int) -> list[str]:
 
 def mixture(urls, weights, *, batch_size=50, num_batches=60, resampled=False, rank=0, world=1, seed=0):
     tiny = arch.load("tiny")
-    return ImageTextStream(urls, weights=weights, crop=tiny.train_crop, tokenizer=tiny.tokenizer, batch_size=batch_size,
+    return ImageTextStream(urls, weights=weights, crop=TrainCrop.of(tiny.preprocessing), tokenizer=tiny.tokenizer,
+                           batch_size=batch_size,
                            num_batches=num_batches, resampled=resampled, shuffle_buffer=100, seed=seed,
                            position=StreamPosition(rank, world))
 

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from multimodal import arch
+from multimodal.data.pixels import EvalTransform, TrainCrop
 from multimodal.errors import UserError
 from multimodal.model import create_model
+from tests.conftest import open_clip_transforms
 
 
 def test_tiny_encodes_to_unit_norm_features():
@@ -36,7 +38,7 @@ def test_state_dict_is_open_clips():
 def test_open_clip_architectures_by_name(name, size):
     architecture = arch.load(name)
     model = create_model(architecture).eval()
-    train, val = architecture.open_clip_transforms()
+    train, val = open_clip_transforms(architecture)
     from PIL import Image
 
     image = val(Image.new("RGB", (300, 200), (10, 200, 30)))
@@ -85,9 +87,10 @@ def test_an_architecture_is_resolved_once_into_a_frozen_object(name):
     resize, crop, *_, normalize = val.transforms
     size = config["vision_cfg"]["image_size"]
     assert architecture.image_size == size == towers.visual.image_size[0] == resize.size == crop.size[0]
-    assert architecture.train_crop.size == architecture.eval_transform.size == size
-    assert architecture.eval_transform.mean == tuple(normalize.mean) == towers.visual.preprocess_cfg["mean"]
-    assert architecture.eval_transform.std == tuple(normalize.std) == towers.visual.preprocess_cfg["std"]
+    pre = architecture.preprocessing
+    assert TrainCrop.of(pre).size == EvalTransform.of(pre).size == pre.size == size
+    assert EvalTransform.of(pre).mean == pre.mean == tuple(normalize.mean) == towers.visual.preprocess_cfg["mean"]
+    assert EvalTransform.of(pre).std == pre.std == tuple(normalize.std) == towers.visual.preprocess_cfg["std"]
     assert architecture.embed_dim == config["embed_dim"] == towers.text_projection.shape[1]
 
     tokenizer = open_clip.get_tokenizer(architecture.open_clip_name)

@@ -17,9 +17,10 @@ from torch.utils.data import DataLoader
 from multimodal import arch
 from multimodal.data.formats import expand_urls, open_shards, read_records
 from multimodal.data.pipeline import ImageTextStream, StreamPosition
+from multimodal.data.pixels import EvalTransform, TrainCrop
 from multimodal.data.shards import write_synthetic
 from multimodal.errors import UserError
-from tests.conftest import REPO
+from tests.conftest import REPO, open_clip_transforms
 
 
 def jpeg(colour=(200, 30, 30), size=(24, 24)) -> bytes:
@@ -41,8 +42,8 @@ def good(key: str, captions=("a red square",)) -> dict:
 
 def stream(urls, *, batch_size=4, num_batches=3, rank=0, world=1, shuffle_buffer=0, **kw) -> ImageTextStream:
     tiny = arch.load("tiny")
-    return ImageTextStream([urls], crop=tiny.train_crop, tokenizer=tiny.tokenizer, batch_size=batch_size,
-                           num_batches=num_batches, position=StreamPosition(rank, world),
+    return ImageTextStream([urls], crop=TrainCrop.of(tiny.preprocessing), tokenizer=tiny.tokenizer,
+                           batch_size=batch_size, num_batches=num_batches, position=StreamPosition(rank, world),
                            shuffle_buffer=shuffle_buffer, **kw)
 
 
@@ -157,7 +158,7 @@ def test_crop_boxes_are_torchvisions_random_resized_crop():
     including the centre-crop fallback of images too elongated for the allowed ratios."""
     import torchvision.transforms as T
 
-    crop = arch.load("ViT-B-32").train_crop
+    crop = TrainCrop.of(arch.load("ViT-B-32").preprocessing)
     sizes = [(640, 480), (480, 640), (224, 224), (1000, 90), (90, 1000), (333, 257), (65, 64)]
     for seed in range(300):
         width, height = sizes[seed % len(sizes)]
@@ -174,15 +175,15 @@ def test_uint8_training_pixels_normalised_on_device_match_open_clips_train_trans
     smooth = torch.nn.functional.avg_pool2d(noise.permute(2, 0, 1)[None].float(), 9, 1, 4)[0]  # photo-like
     image = Image.fromarray(smooth.permute(1, 2, 0).round().to(torch.uint8).numpy())
     architecture = arch.load("ViT-B-32")
-    train, _ = architecture.open_clip_transforms()
-    crop = architecture.train_crop
+    train, _ = open_clip_transforms(architecture)
+    crop = TrainCrop.of(architecture.preprocessing)
     for seed in range(5):
         torch.manual_seed(seed)
         theirs = train(image)
         torch.manual_seed(seed)
         pixels = crop.pixels(image, crop.box(*image.size, TorchDraws()))
         assert pixels.dtype == torch.uint8 and pixels.shape == (3, 224, 224)
-        ours = architecture.eval_transform.normalize(pixels[None])[0]
+        ours = EvalTransform.of(architecture.preprocessing).normalize(pixels[None])[0]
         level = 1 / (255 * 0.26)  # one uint8 level in normalised units
         assert (ours - theirs).abs().mean() < 0.5 * level
         assert (ours - theirs).abs().max() < 4 * level

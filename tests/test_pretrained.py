@@ -10,7 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from multimodal import arch, pretrained, weights
+from multimodal.data.pixels import EvalTransform
 from multimodal.model import create_model
+from tests.conftest import open_clip_transforms
 
 TAG = "multimodal_test"
 REPO, HUB_REPO = "multimodal-test/tiny-clip", "multimodal-test/tiny-hub"
@@ -55,16 +57,16 @@ def test_a_tag_loads_from_the_cache_with_its_preprocessing(published):
     model = weights.load_model(None, "tiny", pretrained=TAG, cache_dir=cache)
     assert same(model, state)
     assert model.architecture is arch.load("tiny", TAG, cache)
-    ev = model.architecture.eval_transform
-    assert (ev.mean, ev.std, ev.mode, ev.resize_mode) == ((0.5,) * 3, (0.5,) * 3, "bilinear", "squash")
-    assert arch.load("tiny").eval_transform.resize_mode == "shortest"  # the architecture alone: open_clip's defaults
+    pre = model.architecture.preprocessing
+    assert (pre.mean, pre.std, pre.interpolation, pre.resize_mode) == ((0.5,) * 3, (0.5,) * 3, "bilinear", "squash")
+    assert arch.load("tiny").preprocessing.resize_mode == "shortest"  # the architecture alone: open_clip's defaults
 
 
 def test_a_hub_repository_brings_its_config_preprocessing_and_weights(published):
     cache, state = published
     model = weights.load_model(None, f"hf-hub:{HUB_REPO}", cache_dir=cache)
     assert same(model, state)
-    assert model.architecture.eval_transform.resize_mode == "squash"
+    assert model.architecture.preprocessing.resize_mode == "squash"
     assert model.architecture.short_name == "tiny-hub"
 
 
@@ -75,8 +77,8 @@ def test_squashed_eval_transform_matches_open_clips(published):
     architecture = arch.load("tiny", TAG, published[0])
     rng = torch.Generator().manual_seed(0)
     image = Image.fromarray(torch.randint(0, 256, (90, 150, 3), generator=rng, dtype=torch.uint8).numpy())
-    ours = architecture.eval_transform(image)
-    theirs = architecture.open_clip_transforms()[1](image)
+    ours = EvalTransform.of(architecture.preprocessing)(image)
+    theirs = open_clip_transforms(architecture)[1](image)
     assert ours.shape == theirs.shape == (3, 64, 64)
     assert (ours - theirs).abs().max() * 0.5 * 255 <= 2.0
 

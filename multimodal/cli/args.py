@@ -114,11 +114,10 @@ def add_preprocess_arg(parser: argparse.ArgumentParser) -> None:
 
 def preprocess_of(args: argparse.Namespace, model):
     """The eval transform that --preprocess names, for `model`'s architecture."""
-    if args.preprocess == "open_clip":
-        from multimodal.data.pixels import OpenClipEvalTransform
+    from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
 
-        return OpenClipEvalTransform(model.architecture.eval_transform)
-    return model.architecture.eval_transform
+    transform = OpenClipEvalTransform if args.preprocess == "open_clip" else EvalTransform.of
+    return transform(model.architecture.preprocessing)
 
 
 def check_preprocess(args: argparse.Namespace) -> None:

@@ -43,6 +43,7 @@ def search(argv: list[str]) -> int:
     import torch
 
     from multimodal import weights
+    from multimodal.data.pixels import EvalTransform
     from multimodal.eval.embed import load_folder, read_info
     from multimodal.eval.search import contact_sheet, first_captions, load_images, top_k
 
@@ -61,7 +62,7 @@ def search(argv: list[str]) -> int:
         if args.text:
             query = model.encode_text(model.architecture.tokenizer([args.text]))[0]
         else:
-            query = model.encode_image(model.architecture.eval_transform(query_image)[None])[0]
+            query = model.encode_image(EvalTransform.of(model.architecture.preprocessing)(query_image)[None])[0]
     if query.shape[0] != candidates.shape[1]:
         raise UserError(f"The model gives {query.shape[0]}-d embeddings but {args.index} holds "
                         f"{candidates.shape[1]}-d ones: pass the --checkpoint the folder was made with.")
@@ -87,13 +88,13 @@ def search(argv: list[str]) -> int:
 
 def _query_image(path: Path):
     """The --image query, decoded as embedding decodes images (the same size guard), or one sentence."""
-    from multimodal.data.decode import decode_checked
+    from multimodal.data.decode import decode_file
     from multimodal.data.faults import BadSample
 
     with reading(path):
         data = path.read_bytes()
     try:
-        return decode_checked(data)
+        return decode_file(data)
     except BadSample as bad:
         raise UserError(f"{path} cannot be read as an image ({bad.kind}): pass a JPEG, PNG or WebP "
                         "image with --image.") from None

@@ -21,6 +21,7 @@ from multimodal.data.batch import EvalBatch, TrainBatch, finish, jpegs_on_device
 from multimodal.data.decode import MAX_IMAGE_PIXELS, Members
 from multimodal.data.formats import ShardSet, check_members, count_samples, open_shards, sources
 from multimodal.data.pipeline import ImageTextStream, StreamPosition, WorkerProgress, check_split, seeded
+from multimodal.data.pixels import EvalTransform, TrainCrop
 from multimodal.data.shards import ensure_synthetic
 from multimodal.data.sources import EvalBatches, ShardSource
 from multimodal.data.synthetic import SyntheticData
@@ -103,7 +104,7 @@ class ShardDataModule(pl.LightningDataModule):
         self.weights = read_weights(train_weights, upsampling_factors, len(sources(train_shards)))
         self.upsampling = upsampling_factors is not None
         self.arch = arch.load(model_name, pretrained, cache_dir)
-        self.crop, self.preprocess = self.arch.train_crop, self.arch.eval_transform
+        self.crop, self.preprocess = TrainCrop.of(self.arch.preprocessing), EvalTransform.of(self.arch.preprocessing)
         self._resume: dict | None = None
         self._epoch, self._progress = -1, {}  # this epoch's worker -> (batches, samples consumed)
         if synthetic is None:  # fail before any work starts, not at the first batch

@@ -107,12 +107,6 @@ def image_header(data: bytes) -> tuple[tuple[int, int], str | None] | None:
         return None
 
 
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from an image's header; None when no decoder knows the bytes."""
-    header = image_header(data)
-    return header[0] if header else None
-
-
 def decode_jpeg_pixels(data: bytes, min_side: int) -> np.ndarray | None:
     """A JPEG as (H, W, 3) uint8 RGB, straight from libjpeg-turbo (simplejpeg): no PIL image and no
     extra copy. Decoded at 1/2, 1/4 or 1/8 scale (DCT scaling) when that keeps both sides at least
@@ -126,7 +120,7 @@ def decode_jpeg_pixels(data: bytes, min_side: int) -> np.ndarray | None:
         return None
 
 
-def checked_header(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[tuple[int, int], str | None]:
+def _checked_header(data: bytes, max_pixels: int | None = MAX_IMAGE_PIXELS) -> tuple[tuple[int, int], str | None]:
     """`image_header` of an image that may be decoded; raises BadSample (empty, not an image, or more
     than `max_pixels` pixels: refused before any decoding, as a small file can declare 20,000 x 20,000)."""
     if not data:
@@ -147,7 +141,7 @@ def read_record(raw: dict, members: Members = Members(), max_pixels: int | None 
     image_key = members.image_key or next((k for k in IMAGE_KEYS if k in raw), None)
     if image_key is None or image_key not in raw:
         raise BadSample("no image")
-    size, colourspace = checked_header(raw[image_key], max_pixels)
+    size, colourspace = _checked_header(raw[image_key], max_pixels)
     meta = _json(raw) if "json" in raw else {}
     texts = _captions(raw, meta, members) if captions else []
     index = _label(raw, members.label_key) if label else None
@@ -161,18 +155,19 @@ def decodable_on_device(data: bytes, colourspace: str | None) -> bool:
     return colourspace in JPEG_COLOURS_ON_DEVICE and data.rstrip(b"\0")[-2:] == b"\xff\xd9"
 
 
-def decode_checked(data: bytes, min_side: int | None = None, on_device: bool = False
-                   ) -> Image.Image | np.ndarray | bytes:
-    """`decode_image` of an image whose header passed `checked_header`; raises BadSample. With
+def decode_file(data: bytes, min_side: int | None = None, on_device: bool = False
+                ) -> Image.Image | np.ndarray | bytes:
+    """An image file's bytes decoded (`decode_image`) once its header passed the checks `read_record` makes of
+    a sample's image; raises BadSample. With
     `on_device`, a JPEG the device's decoder reads comes back undecoded, its bytes, for
     `batch.finish` to decode with the rest of its batch."""
-    _, colourspace = checked_header(data)
+    _, colourspace = _checked_header(data)
     return _decode_unless_on_device(data, colourspace, min_side, on_device)
 
 
 def decode_record(record: Record, min_side: int | None = None, on_device: bool = False
                   ) -> Image.Image | np.ndarray | bytes:
-    """`record`'s image as `decode_checked` gives it, from the header `read_record` read; raises BadSample."""
+    """`record`'s image as `decode_file` gives it, from the header `read_record` read; raises BadSample."""
     return _decode_unless_on_device(record.data, record.jpeg_colourspace, min_side, on_device)
 
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from multimodal.preprocessing import Preprocessing
+
 Box = tuple[int, int, int, int]  # (top, left, height, width), in pixels of the image it applies to
 
 
@@ -71,6 +73,11 @@ class TrainCrop:
     mode: str = "bicubic"
     scale: tuple[float, float] = (0.9, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+    @classmethod
+    def of(cls, preprocessing: Preprocessing) -> "TrainCrop":
+        """The training crop of a model's preprocessing: its size and interpolation."""
+        return cls(preprocessing.size, mode=preprocessing.interpolation)
 
     def box(self, width: int, height: int, rng: Draws) -> Box:
         """A random box of a `width` x `height` image, as RandomResizedCrop draws it (the Inception crop,
@@ -142,6 +149,12 @@ class EvalTransform:
     mode: str = "bicubic"
     resize_mode: str = "shortest"  # or "squash"
 
+    @classmethod
+    def of(cls, preprocessing: Preprocessing) -> "EvalTransform":
+        """The eval transform of a model's preprocessing: open_clip's, in two halves."""
+        p = preprocessing
+        return cls(p.size, p.mean, p.std, mode=p.interpolation, resize_mode=p.resize_mode)
+
     def pixels(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
         """(3, size, size) uint8 from (H, W, 3) uint8 (an array or a PIL image), decoded at any size
         whose shorter side is at least `size` (`decode.decode_image(data, min_side=size)`)."""
@@ -182,12 +195,13 @@ class OpenClipEvalTransform:
 
     decode_side = None
 
-    def __init__(self, like: EvalTransform):
+    def __init__(self, preprocessing: Preprocessing):
         import open_clip
 
-        self.size, self.mean, self.std, self.resize_mode = like.size, like.mean, like.std, like.resize_mode
-        self.transform = open_clip.image_transform(like.size, is_train=False, mean=like.mean, std=like.std,
-                                                   resize_mode=like.resize_mode, interpolation=like.mode)
+        p = preprocessing
+        self.size, self.mean, self.std, self.resize_mode = p.size, p.mean, p.std, p.resize_mode
+        self.transform = open_clip.image_transform(p.size, is_train=False, mean=p.mean, std=p.std,
+                                                   resize_mode=p.resize_mode, interpolation=p.interpolation)
 
     def pixels(self, image: "np.ndarray | Image.Image") -> torch.Tensor:
         image = Image.fromarray(image) if isinstance(image, np.ndarray) else image

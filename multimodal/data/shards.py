@@ -105,7 +105,7 @@ def write_shards(samples: Iterable[Sample], out_dir: Path, shard_size: int, tota
     return sizes
 
 
-def encode_image(path: Path, max_side: int | None) -> tuple[bytes, int, int]:
+def jpeg_of(path: Path, max_side: int | None) -> tuple[bytes, int, int]:
     """JPEG bytes of the image at `path`, downscaled so its longer side is at most `max_side`.
 
     A JPEG that needs no resizing is kept byte for byte; other formats are re-encoded.
@@ -140,7 +140,7 @@ def _encode_all(entries: list[ImageEntry], images_dir: Path, max_side: int | Non
 
     def load(entry: ImageEntry):
         try:
-            return encode_image(images_dir / entry.file_name, max_side)
+            return jpeg_of(images_dir / entry.file_name, max_side)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             return exc
 

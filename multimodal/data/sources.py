@@ -19,7 +19,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from multimodal.data.batch import DeviceJpegs, EvalBatch
-from multimodal.data.decode import IMAGE_KEYS, Members, decode_checked, decode_record, read_record, tokenize
+from multimodal.data.decode import IMAGE_KEYS, Members, decode_file, decode_record, read_record, tokenize
 from multimodal.data.faults import BadSample
 from multimodal.data.formats import ShardSet, open_shards
 from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
@@ -44,10 +44,10 @@ def image_files(folder: Path) -> list[Path]:
 
 def read_image_file(path: Path, min_side: int | None = None, on_device: bool = False
                     ) -> Image.Image | np.ndarray | bytes | None:
-    """An image file as `decode.decode_checked` gives it, or None, with a line saying why it was skipped:
+    """An image file as `decode.decode_file` gives it, or None, with a line saying why it was skipped:
     unreadable, not an image, or more than MAX_IMAGE_PIXELS pixels declared (refused before decoding)."""
     try:
-        return decode_checked(path.read_bytes(), min_side, on_device)
+        return decode_file(path.read_bytes(), min_side, on_device)
     except OSError as exc:
         print(f"skipping {path}: {exc.strerror or exc}")
     except BadSample as bad:
@@ -137,7 +137,7 @@ def fetch_images(url: str, keys: set[str], members: Members = Members()) -> dict
         image_key = members.image_key or next((k for k in IMAGE_KEYS if k in raw), None)
         if raw["__key__"] in keys and image_key in raw:
             try:
-                found[raw["__key__"]] = decode_checked(raw[image_key])
+                found[raw["__key__"]] = decode_file(raw[image_key])
             except BadSample:
                 continue
             if len(found) == len(keys):

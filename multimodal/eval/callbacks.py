@@ -112,8 +112,9 @@ class ZeroShotCallback(pl.Callback):
         if trainer.sanity_checking:
             return
         architecture = pl_module.model.architecture
-        batches = EvalBatches(self.source, list(range(self.source.num_parts())), architecture.eval_transform,
-                              architecture.tokenizer, self.batch_size, jpegs_on_device("auto", pl_module.device))
+        batches = EvalBatches(self.source, list(range(self.source.num_parts())),
+                              EvalTransform.of(architecture.preprocessing), architecture.tokenizer, self.batch_size,
+                              jpegs_on_device("auto", pl_module.device))
         with _whole_parameters(trainer), autocast(pl_module.device):
             result = zeroshot.evaluate(pl_module.model, self.classnames, self.templates, batches)
         for key in ("acc1", "acc5", "mean_per_class_recall"):

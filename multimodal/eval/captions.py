@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from multimodal.data.batch import EvalBatch, finish, jpegs_on_device
+from multimodal.data.pixels import EvalTransform
 from multimodal.data.sources import EvalBatches, Source
 from multimodal.decoding import Decoding, generate
 from multimodal.errors import UserError, settings_changed
@@ -60,7 +61,7 @@ def caption_source(model: CLIP, source: Source, parts: list[int], decoding: Deco
     say which image each caption is of, its `text_rows` (with "image") hold the reference captions.
     Part p samples with a generator seeded by (seed, p)."""
     device = next(model.parameters()).device
-    preprocess = model.architecture.eval_transform
+    preprocess = EvalTransform.of(model.architecture.preprocessing)
     batches = EvalBatches(source, parts, preprocess, model.architecture.tokenizer, batch_size,
                           jpegs_on_device(decode, device))
     generators: dict[int, torch.Generator] = {}

@@ -63,7 +63,7 @@ def labelled_features(model: CLIP, batches: Iterable[EvalBatch], preprocess: Eva
     """(N, D) float32 image features and (N,) class indices of the labelled images in `batches` (`EvalBatches`
     of a labelled source: each image row holds its "label"), in order, encoded where the model is
     (`encode_batch` with `preprocess`, the architecture's eval transform unless given)."""
-    preprocess = preprocess or model.architecture.eval_transform
+    preprocess = preprocess or EvalTransform.of(model.architecture.preprocessing)
     features, labels = [], []
     for batch in batches:
         batch, images, _ = encode_batch(model.eval(), batch, preprocess)
@@ -231,7 +231,7 @@ def embed_shards(model: CLIP, shards: "str | ShardSource", batch_size: int = 256
     batched as `multimodal embed` batches. `preprocess`: the model architecture's eval transform unless given;
     `decode`: where JPEGs are decoded (`batch.jpegs_on_device`)."""
     source, architecture = shards if isinstance(shards, ShardSource) else ShardSource(shards), model.architecture
-    preprocess = preprocess or architecture.eval_transform
+    preprocess = preprocess or EvalTransform.of(architecture.preprocessing)
     device = device or default_device()
     dataset = EvalBatches(source, list(range(source.num_parts())), preprocess, architecture.tokenizer, batch_size,
                           decode_on_device=jpegs_on_device(decode, device))
