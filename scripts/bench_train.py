@@ -156,10 +156,12 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def ours(setting: Setting) -> list[float]:
+def ours(setting: Setting, spec: str) -> list[float]:
+    """Samples/s of `multimodal train` on the shards `spec`, each window of LOG_EVERY steps, from its
+    metrics.csv."""
     with tempfile.TemporaryDirectory() as run:
         command = [sys.executable, "-m", "multimodal", "train", "--config", str(REPO / "configs" / "debug.yaml"),
-                   "--data.train_shards", str(setting.shards), "--data.synthetic", "null", "--data.val_shards", "null",
+                   "--data.train_shards", spec, "--data.synthetic", "null", "--data.val_shards", "null",
                    "--model.model_name", setting.architecture.name, "--model.compile", str(setting.compile).lower(),
                    "--data.batch_size", str(setting.batch_size), "--data.num_workers", str(setting.workers),
                    "--data.shuffle_buffer", "1000", "--model.lr", str(LR), "--model.weight_decay", str(WEIGHT_DECAY),
@@ -224,7 +226,7 @@ def main() -> None:
     windows: dict[str, list[float]] = {"bare": [], "ours": [], "ours, no data": [], "open_clip": []}
     for _ in range(args.repeats):  # alternate, so that none gets a quieter stretch of the machine
         windows["bare"] += bare(setting)
-        windows["ours"] += ours(setting)
+        windows["ours"] += ours(setting, spec)
         windows["ours, no data"] += step_only(setting)
         if not args.no_open_clip:
             windows["open_clip"] += theirs(spec, setting)

@@ -1,0 +1,34 @@
+"""scripts/bench_gpu.py end to end on the CPU: the tiny model, a few steps, every row and ratio printed (the
+compiled rows and open_clip_train left out: compiling takes minutes on this CPU, open_clip_train a virtual
+environment of its own)."""
+
+import re
+import tempfile
+
+from tests.conftest import REPO
+
+ROWS = ["bare loop, eager", "bare loop, compiled", "multimodal train, eager", "multimodal train, compiled",
+        "open_clip_train, eager", "multimodal embed"]
+RATIOS = ["ours / bare loop, eager", "ours / bare loop, compiled", "ours / open_clip_train, eager"]
+MEASURED = {"bare loop, eager", "multimodal train, eager", "multimodal embed", "ours / bare loop, eager"}
+
+
+def test_the_gpu_benchmark_runs_on_the_cpu_and_prints_every_row(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its shards and runs, in this test's folder
+    import bench_gpu
+
+    bench_gpu.main(["--accelerator", "cpu", "--model", "tiny", "--steps", "4", "--batch-size", "16", "--workers", "1",
+                    "--synthetic", "--no-compile", "--no-open-clip"])
+    out = capsys.readouterr().out
+    assert "device: cpu" in out.splitlines()[0]
+    for label in ROWS + RATIOS:
+        line = next((line for line in out.splitlines() if line.strip().startswith(label)), None)
+        assert line is not None, f"no row {label!r} in:\n{out}"
+        value = line.strip()[len(label):].split()[0]
+        if label in MEASURED:
+            assert float(value.rstrip("x")) > 0, line
+        else:
+            assert value == "-", line
+    assert "left out: --no-compile" in out and "left out: --no-open-clip" in out
+    assert re.search(r"multimodal train, eager .* MFU +-$", out, re.MULTILINE)  # no peak known for a CPU
