@@ -16,6 +16,9 @@ of teacher-forced next-token logits, padding ignored; it is local to each rank (
 `ClipLoss`, `SigLipLoss` and `CocaLoss` are thin callables over these functions with one call
 signature, so a run chooses its loss once (`LOSSES`) and its step does not branch on a name:
 `terms(model, images, tokens)` gives the named terms of a batch, whose sum is the training loss.
+Each class also says what a run needs for it (the model's initial temperature and bias, a caption
+decoder, whether gradient-cached micro-batches can compute it) and builds itself from the settings
+it uses (`from_settings`), so the recipe checks and builds any loss the same way.
 """
 
 import math
@@ -91,14 +94,24 @@ class ContrastiveLoss:
     """A contrastive loss chosen once (`model.loss`), called as
     `loss(image_features, text_features, logit_scale, logit_bias, gather=...)`.
 
-    `init_logit_scale` and `init_logit_bias` are the model scalars the loss is meant to start from
-    (None: open_clip's ln(1 / 0.07) temperature, and no bias). Plain callables, not modules: no
+    What a run needs for it, declared by each class: `init_logit_scale` and `init_logit_bias`, the
+    model scalars the loss starts from (None: open_clip's ln(1 / 0.07) temperature, and no bias);
+    `needs_caption_decoder`, a model with a caption decoder (a CoCa architecture), and only then;
+    `supports_micro_batches`, a function of the towers' features alone, which gradient caching
+    (`multimodal.accumulate`) computes over micro-batches. Plain callables, not modules: no
     parameters, and no module hooks in the step (a FLOP counter's would hook the bias, a leaf).
     """
 
     init_logit_scale: float | None = None
     init_logit_bias: float | None = None
-    captions = False  # trains a caption decoder (a CoCa model) beside the contrastive towers
+    needs_caption_decoder = False
+    supports_micro_batches = True
+
+    @classmethod
+    def from_settings(cls, *, caption_loss_weight: float = 2.0) -> "ContrastiveLoss":
+        """The loss as the `model:` section configures it. Every loss is handed every loss setting and
+        takes those it uses (this one: none), so the caller need not know which loss uses which."""
+        return cls()
 
     def __call__(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                  logit_bias: torch.Tensor | None = None, *, gather: bool = True) -> torch.Tensor:
@@ -137,10 +150,15 @@ class CocaLoss(ClipLoss):
     """CoCa's: `clip_loss` (gathered) plus `caption_loss_weight` x `caption_loss` of the decoder's teacher-forced
     logits on the batch's own captions (local), as open_clip's `CoCaLoss` (weights 1 and 2)."""
 
-    captions = True
+    needs_caption_decoder = True
+    supports_micro_batches = False  # the captioning term needs each sample's decoder graph, not cached features
 
     def __init__(self, caption_loss_weight: float = 2.0):
         self.caption_loss_weight = caption_loss_weight
+
+    @classmethod
+    def from_settings(cls, *, caption_loss_weight: float = 2.0) -> "CocaLoss":
+        return cls(caption_loss_weight)
 
     def terms(self, model, images: torch.Tensor, tokens: torch.Tensor, *, gather: bool = True
               ) -> dict[str, torch.Tensor]:

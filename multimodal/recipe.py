@@ -9,17 +9,92 @@ once, and the callbacks that watch the run. The settings are the run's hyperpara
 its checkpoints (`multimodal export` reads `model_name` there).
 """
 
+import functools
+from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from multimodal import arch
 from multimodal import pretrained as published
 from multimodal.errors import UserError
-from multimodal.loss import LOSSES
+from multimodal.loss import LOSSES, ContrastiveLoss
 from multimodal.model import CLIP, create_model
 from multimodal.module import CLIPModule
 from multimodal.monitor import SourceShares, Throughput, TrainingHealth
 from multimodal.throughput import flops_per_sample
 from multimodal.weights import load_weights
+
+LossName = Literal[tuple(LOSSES)]  # the choices of `model.loss`, as LightningCLI validates and lists them
+
+# The settings that can be checked alone: (name, test, the rule as the error states it), checked in this order.
+SETTING_RULES = (
+    ("lr", lambda v: v > 0, "must be positive"),
+    ("betas", lambda v: all(0.0 <= b < 1.0 for b in v), "must both be in [0, 1)"),
+    ("eps", lambda v: v > 0, "must be positive"),
+    ("weight_decay", lambda v: v >= 0, "must be 0 or more"),
+    ("warmup_steps", lambda v: v >= 0, "must be 0 or more"),
+    ("min_lr_ratio", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+    ("micro_batches", lambda v: v >= 1, "must be 1 or more"),
+    ("max_nonfinite_steps", lambda v: v >= 1, "must be 1 or more"),
+    ("patch_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+)
+COCA_ARCHITECTURES = "coca_ViT-B-32, coca_ViT-L-14, tiny-coca"
+
+
+def check_settings(settings: dict) -> None:
+    """One sentence for the first of `SETTING_RULES` that `settings` (build_module's arguments) break."""
+    for name, ok, must in SETTING_RULES:
+        value = settings[name]
+        if not ok(value):
+            shown = list(value) if isinstance(value, tuple) else value  # as YAML writes a pair
+            raise UserError(f"model.{name} {must}, got {shown}.")
+
+
+def check_loss(loss: str, model_name: str, architecture: arch.Architecture, micro_batches: int) -> None:
+    """What `LOSSES[loss]` declares it needs, against the architecture and the micro-batches asked for."""
+    kind = LOSSES[loss]
+    decoding = " or ".join(name for name, other in LOSSES.items() if other.needs_caption_decoder)
+    if kind.needs_caption_decoder and not architecture.captions:
+        raise UserError(f"model.loss {loss} trains a CoCa architecture's caption decoder: {model_name} has none "
+                        f"(CoCa architectures: {COCA_ARCHITECTURES}).")
+    if architecture.captions and not kind.needs_caption_decoder:
+        raise UserError(f"model.loss {loss} trains no caption decoder: {model_name} has one, so use model.loss "
+                        f"{decoding} (CoCa architectures: {COCA_ARCHITECTURES}).")
+    if micro_batches > 1 and not kind.supports_micro_batches:
+        raise UserError(f"model.micro_batches caches the towers' features only, and model.loss {loss} needs more of "
+                        "each sample than its features: set model.micro_batches to 1.")
+
+
+def fresh_model(architecture: arch.Architecture, loss: ContrastiveLoss, *, patch_dropout: float, lock_image: bool,
+                lock_image_unlocked_groups: int, lock_text: bool, lock_text_unlocked_layers: int) -> CLIP:
+    """A randomly initialised model as configured (no weights loaded, not compiled): the loss's initial
+    temperature and bias, patch dropout and the locked towers."""
+    model = create_model(architecture, init_logit_scale=loss.init_logit_scale, init_logit_bias=loss.init_logit_bias,
+                         patch_dropout=patch_dropout or None)
+    if lock_image:
+        model.towers.lock_image_tower(unlocked_groups=lock_image_unlocked_groups)
+    if lock_text:
+        model.towers.lock_text_tower(unlocked_layers=lock_text_unlocked_layers)
+    return model
+
+
+def count_flops_per_sample(fresh: Callable[[], CLIP], loss: ContrastiveLoss) -> float:
+    """The model FLOPs of one training sample, counted on a `fresh()` copy on the meta device, so that any
+    strategy, compiled or sharded, counts the same."""
+    return flops_per_sample(fresh(), lambda m, i, t: sum(loss.terms(m, i, t, gather=False).values()))
+
+
+def prepared(model: CLIP, weights: Path | None, grad_checkpointing: bool, compile: bool) -> CLIP:
+    """`model` with its starting `weights` (a file, or None for none), then gradient checkpointing and
+    `torch.compile` applied from outside it."""
+    if weights is not None:
+        load_weights(model, weights)
+    if grad_checkpointing:
+        model.towers.set_grad_checkpointing(True)
+    if compile:  # in place: the parameters keep their names in checkpoints and exports
+        model.towers.visual.compile()
+        model.towers.transformer.compile()
+    return model
 
 
 def build_module(
@@ -31,7 +106,7 @@ def build_module(
     warmup_steps: int = 100,
     min_lr_ratio: float = 0.0,
     val_loss_batch_size: int = 256,
-    loss: Literal["clip", "siglip", "coca"] = "clip",
+    loss: LossName = "clip",
     caption_loss_weight: float = 2.0,
     micro_batches: int = 1,
     pretrained: str | None = None,
@@ -59,11 +134,12 @@ def build_module(
         min_lr_ratio: final learning rate of the cosine decay, as a fraction of `lr`.
         val_loss_batch_size: held-out images per batch of `val/loss` (the in-batch contrastive loss
             of each image with its first caption).
-        loss: `clip` (softmax InfoNCE) or `siglip` (pairwise sigmoid with a learnable bias; the
-            temperature starts at 10 and the bias at -10, as in SigLIP), or `coca` (CoCa: `clip` plus
-            `caption_loss_weight` x the captioning loss of the caption decoder; a CoCa architecture
-            such as coca_ViT-B-32 or tiny-coca).
-        caption_loss_weight: with `loss: coca`, the weight of the captioning loss (open_clip's default 2).
+        loss: the training loss, by name: a class of `multimodal.loss.LOSSES`, which says what it computes,
+            the temperature and bias it starts from and what it needs (docs/training.md compares them):
+            `clip` softmax InfoNCE, `siglip` pairwise sigmoid with a learnable bias, `coca` `clip` plus the
+            captioning loss of a CoCa architecture's caption decoder (coca_ViT-B-32, tiny-coca), ...
+        caption_loss_weight: the weight of the captioning loss of a loss that trains a caption decoder
+            (`coca`; open_clip's default 2).
         micro_batches: encode each device's batch in this many gradient-cached chunks: the loss and
             gradients of the whole batch with the activation memory of one chunk.
         pretrained: the weights to start from: an open_clip pretrained tag of `model_name`
@@ -84,54 +160,17 @@ def build_module(
             and counted; this many in a row stop the run.
     """
     settings = dict(locals())
-    for ok, rule in ((lr > 0, f"model.lr must be positive, got {lr}"),
-                     (all(0.0 <= b < 1.0 for b in betas), f"model.betas must both be in [0, 1), got {list(betas)}"),
-                     (eps > 0, f"model.eps must be positive, got {eps}"),
-                     (weight_decay >= 0, f"model.weight_decay must be 0 or more, got {weight_decay}"),
-                     (warmup_steps >= 0, f"model.warmup_steps must be 0 or more, got {warmup_steps}"),
-                     (0.0 <= min_lr_ratio <= 1.0, f"model.min_lr_ratio must be in [0, 1], got {min_lr_ratio}"),
-                     (micro_batches >= 1, f"model.micro_batches must be 1 or more, got {micro_batches}"),
-                     (max_nonfinite_steps >= 1,
-                      f"model.max_nonfinite_steps must be 1 or more, got {max_nonfinite_steps}"),
-                     (0.0 <= patch_dropout < 1.0, f"model.patch_dropout must be in [0, 1), got {patch_dropout}")):
-        if not ok:
-            raise UserError(f"{rule}.")
+    check_settings(settings)
     architecture = arch.load(model_name, pretrained, cache_dir)
-    if (loss == "coca") != architecture.captions:
-        raise UserError(f"model.loss coca trains a CoCa architecture's caption decoder: {model_name} "
-                        f"{'has one, so use model.loss coca' if architecture.captions else 'has none'} "
-                        "(CoCa architectures: coca_ViT-B-32, coca_ViT-L-14, tiny-coca).")
-    if loss == "coca" and micro_batches > 1:
-        raise UserError("model.micro_batches caches contrastive features only; the captioning loss of model.loss "
-                        "coca needs each sample's decoder graph: set model.micro_batches to 1.")
-    contrastive = LOSSES[loss](caption_loss_weight) if loss == "coca" else LOSSES[loss]()
-
-    def fresh() -> CLIP:
-        """A randomly initialised model as configured (no weights loaded, not compiled)."""
-        model = create_model(architecture, init_logit_scale=contrastive.init_logit_scale,
-                             init_logit_bias=contrastive.init_logit_bias, patch_dropout=patch_dropout or None)
-        if lock_image:
-            model.towers.lock_image_tower(unlocked_groups=lock_image_unlocked_groups)
-        if lock_text:
-            model.towers.lock_text_tower(unlocked_layers=lock_text_unlocked_layers)
-        return model
-
-    def count_flops_per_sample() -> float:
-        """Counted on a fresh copy, on the meta device: any strategy, compiled or sharded, counts the same."""
-        copy = fresh()
-        return flops_per_sample(copy, lambda m, i, t: sum(contrastive.terms(m, i, t, gather=False).values()))
-
-    model = fresh()
-    start = published.weights_file(model_name, pretrained, cache_dir)
-    if start is not None:
-        load_weights(model, start)
-    if grad_checkpointing:
-        model.towers.set_grad_checkpointing(True)
-    if compile:  # in place: the parameters keep their names in checkpoints and exports
-        model.towers.visual.compile()
-        model.towers.transformer.compile()
-    monitors = [Throughput(count_flops_per_sample if count_flops else None, peak_tflops,
-                           warmup_steps=3 if compile else 1), TrainingHealth(max_nonfinite_steps), SourceShares()]
+    check_loss(loss, model_name, architecture, micro_batches)
+    contrastive = LOSSES[loss].from_settings(caption_loss_weight=caption_loss_weight)
+    fresh = functools.partial(fresh_model, architecture, contrastive, patch_dropout=patch_dropout,
+                              lock_image=lock_image, lock_image_unlocked_groups=lock_image_unlocked_groups,
+                              lock_text=lock_text, lock_text_unlocked_layers=lock_text_unlocked_layers)
+    model = prepared(fresh(), published.weights_file(model_name, pretrained, cache_dir), grad_checkpointing, compile)
+    monitors = [Throughput(functools.partial(count_flops_per_sample, fresh, contrastive) if count_flops else None,
+                           peak_tflops, warmup_steps=3 if compile else 1),
+                TrainingHealth(max_nonfinite_steps), SourceShares()]
     module = CLIPModule(model, contrastive, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps,
                         warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio, micro_batches=micro_batches,
                         val_loss_batch_size=val_loss_batch_size, callbacks=monitors)

@@ -118,3 +118,13 @@ def test_the_loss_chosen_by_name_is_the_function_and_starts_from_its_papers_scal
     assert (siglip.init_logit_scale, siglip.init_logit_bias) == (math.log(10), -10.0)
     with pytest.raises(ValueError, match="logit_bias"):
         siglip(image, text, scale, None)
+
+
+def test_each_loss_declares_what_a_run_needs_and_builds_from_the_settings():
+    """The recipe reads these declarations instead of comparing names: a caption decoder (CoCa's alone),
+    gradient-cached micro-batches (not CoCa's decoder graph), and each loss's own settings."""
+    assert {name: (kind.needs_caption_decoder, kind.supports_micro_batches) for name, kind in LOSSES.items()} == {
+        "clip": (False, True), "siglip": (False, True), "coca": (True, False)}
+    built = {name: kind.from_settings(caption_loss_weight=0.5) for name, kind in LOSSES.items()}
+    assert all(type(loss) is LOSSES[name] for name, loss in built.items())
+    assert built["coca"].caption_loss_weight == 0.5

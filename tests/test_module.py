@@ -1,6 +1,9 @@
-"""The LightningModule: logit_scale clamped after every optimizer step, per-step LR schedule."""
+"""The LightningModule: logit_scale clamped after every optimizer step, per-step LR schedule; the loss it is
+built with, chosen by what the loss class declares."""
 
+import inspect
 import math
+import typing
 
 import pytest
 import pytorch_lightning as pl
@@ -9,6 +12,8 @@ from pytorch_lightning.plugins import MixedPrecision
 
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.data.shards import write_synthetic
+from multimodal.errors import UserError
+from multimodal.loss import LOSSES, ClipLoss
 from multimodal.module import CLIPModule
 from multimodal.recipe import build_module
 
@@ -72,3 +77,28 @@ def test_mixed_precision_steps(shards, tmp_path, precision):
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     assert (scaler is not None) == (precision == "16-mixed")  # gradient scaling only for fp16
     assert module.model.logit_scale.dtype == torch.float32  # master weights stay fp32
+
+
+def test_the_loss_choices_are_the_losses():
+    assert typing.get_args(inspect.signature(build_module).parameters["loss"].annotation) == tuple(LOSSES)
+
+
+def test_a_new_loss_is_checked_and_built_by_what_its_class_declares(monkeypatch):
+    """The recipe asks a loss class what it needs, never its name: one entry in LOSSES is the whole wiring."""
+
+    class Cacheless(ClipLoss):
+        init_logit_scale, init_logit_bias = math.log(5), -3.0
+        supports_micro_batches = False
+
+    class Captioning(ClipLoss):
+        needs_caption_decoder = True
+
+    monkeypatch.setitem(LOSSES, "cacheless", Cacheless)
+    monkeypatch.setitem(LOSSES, "captioning", Captioning)
+    module = build_module("tiny", loss="cacheless")
+    assert type(module.loss) is Cacheless
+    assert module.model.logit_scale.item() == pytest.approx(math.log(5)) and module.model.logit_bias.item() == -3.0
+    with pytest.raises(UserError, match="model.loss cacheless needs more of each sample than its features"):
+        build_module("tiny", loss="cacheless", micro_batches=2)
+    with pytest.raises(UserError, match="model.loss captioning trains a CoCa architecture's caption decoder: tiny"):
+        build_module("tiny", loss="captioning")
