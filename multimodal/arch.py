@@ -54,7 +54,7 @@ class Architecture:
         return copy.deepcopy(self._config)
 
     @property
-    def captions(self) -> bool:
+    def has_caption_decoder(self) -> bool:
         """A CoCa architecture: a caption decoder beside the two towers."""
         return "multimodal_cfg" in self._config
 

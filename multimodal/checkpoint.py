@@ -33,12 +33,13 @@ from multimodal.files import atomic_file
 from multimodal.weights import read_checkpoint
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+def atomic_torch_save(obj: Any, path: str | os.PathLike, setting: str = "{}") -> None:
     """`torch.save` to `path` through `files.atomic_file` (a partial file, fsynced and renamed).
 
     A write that fails (a full disk, a quota, a lost mount) leaves no partial file and raises a
     UserError saying that the previous checkpoint at `path` is intact: the run stops there, to be
-    continued with --resume once there is room, rather than train on without a way back.
+    resumed once there is room, rather than train on without a way back. `setting` names the
+    option `resume` in the caller's words ("--{}" on a command line).
     """
     path = Path(path)
     try:
@@ -50,7 +51,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else first_line(exc, 120)
         previous = "the previous checkpoint there is intact" if path.is_file() else "no checkpoint was there yet"
         raise UserError(f"Writing the checkpoint {path} failed ({reason}); {previous}. Make room on that "
-                        "disk (or write checkpoints elsewhere), then continue the run with --resume.") from exc
+                        "disk (or write checkpoints elsewhere), then continue the run with "
+                        f"{setting.format('resume')}.") from exc
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -58,12 +60,17 @@ def _is_local(path: str | os.PathLike) -> bool:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO with atomic local writes and weights-only loads."""
+    """Lightning's checkpoint IO with atomic local writes and weights-only loads; `setting` names the option
+    that resumes a run in the caller's words (`atomic_torch_save`)."""
+
+    def __init__(self, setting: str = "{}"):
+        super().__init__()
+        self.setting = setting
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or not _is_local(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_torch_save(checkpoint, str(path).removeprefix("file://"))
+        atomic_torch_save(checkpoint, str(path).removeprefix("file://"), self.setting)
 
     def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only: bool | None = None):
         return super().load_checkpoint(path, map_location=map_location, weights_only=True)

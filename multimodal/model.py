@@ -38,7 +38,7 @@ class CLIP(nn.Module):
         return F.normalize(self.towers.encode_text(tokens), dim=-1)
 
     @property
-    def captions(self) -> bool:
+    def has_caption_decoder(self) -> bool:
         """Whether the towers include CoCa's caption decoder (`open_clip.CoCa`)."""
         return hasattr(self.towers, "text_decoder")
 

@@ -9,7 +9,7 @@ device tensors or in Python values that came from the data loader; limits are ch
 counts are read, so a run that must stop stops up to `log_every_n_steps` steps late.
 """
 
-import sys
+import logging
 from collections import Counter
 from collections.abc import Callable
 
@@ -21,6 +21,8 @@ from multimodal import distributed
 from multimodal.data.faults import bad_sample_count, describe
 from multimodal.errors import UserError
 from multimodal.throughput import StepTimer, peak_tflops
+
+log = logging.getLogger(__name__)
 
 MIN_SAMPLES_FOR_BAD_FRACTION = 1000  # no verdict on the bad fraction of fewer samples
 
@@ -138,7 +140,7 @@ class TrainingHealth(pl.Callback):
                             f"(now {trainer.precision}).")
 
     def on_train_end(self, trainer, pl_module) -> None:
-        """A last check, then the run's bad data and skipped steps over all ranks, on rank 0's stderr."""
+        """A last check, then the run's bad data and skipped steps over all ranks, a warning on rank 0."""
         if not is_logging_step(trainer):  # a logging step has just checked
             self.check(trainer, pl_module, log=False)  # Lightning takes no more metrics here
         totals: Counter = Counter()
@@ -151,7 +153,7 @@ class TrainingHealth(pl.Callback):
                      + (f": {describe(totals)}." if totals else ".")]
             if self.nonfinite_steps:
                 lines.append(f"Skipped {self.nonfinite_steps} steps whose loss was NaN or infinite.")
-            print("\n".join(lines), file=sys.stderr)
+            log.warning("\n".join(lines))
 
 
 class SourceShares(pl.Callback):

@@ -4,8 +4,9 @@ over training steps (a folder of `multimodal eval --out` results, one a checkpoi
 import csv
 from pathlib import Path
 
-from multimodal.errors import UserError, reading, writing
+from multimodal.errors import UserError
 from multimodal.files import atomic_file
+from multimodal.userfiles import reading, writing
 
 PANELS = (
     ("loss", ("train/loss", "val/loss")),

@@ -17,7 +17,9 @@ import json
 import os
 from pathlib import Path
 
-from multimodal.errors import UserError, first_line, reading
+from multimodal.errors import UserError, first_line
+from multimodal.paths import CHECKPOINT_SUFFIXES
+from multimodal.userfiles import reading
 
 HF_HUB = "hf-hub:"
 CONFIG_FILE = "open_clip_config.json"  # a repository's model_cfg and preprocess_cfg, as open_clip pushes them
@@ -55,9 +57,9 @@ def tags() -> dict[str, list[str]]:
 
 
 def is_file(pretrained: str) -> bool:
-    """Whether `--pretrained` names a local file rather than a tag (a path, or a checkpoint suffix)."""
-    return os.sep in pretrained or "/" in pretrained or Path(pretrained).suffix in (
-        ".ckpt", ".pt", ".pth", ".bin", ".safetensors") or Path(pretrained).is_file()
+    """Whether `pretrained` names a local file rather than a tag (a path, or a checkpoint suffix)."""
+    return os.sep in pretrained or "/" in pretrained or Path(pretrained).suffix in CHECKPOINT_SUFFIXES \
+        or Path(pretrained).is_file()
 
 
 def tag_config(model: str, tag: str) -> dict:
@@ -72,8 +74,8 @@ def tag_config(model: str, tag: str) -> dict:
     if others:
         listed = ", ".join(others[:6]) + (f" and {len(others) - 6} more" if len(others) > 6 else "")
         own = ", ".join(known.get(model, [])[:8]) or "it has none"
-        raise UserError(f"Pretrained tag '{tag}' exists for {listed}, not for {model}: pass the architecture "
-                        f"it was trained for as --model, or one of {model}'s tags ({own}).")
+        raise UserError(f"Pretrained tag '{tag}' exists for {listed}, not for {model}: use the architecture "
+                        f"it was trained for, or one of {model}'s tags ({own}).")
     near = difflib.get_close_matches(_clean(tag), known.get(model, []) or sorted({t for ts in known.values()
                                                                                 for t in ts}), n=3, cutoff=0.5)
     hint = f"did you mean {' or '.join(near)}? " if near else ""
@@ -101,7 +103,7 @@ def _download(cfg: dict, what: str, cache_dir: str | Path | None) -> Path:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         raise UserError(f"{what} are not in the cache folder {cache_folder(cfg, cache_dir)} and could "
                         f"not be downloaded ({'HF_HUB_OFFLINE is set' if offline else first_line(exc, 120)}): "
-                        "download them once where there is network (same HF_HOME or --cache_dir), "
+                        "download them once where there is network (same HF_HOME or cache folder), "
                         f"{'or unset HF_HUB_OFFLINE' if offline else 'or check the connection'}.") from None
     if not path:
         raise UserError(f"{what} have no download source (neither hf_hub nor url).")

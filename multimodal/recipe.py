@@ -54,10 +54,10 @@ def check_loss(loss: str, model_name: str, architecture: arch.Architecture, micr
     """What `LOSSES[loss]` declares it needs, against the architecture and the micro-batches asked for."""
     kind = LOSSES[loss]
     decoding = " or ".join(name for name, other in LOSSES.items() if other.needs_caption_decoder)
-    if kind.needs_caption_decoder and not architecture.captions:
+    if kind.needs_caption_decoder and not architecture.has_caption_decoder:
         raise UserError(f"model.loss {loss} trains a CoCa architecture's caption decoder: {model_name} has none "
                         f"(CoCa architectures: {COCA_ARCHITECTURES}).")
-    if architecture.captions and not kind.needs_caption_decoder:
+    if architecture.has_caption_decoder and not kind.needs_caption_decoder:
         raise UserError(f"model.loss {loss} trains no caption decoder: {model_name} has one, so use model.loss "
                         f"{decoding} (CoCa architectures: {COCA_ARCHITECTURES}).")
     if micro_batches > 1 and not kind.supports_micro_batches:

@@ -23,9 +23,10 @@ from safetensors.torch import save as save_safetensors
 
 from multimodal import arch
 from multimodal import pretrained as published
-from multimodal.errors import EXPORT_SUFFIXES, UserError, check_checkpoint, first_line
+from multimodal.errors import UserError, first_line
 from multimodal.files import atomic_file, write_json
 from multimodal.model import CLIP, create_model
+from multimodal.paths import EXPORT_SUFFIXES, check_checkpoint
 
 LIGHTNING_PREFIX = "model.towers."
 
@@ -46,11 +47,11 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint") -> Any:
                         f"only): {first_line(exc, 200)}; pass a checkpoint written by `multimodal train`.") from None
 
 
-def _mismatch(path: Path, name: str, exc: Exception) -> UserError:
+def _mismatch(path: Path, name: str, exc: Exception, setting: str) -> UserError:
     lines = str(exc).splitlines()
     detail = lines[1].strip() if len(lines) > 1 else str(exc)
     return UserError(f"Checkpoint {path} does not match architecture {name} ({detail[:200]}): "
-                     "pass the --model it was trained with.")
+                     f"pass the {setting.format('model')} it was trained with.")
 
 
 def _lightning_towers(path: Path) -> tuple[dict, dict]:
@@ -76,23 +77,24 @@ def _has_logit_bias(path: Path) -> bool:
     return isinstance(state_dict, dict) and any(k.removeprefix("module.") == "logit_bias" for k in state_dict)
 
 
-def _load_towers(model: CLIP, state_dict: dict, path: Path, name: str) -> None:
+def _load_towers(model: CLIP, state_dict: dict, path: Path, name: str, setting: str) -> None:
     try:
         model.towers.load_state_dict(state_dict, strict=True)
     except RuntimeError as exc:
-        raise _mismatch(path, name, exc) from None
+        raise _mismatch(path, name, exc, setting) from None
 
 
-def load_weights(model: CLIP, checkpoint: str | Path) -> None:
+def load_weights(model: CLIP, checkpoint: str | Path, setting: str = "{}") -> None:
     """Load a local checkpoint file's towers into `model`.
 
     Lightning .ckpt files load strictly; open_clip state dicts through open_clip's own loader
-    (strict, `weights_only`), which also lets a SigLIP model start from CLIP weights.
+    (strict, `weights_only`), which also lets a SigLIP model start from CLIP weights. `setting` names the
+    architecture's setting, `model`, in the caller's words ("--{}" on a command line).
     """
     path = Path(checkpoint)
     check_checkpoint(path)
     if path.suffix == ".ckpt":
-        _load_towers(model, _lightning_towers(path)[0], path, model.architecture.name)
+        _load_towers(model, _lightning_towers(path)[0], path, model.architecture.name, setting)
         return
     try:
         open_clip.load_checkpoint(model.towers, str(path), strict=True, weights_only=True)
@@ -100,50 +102,54 @@ def load_weights(model: CLIP, checkpoint: str | Path) -> None:
         raise UserError(f"{path} holds objects other than tensors and plain values, which are never loaded "
                         f"(weights_only=True): {first_line(exc)}") from None
     except (RuntimeError, KeyError, ValueError, AssertionError, SafetensorError, EOFError) as exc:
-        raise _mismatch(path, model.architecture.name, exc) from None
+        raise _mismatch(path, model.architecture.name, exc, setting) from None
 
 
 def load_model(checkpoint: str | Path | None = None, model_name: str | None = None, *,
-               pretrained: str | None = None, cache_dir: str | Path | None = None) -> CLIP:
+               pretrained: str | None = None, cache_dir: str | Path | None = None, setting: str = "{}") -> CLIP:
     """A model with weights (`model.architecture` says which): from a local checkpoint file, or published ones
     by name (`multimodal.pretrained`: `model_name` with a `pretrained` tag or file, or an `hf-hub:` repository).
 
     A .ckpt names its architecture (and the tag it started from, whose preprocessing it keeps); `model_name`
-    overrides it. An open_clip state dict needs `model_name`.
+    overrides it. An open_clip state dict needs `model_name`. `setting` names the options `checkpoint`,
+    `model` and `pretrained` in the caller's words ("--{}" on a command line).
     """
+    checkpoint_option, model_option, pretrained_option = (setting.format(name) for name in
+                                                          ("checkpoint", "model", "pretrained"))
     if checkpoint is None:
         if model_name is None:
-            raise UserError("Pass --checkpoint, or --model with --pretrained (a tag or a file), or --model "
-                            "hf-hub:ORG/REPO.")
+            raise UserError(f"Pass {checkpoint_option}, or {model_option} with {pretrained_option} (a tag or a "
+                            f"file), or {model_option} hf-hub:ORG/REPO.")
         architecture = arch.load(model_name, pretrained, cache_dir)  # an unknown name or tag says so first
         path = published.weights_file(model_name, pretrained, cache_dir)
         if path is None:
-            raise UserError(f"{model_name} alone has no weights: add --pretrained (a tag, `multimodal models "
-                            f"{model_name}` lists them, or a file), or pass --checkpoint.")
+            raise UserError(f"{model_name} alone has no weights: add {pretrained_option} (a tag, `multimodal models "
+                            f"{model_name}` lists them, or a file), or pass {checkpoint_option}.")
         if path.suffix != ".ckpt":
-            return _state_dict_model(path, architecture)
+            return _state_dict_model(path, architecture, setting)
         checkpoint, pretrained = path, None
     path = Path(checkpoint)
     check_checkpoint(path)
     if path.suffix != ".ckpt":
         if model_name is None:
-            raise UserError(f"{path} is an open_clip state dict, which does not name its architecture: pass --model.")
-        return _state_dict_model(path, arch.load(model_name, None, cache_dir))
+            raise UserError(f"{path} is an open_clip state dict, which does not name its architecture: pass "
+                            f"{model_option}.")
+        return _state_dict_model(path, arch.load(model_name, None, cache_dir), setting)
     state_dict, hparams = _lightning_towers(path)
     if model_name is None:
         model_name, pretrained = hparams.get("model_name"), hparams.get("pretrained")
     if model_name is None:
-        raise UserError(f"{path} does not name its architecture: pass --model.")
+        raise UserError(f"{path} does not name its architecture: pass {model_option}.")
     architecture = arch.load(model_name, pretrained, cache_dir)
     model = create_model(architecture, init_logit_bias=0.0 if "logit_bias" in state_dict else None)
-    _load_towers(model, state_dict, path, model_name)  # the checkpoint is read once
+    _load_towers(model, state_dict, path, model_name, setting)  # the checkpoint is read once
     return model
 
 
-def _state_dict_model(path: Path, architecture: arch.Architecture) -> CLIP:
+def _state_dict_model(path: Path, architecture: arch.Architecture, setting: str) -> CLIP:
     """A model of `architecture` with the open_clip state dict at `path`."""
     model = create_model(architecture, init_logit_bias=0.0 if _has_logit_bias(path) else None)  # value loaded next
-    load_weights(model, path)
+    load_weights(model, path, setting)
     return model
 
 
@@ -162,7 +168,7 @@ def progress(checkpoint: str | Path) -> dict:
 def export(model: CLIP, out: Path) -> list[Path]:
     """Write the open_clip state dict to `out` (.safetensors or .pt); returns the files written."""
     if out.suffix not in EXPORT_SUFFIXES:
-        raise UserError(f"--out {out} must end in {', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]}.")
+        raise UserError(f"{out} must end in {', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]}.")
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.towers.state_dict().items()}
     with atomic_file(out) as f:
         if out.suffix == ".safetensors":

@@ -131,8 +131,8 @@ def test_train_command_takes_coca_in_bf16_and_resumes(cli, tmp_path):
     steps = [line.split(",") for line in (run / "metrics.csv").read_text().splitlines()]
     caption = steps[0].index("train/caption_loss")
     assert sorted(int(r[steps[0].index("step")]) for r in steps[1:] if r[caption]) == [0, 1, 2, 3]
-    assert weights.load_model(run / "checkpoints" / "last.ckpt").captions
-    assert not create_model(arch.load("tiny")).captions
+    assert weights.load_model(run / "checkpoints" / "last.ckpt").has_caption_decoder
+    assert not create_model(arch.load("tiny")).has_caption_decoder
 
 
 def test_caption_writes_resumes_and_draws(cli, coca_run, tmp_path):

@@ -253,7 +253,7 @@ def test_evaluation_on_the_device_path_has_the_workers_rows_and_their_pixels_to_
     assert exact.max() <= 1.1 and exact.mean() < 0.05, (exact.mean(), exact.max())
 
 
-def test_an_image_no_decoder_reads_is_left_out_of_an_evaluation_batch_with_its_captions(tmp_path, capsys):
+def test_an_image_no_decoder_reads_is_left_out_of_an_evaluation_batch_with_its_captions(tmp_path, caplog):
     """The corrupt JPEG reaches the device path and fails there and on the CPU: its row and its caption
     leave the batch, the captions of the others point at their images' new rows. A CMYK JPEG and a PNG
     are decoded by the workers, after the device's JPEGs."""
@@ -270,7 +270,7 @@ def test_an_image_no_decoder_reads_is_left_out_of_an_evaluation_batch_with_its_c
     assert "corrupt" not in [r["key"] for r in worker.image_rows]  # the workers' decoder refused it
 
     device = finished(device, preprocess=replace(AS_LEVELS, size=preprocess.size))
-    assert "skipping" in capsys.readouterr().out
+    assert "skipping" in caplog.text
     keys = [r["key"] for r in device.image_rows]
     assert keys == ["g0", "g1", "g2", "g3", "cmyk", "png"] and device.images.shape[0] == 6
     assert [keys[r["image"]] for r in device.text_rows] == [r["key"] for r in device.text_rows]

@@ -91,7 +91,7 @@ def test_decompression_bomb_is_refused_before_decoding(monkeypatch):
         decode_sample(BROKEN["oversized image"](), min_side=64, max_pixels=None)
 
 
-def test_image_files_to_embed_get_the_same_size_guard(tmp_path, monkeypatch, capsys):
+def test_image_files_to_embed_get_the_same_size_guard(tmp_path, monkeypatch, caplog):
     """`embed --images`, `search --image` and `eval zeroshot --images` read files through this guard."""
     from multimodal.data.sources import read_image_file
 
@@ -102,7 +102,20 @@ def test_image_files_to_embed_get_the_same_size_guard(tmp_path, monkeypatch, cap
     monkeypatch.setattr(Image.Image, "convert", decoding)
     (tmp_path / "bomb.png").write_bytes(bomb())
     assert read_image_file(tmp_path / "bomb.png", 224) is None
-    assert "oversized image" in capsys.readouterr().out
+    assert "oversized image" in caplog.text
+
+
+def test_a_command_shows_the_images_it_skips_on_stderr(cli, trained, tmp_path):
+    """The library warns through logging (`multimodal.data`); the command line puts the warnings on stderr,
+    from the data workers too."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (32, 32)).save(images / "good.png")
+    (images / "bad.jpg").write_bytes(b"not an image")
+    proc = cli("embed", "--checkpoint", str(trained[0]), "--images", str(images), "--out", str(tmp_path / "emb"),
+               "--num_workers", "1", "--dtype", "float32", "--accelerator", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"skipping {images / 'bad.jpg'}: not an image" in proc.stderr.splitlines(), proc.stderr[-2000:]
 
 
 @pytest.fixture

@@ -81,4 +81,4 @@ def test_coca_trains_sharded_and_its_checkpoint_loads(tmp_path):
     run = tmp_path / "runs" / "debug" / "version_0"
     assert "train/caption_loss" in (run / "metrics.csv").read_text().splitlines()[0]
     model = load_model(run / "checkpoints" / "last.ckpt")
-    assert model.captions and model.logit_scale.shape == ()
+    assert model.has_caption_decoder and model.logit_scale.shape == ()

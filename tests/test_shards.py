@@ -91,7 +91,7 @@ def test_existing_output_needs_overwrite(tmp_path):
     make_images(tmp_path / "img", ["a.jpg"])
     (tmp_path / "c.csv").write_text("image,caption\na.jpg,one\n")
     write_csv(tmp_path / "c.csv", tmp_path / "img", tmp_path / "out")
-    with pytest.raises(UserError, match="--overwrite"):
+    with pytest.raises(UserError, match="pass overwrite to replace them"):
         write_csv(tmp_path / "c.csv", tmp_path / "img", tmp_path / "out")
     assert (tmp_path / "out" / "shard-000000.tar").is_file()  # nothing lost
     write_csv(tmp_path / "c.csv", tmp_path / "img", tmp_path / "out", overwrite=True)

@@ -19,10 +19,12 @@
 Options have one style, snake_case as LightningCLI spells `train`'s (`--data.num_workers`,
 `--batch_size`); the kebab spelling of a name (`--batch-size`) is read as the same option.
 Mistakes in the input end with one sentence on stderr and exit status 2; `--debug` shows the
-traceback instead.
+traceback instead. What the library reports through `logging` (the `multimodal` loggers: skipped
+images, bad data) appears on stderr, one line a record, as the command runs.
 """
 
 import importlib
+import logging
 import sys
 
 from multimodal.errors import UserError, message
@@ -49,6 +51,31 @@ USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,caption,search
 Add --help after a command for its options; --debug shows tracebacks of input errors."""
 
 
+class _Stderr(logging.StreamHandler):
+    """Records as their bare message, on whatever `sys.stderr` is when each is written."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler sets it; the stream is always the current stderr
+        pass
+
+
+def log_to_stderr() -> None:
+    """The `multimodal` loggers' records of INFO and above on stderr (once per process; records still
+    propagate, so a caller's own logging setup sees them too)."""
+    logger = logging.getLogger("multimodal")
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        logger.addHandler(_Stderr())
+        logger.setLevel(logging.INFO)
+
+
 def snake_case_options(argv: list[str]) -> list[str]:
     """`--batch-size 8` and `--trainer.max-steps=5` as `--batch_size 8` and `--trainer.max_steps=5`:
     option names only, never their values."""
@@ -71,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: unknown command '{argv[0]}': use one of {', '.join(COMMANDS)}.", file=sys.stderr)
         return 0 if asked else 2
     module, function = COMMANDS[argv[0]]
+    log_to_stderr()
     try:
         return getattr(importlib.import_module(f"multimodal.cli.{module}"), function)(argv[1:])
     except UserError as exc:

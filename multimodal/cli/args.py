@@ -7,7 +7,8 @@ the arguments alone answer in a fraction of a second.
 import argparse
 from pathlib import Path
 
-from multimodal.errors import UserError, check_checkpoint, check_output
+from multimodal.errors import UserError
+from multimodal.paths import check_checkpoint, check_output
 
 
 def add_checkpoint_args(parser: argparse.ArgumentParser, required: bool = True, help: str | None = None) -> None:
@@ -55,7 +56,8 @@ def load_model(args: argparse.Namespace):
     """The model `args` name (`check_weights` first): `multimodal.weights.load_model`."""
     from multimodal import weights
 
-    return weights.load_model(args.checkpoint, args.model, pretrained=args.pretrained, cache_dir=args.cache_dir)
+    return weights.load_model(args.checkpoint, args.model, pretrained=args.pretrained, cache_dir=args.cache_dir,
+                              setting="--{}")
 
 
 def add_decode_arg(parser: argparse.ArgumentParser) -> None:
@@ -152,6 +154,22 @@ def check_result_args(args: argparse.Namespace) -> None:
         check_output(args.out, "--out", "file", (".json",))
     if args.out_table is not None:
         check_output(args.out_table, "--out_table", "file", (".csv",))
+
+
+def write_result(args: argparse.Namespace, record: dict) -> None:
+    """Write a result (`eval.results.result`) as JSON to --out and append it as a row of the CSV --out_table
+    (either may be absent)."""
+    from multimodal.eval.results import append_row
+    from multimodal.files import write_json
+    from multimodal.userfiles import writing
+
+    if args.out is not None:
+        with writing(args.out):
+            write_json(args.out, record, indent=2)
+        print(f"Wrote {args.out}")
+    if args.out_table is not None:
+        append_row(args.out_table, record)
+        print(f"Appended a row to {args.out_table}")
 
 
 def dataset_name(args: argparse.Namespace, data: str | Path, benchmark=None) -> str:

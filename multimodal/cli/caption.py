@@ -17,8 +17,10 @@ from multimodal.cli.args import (
     dataset_name,
     load_model,
     provenance,
+    write_result,
 )
-from multimodal.errors import UserError, check_input, check_output
+from multimodal.errors import UserError
+from multimodal.paths import check_input, check_output
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -56,7 +58,7 @@ def _model(args: argparse.Namespace):
     from multimodal.eval.embed import default_device
 
     model = load_model(args).to(default_device())
-    check_captioner(model, str(args.checkpoint or args.pretrained or args.model))
+    check_captioner(model, str(args.checkpoint or args.pretrained or args.model), setting="--{}")
     return model
 
 
@@ -97,7 +99,7 @@ def caption(argv: list[str]) -> int:
     model = _model(args)
     settings = {"model": model.architecture.name, "weights": str(args.checkpoint or args.pretrained or args.model),
                 "source": str(args.images or args.shards), "decoding": decoding.__dict__, "seed": args.seed}
-    writer = CaptionWriter(args.out, settings, args.overwrite)
+    writer = CaptionWriter(args.out, settings, args.overwrite, setting="--{}")
     todo = [p for p in range(source.num_parts()) if not writer.done(p)]
     print(f"{source.num_parts() - len(todo)} of {source.num_parts()} parts already done; captioning {len(todo)}.")
     sizes = [source.part_size(p) for p in todo]
@@ -120,9 +122,9 @@ def _grid(args: argparse.Namespace, rows: list[dict]) -> None:
     if not rows:
         print("No image was captioned in this run: no --grid written.")
         return
-    from multimodal.errors import writing
     from multimodal.eval.search import captioned_sheet
     from multimodal.files import save_image
+    from multimodal.userfiles import writing
 
     sheet = captioned_sheet(rows)
     with writing(args.grid):
@@ -182,5 +184,5 @@ def eval_captioning(argv: list[str]) -> int:
     record = results.result("captioning", dataset_name(args, args.shards), metrics=metrics,
                             **provenance(model.architecture.name, args.pretrained, args.checkpoint),
                             num_images=len(candidates), decoding=decoding.__dict__)
-    results.write_out(record, args.out, args.out_table)
+    write_result(args, record)
     return 0

@@ -24,17 +24,13 @@ from multimodal.cli.args import (
     provenance,
     shard_source,
     weights_given,
+    write_result,
 )
-from multimodal.errors import (
-    EXPORT_SUFFIXES,
-    UserError,
-    check_input,
-    check_output,
-    settings_changed,
-    writing,
-)
+from multimodal.errors import UserError
 from multimodal.eval import presets
 from multimodal.files import write_json
+from multimodal.paths import EXPORT_SUFFIXES, check_input, check_output
+from multimodal.userfiles import writing
 
 
 def export_parser() -> argparse.ArgumentParser:
@@ -160,9 +156,11 @@ def embed(argv: list[str]) -> int:
 
 def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
     """Resume only a folder written by the same model, source and settings."""
+    from multimodal.eval.embed import settings_changed
+
     existing = out / "info.json"
     if existing.is_file():
-        if settings_changed(existing, info, overwrite, "embeddings"):
+        if settings_changed(existing, info, overwrite, "embeddings", setting="--{}"):
             for kind in ("img", "text"):
                 for sub in ("emb", "index"):
                     shutil.rmtree(out / f"{kind}_{sub}", ignore_errors=True)
@@ -224,7 +222,7 @@ def eval_retrieval(argv: list[str]) -> int:
     record = results.result("zeroshot_retrieval", dataset_name(args, args.shards or args.embeddings, benchmark),
                             metrics=metrics,
                             **weights_fields, num_images=num_images, num_texts=num_texts)
-    results.write_out(record, args.out, args.out_table)
+    write_result(args, record)
     return 0
 
 
@@ -301,7 +299,7 @@ def eval_zeroshot(argv: list[str]) -> int:
                             args.dataset or args.preset or dataset_name(args, args.shards or args.images, benchmark),
                             metrics=metrics, **provenance(model.architecture.name, args.pretrained, args.checkpoint),
                             num_images=result["num_images"], num_classes=result["num_classes"])
-    results.write_out(record, args.out, args.out_table)
+    write_result(args, record)
     return 0
 
 

@@ -20,8 +20,10 @@ from multimodal.cli.args import (
     preprocess_of,
     provenance,
     shard_source,
+    write_result,
 )
-from multimodal.errors import UserError, check_input
+from multimodal.errors import UserError
+from multimodal.paths import check_input
 
 
 def linear_probe_parser() -> argparse.ArgumentParser:
@@ -120,5 +122,5 @@ def eval_linear_probe(argv: list[str]) -> int:
     record = results.result("linear_probe", dataset_name(args, args.shards or args.images, benchmark),
                             metrics=metrics, **provenance(model.architecture.name, args.pretrained, args.checkpoint),
                             num_images=len(test_labels), num_train_images=len(train_labels))
-    results.write_out(record, args.out, args.out_table)
+    write_result(args, record)
     return 0

@@ -5,7 +5,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from multimodal.errors import UserError, check_input, check_output
+from multimodal.errors import UserError
+from multimodal.paths import check_input, check_output
 
 SOURCE_FILES = {  # source -> (option, what it names, what to pass)
     "coco": ("captions", "Captions file", "pass a COCO captions JSON with --captions"),
@@ -53,7 +54,7 @@ def write_shards(argv: list[str]) -> int:
     from multimodal.data import shards
 
     common = dict(shard_size=args.shard_size, max_side=args.max_side, workers=args.num_workers,
-                  overwrite=args.overwrite)
+                  overwrite=args.overwrite, option="--out", setting="--{}")
     if args.source == "coco":
         report = shards.write_coco(source, args.images, args.out, **common)
     elif args.source == "csv":

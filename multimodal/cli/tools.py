@@ -8,9 +8,11 @@ import argparse
 from pathlib import Path
 
 from multimodal.cli.args import add_checkpoint_args, check_counts, check_weights, load_model, weights_given
-from multimodal.errors import UserError, check_input, check_output, reading, writing
+from multimodal.errors import UserError
 from multimodal.files import save_image
+from multimodal.paths import check_input, check_output
 from multimodal.plot import plot_run
+from multimodal.userfiles import reading, writing
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
@@ -48,7 +50,7 @@ def search(argv: list[str]) -> int:
     from multimodal.eval.search import contact_sheet, first_captions, load_images, top_k
 
     query_image = _query_image(args.image) if args.image is not None else None
-    info = read_info(args.index)
+    info = read_info(args.index, setting="--{}")
     emb = load_folder(args.index)
     target = args.target or ("images" if emb.image_features.shape[0] else "texts")
     candidates = emb.image_features if target == "images" else emb.text_features
@@ -56,7 +58,7 @@ def search(argv: list[str]) -> int:
         raise UserError(f"{args.index} holds no {target} embeddings to search.")
     model = load_model(args) if weights_given(args) else \
         weights.load_model(info["checkpoint"], args.model or info["model"], pretrained=info.get("pretrained"),
-                           cache_dir=args.cache_dir)
+                           cache_dir=args.cache_dir, setting="--{}")
     model.eval()
     with torch.no_grad():
         if args.text:

@@ -18,11 +18,12 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from multimodal import arch, demo
 from multimodal.checkpoint import AtomicCheckpointIO, check_resumable
 from multimodal.data.datamodule import ShardDataModule
-from multimodal.errors import UserError, writing
+from multimodal.errors import UserError
 from multimodal.files import write_text
 from multimodal.monitor import RunProgressBar
 from multimodal.notices import QUIET
 from multimodal.recipe import build_module
+from multimodal.userfiles import writing
 from multimodal.weights import read_checkpoint
 
 
@@ -189,7 +190,7 @@ def _atomic_checkpoints(trainer) -> None:
     """Checkpoints written atomically and loaded weights-only (multimodal.checkpoint), unless the
     config chose its own checkpoint IO plugin."""
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO(setting="--{}")
 
 
 @contextmanager
@@ -235,6 +236,6 @@ def _run_demo(argv: list[str]) -> int:
         data = cli.datamodule
         model, run_dir = cli.model.model.cpu(), Path(cli.trainer.log_dir)
         demo.report(model, data.val_shards, run_dir)
-        if model.captions:
+        if model.has_caption_decoder:
             demo.caption_report(model, data.val_shards, data.train_shards, run_dir)
     return 0

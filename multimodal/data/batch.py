@@ -12,6 +12,7 @@ embedding, captioning, zero-shot): the batch's JPEGs decoded together there (nvJ
 uint8 pixels normalised. A worker never normalises: uint8 is a quarter of float32's bytes to move.
 """
 
+import logging
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -23,6 +24,8 @@ from multimodal.data.decode import decode_image
 from multimodal.data.faults import BadSample, bad_sample_count
 from multimodal.data.pixels import Box, EvalTransform, TrainCrop
 from multimodal.errors import UserError
+
+log = logging.getLogger("multimodal.data")
 
 
 @dataclass
@@ -201,7 +204,7 @@ def _decode_training_jpegs(batch: TrainBatch, crop: TrainCrop, device: torch.dev
 def _decode_eval_jpegs(batch: EvalBatch, preprocess: EvalTransform, device: torch.device) -> EvalBatch:
     """The JPEGs decoded on `device`, resized and centre-cropped there (`preprocess.pixels`), put before
     the worker-decoded pixels. One the device's decoder refuses is decoded again on the CPU; one that
-    fails there too is left out with its captions, with a line saying so, as the workers leave out images
+    fails there too is left out with its captions, with a warning saying so, as the workers leave out images
     they cannot decode."""
     jpegs = batch.jpegs.unpack()
     pixels: list[torch.Tensor | None] = []
@@ -211,7 +214,7 @@ def _decode_eval_jpegs(batch: EvalBatch, preprocess: EvalTransform, device: torc
                 image = decode_image(data.numpy().tobytes(), preprocess.size)
             pixels.append(preprocess.pixels(image).to(device, non_blocking=True))
         except BadSample as exc:
-            print(f"skipping {row.get('file_name') or row.get('key')}: {exc.kind}")
+            log.warning("skipping %s: %s", row.get("file_name") or row.get("key"), exc.kind)
             pixels.append(None)
     dropped = [i for i, p in enumerate(pixels) if p is None]
     if dropped:

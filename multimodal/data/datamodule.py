@@ -140,7 +140,7 @@ class ShardDataModule(pl.LightningDataModule):
         for option, folder, count, first in (("data.train_shards", self.train_shards, s.train_samples, 0),
                                              ("data.val_shards", self.val_shards, s.val_samples, s.train_samples)):
             if folder and count:
-                ensure_synthetic(Path(folder), count, s.shard_size, s.image_size, s.seed, first, option)
+                ensure_synthetic(Path(folder), count, s.shard_size, s.image_size, s.seed, first, option, "data.{}")
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
         """Record the stream's position as each training batch arrives, before the step whose

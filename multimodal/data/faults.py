@@ -3,7 +3,7 @@
 A web-scale shard set always holds some broken samples and, over a long run, a shard that is cut
 off or gone. Each is skipped and counted under one of these kinds; the counts travel with the
 batches (`TrainBatch.bad`) to the training module, which logs them, stops the run when too large a
-fraction of samples is bad, and prints the totals at the end.
+fraction of samples is bad, and reports the totals at the end.
 """
 
 import logging

@@ -26,7 +26,8 @@ from braceexpand import braceexpand
 from multimodal.data.decode import IMAGE_KEYS, MAX_IMAGE_PIXELS, Members, Record, read_record
 from multimodal.data.faults import BadSample
 from multimodal.data.tario import tarfile_samples
-from multimodal.errors import UserError, read_json, reading
+from multimodal.errors import UserError
+from multimodal.userfiles import read_json, reading
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 MANIFEST = "sizes.json"

@@ -8,6 +8,10 @@ splits retrieval is reported on) and the synthetic scenes. Output is determinist
 the same input gives byte-identical shards (a fixed order, fixed tar mtime, fixed JPEG settings).
 Each shard is written to a temporary name and renamed when complete; `sizes.json` (open_clip's
 manifest: shard file name -> sample count) is written last.
+
+Sentences about the writers' settings name them through `setting`, a format string in the caller's
+words: "{}" (the default) for the names alone, "--{}" on the command line (`multimodal shards`),
+"data.{}" in a config; `option` is the caller's name for the output folder.
 """
 
 import csv
@@ -28,8 +32,10 @@ from tqdm import tqdm
 from multimodal.data import synthetic
 from multimodal.data.decode import open_image
 from multimodal.data.formats import MANIFEST
-from multimodal.errors import UserError, check_output, read_json, reading, writing
+from multimodal.errors import UserError
 from multimodal.files import atomic_file, write_json
+from multimodal.paths import check_output
+from multimodal.userfiles import read_json, reading, writing
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 SYNTHETIC = "synthetic.json"  # beside synthetic shards: the settings that made them
@@ -60,7 +66,7 @@ def _ours(path: Path) -> bool:
                                or re.fullmatch(r"\.?shard-\d{6}\.tar(\.partial)?", path.name) is not None)
 
 
-def prepare_out_dir(out_dir: Path, overwrite: bool, option: str = "--out") -> None:
+def prepare_out_dir(out_dir: Path, overwrite: bool, option: str = "out_dir", setting: str = "{}") -> None:
     """Create `out_dir`, which must be new, empty or hold only shards; earlier shards there are
     replaced only when `overwrite`, and a folder holding anything else is never written into."""
     check_output(out_dir, option, kind="folder")
@@ -73,16 +79,17 @@ def prepare_out_dir(out_dir: Path, overwrite: bool, option: str = "--out") -> No
         out_dir.mkdir(parents=True, exist_ok=True)
     old = sorted(p for p in out_dir.iterdir() if _ours(p))
     if old and not overwrite:
-        raise UserError(f"{out_dir} already holds shards: pass --overwrite to replace them, or choose another --out.")
+        raise UserError(f"{out_dir} already holds shards: pass {setting.format('overwrite')} to replace them, or "
+                        f"choose another {option}.")
     for path in old:
         path.unlink()
 
 
 def write_shards(samples: Iterable[Sample], out_dir: Path, shard_size: int, total: int | None = None,
-                 desc: str = "writing shards") -> dict[str, int]:
+                 desc: str = "writing shards", setting: str = "{}") -> dict[str, int]:
     """Write `samples` into `out_dir/shard-NNNNNN.tar` files of `shard_size` samples each."""
     if shard_size <= 0:
-        raise UserError(f"--shard_size must be a positive number of samples, got {shard_size}.")
+        raise UserError(f"{setting.format('shard_size')} must be a positive number of samples, got {shard_size}.")
     sizes: dict[str, int] = {}
     stream = iter(tqdm(samples, total=total, desc=desc, unit="img", mininterval=1.0))
     while (first := next(stream, None)) is not None:  # a shard at a time, streamed into its file
@@ -155,23 +162,22 @@ def _encode_all(entries: list[ImageEntry], images_dir: Path, max_side: int | Non
 
 
 def _write_entries(entries: list[ImageEntry], images_dir: Path, out_dir: Path, shard_size: int,
-                   max_side: int | None, workers: int, overwrite: bool) -> WriteReport:
+                   max_side: int | None, workers: int, overwrite: bool, option: str, setting: str) -> WriteReport:
     if not images_dir.is_dir():
-        raise UserError(f"Image folder {images_dir} does not exist: "
-                        "pass the folder that holds the images with --images.")
+        raise UserError(f"Image folder {images_dir} does not exist: pass the folder that holds the images.")
     if max_side is not None and max_side <= 0:
-        raise UserError(f"--max_side must be a positive number of pixels, got {max_side}.")
-    prepare_out_dir(out_dir, overwrite)
+        raise UserError(f"{setting.format('max_side')} must be a positive number of pixels, got {max_side}.")
+    prepare_out_dir(out_dir, overwrite, option, setting)
     failures: list[tuple[str, str]] = []
     samples = _encode_all(entries, images_dir, max_side, workers, failures)
-    sizes = write_shards(samples, out_dir, shard_size, total=len(entries))
+    sizes = write_shards(samples, out_dir, shard_size, total=len(entries), setting=setting)
     return WriteReport(sizes, failures)
 
 
 def read_coco_entries(captions_json: Path) -> list[ImageEntry]:
     """One entry per captioned image of an official COCO captions file, sorted by image id."""
     if not captions_json.is_file():
-        raise UserError(f"Captions file {captions_json} does not exist: pass a COCO captions JSON with --captions.")
+        raise UserError(f"Captions file {captions_json} does not exist: pass a COCO captions JSON.")
     coco = read_json(captions_json, kind=object)
     if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations")):
         raise UserError(f"Captions file {captions_json} lacks the COCO keys 'images' and 'annotations': "
@@ -193,7 +199,7 @@ def read_coco_entries(captions_json: Path) -> list[ImageEntry]:
 def read_csv_entries(csv_path: Path) -> list[ImageEntry]:
     """One entry per image of an `image,caption` table, in order of first appearance."""
     if not csv_path.is_file():
-        raise UserError(f"CSV file {csv_path} does not exist: pass an image,caption table with --csv.")
+        raise UserError(f"CSV file {csv_path} does not exist: pass an image,caption table.")
     with reading(csv_path), csv_path.open(newline="", encoding="utf-8-sig") as f:
         reader = csv.DictReader(f)
         if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
@@ -206,14 +212,13 @@ def read_csv_entries(csv_path: Path) -> list[ImageEntry]:
     return [ImageEntry(f"{i:09d}", name, caps, {}) for i, (name, caps) in enumerate(captions.items())]
 
 
-def read_karpathy_entries(karpathy_json: Path, splits: list[str]) -> list[ImageEntry]:
+def read_karpathy_entries(karpathy_json: Path, splits: list[str], setting: str = "{}") -> list[ImageEntry]:
     """One entry per image of a Karpathy split file (`dataset_coco.json`, `dataset_flickr30k.json`,
     `dataset_flickr8k.json`) in one of `splits`, in the file's order. `KEY` is the image's position in
     the file (its `imgid` in the published files); `file_name` is `filepath/filename` (COCO), else `filename`."""
+    fix = "pass dataset_coco.json, dataset_flickr30k.json or dataset_flickr8k.json"
     if not karpathy_json.is_file():
-        raise UserError(f"Karpathy split file {karpathy_json} does not exist: pass dataset_coco.json, "
-                        "dataset_flickr30k.json or dataset_flickr8k.json with --json.")
-    fix = "pass dataset_coco.json, dataset_flickr30k.json or dataset_flickr8k.json with --json"
+        raise UserError(f"Karpathy split file {karpathy_json} does not exist: {fix}.")
     images = read_json(karpathy_json, fix).get("images")
     if not isinstance(images, list):
         raise UserError(f"{karpathy_json} is not a Karpathy split file (it has no 'images' list): {fix}.")
@@ -236,7 +241,7 @@ def read_karpathy_entries(karpathy_json: Path, splits: list[str]) -> list[ImageE
     if absent:
         have = ", ".join(f"{s} ({n} images)" for s, n in found.items()) or "none"
         raise UserError(f"{karpathy_json} has no image in split {', '.join(map(repr, absent))}; its splits are "
-                        f"{have}: pass one of them with --split.")
+                        f"{have}: pass one of them with {setting.format('split')}.")
     return entries
 
 
@@ -250,26 +255,32 @@ def _locate(entry: ImageEntry, images_dir: Path) -> ImageEntry:
 
 
 def write_coco(captions_json: Path, images_dir: Path, out_dir: Path, shard_size: int = 1000,
-               max_side: int | None = None, workers: int = 4, overwrite: bool = False) -> WriteReport:
+               max_side: int | None = None, workers: int = 4, overwrite: bool = False, option: str = "out_dir",
+               setting: str = "{}") -> WriteReport:
+    """`option` names `out_dir`, `setting` `overwrite`, `shard_size` and `max_side`, in the caller's words."""
     entries = read_coco_entries(captions_json)
-    return _write_entries(entries, images_dir, out_dir, shard_size, max_side, workers, overwrite)
+    return _write_entries(entries, images_dir, out_dir, shard_size, max_side, workers, overwrite, option, setting)
 
 
 def write_csv(csv_path: Path, images_dir: Path, out_dir: Path, shard_size: int = 1000,
-              max_side: int | None = None, workers: int = 4, overwrite: bool = False) -> WriteReport:
+              max_side: int | None = None, workers: int = 4, overwrite: bool = False, option: str = "out_dir",
+              setting: str = "{}") -> WriteReport:
+    """`option` names `out_dir`, `setting` `overwrite`, `shard_size` and `max_side`, in the caller's words."""
     entries = read_csv_entries(csv_path)
-    return _write_entries(entries, images_dir, out_dir, shard_size, max_side, workers, overwrite)
+    return _write_entries(entries, images_dir, out_dir, shard_size, max_side, workers, overwrite, option, setting)
 
 
 def write_karpathy(karpathy_json: Path, images_dir: Path, out_dir: Path, splits: tuple[str, ...] = ("test",),
                    shard_size: int = 1000, max_side: int | None = None, workers: int = 4,
-                   overwrite: bool = False) -> WriteReport:
+                   overwrite: bool = False, option: str = "out_dir", setting: str = "{}") -> WriteReport:
     """The images of `splits` with all their captions, as retrieval benchmarks count them (COCO 5k test:
-    5,000 images, 25,010 captions; Flickr30k 1k test: 1,000 images, 5,000 captions)."""
-    entries = read_karpathy_entries(karpathy_json, list(splits))
+    5,000 images, 25,010 captions; Flickr30k 1k test: 1,000 images, 5,000 captions). `option` names
+    `out_dir`, `setting` `split`, `overwrite`, `shard_size` and `max_side`, in the caller's words."""
+    entries = read_karpathy_entries(karpathy_json, list(splits), setting)
     if images_dir.is_dir():
         entries = [_locate(entry, images_dir) for entry in entries]
-    report = _write_entries(entries, images_dir, out_dir, shard_size, max_side, workers, overwrite)
+    report = _write_entries(entries, images_dir, out_dir, shard_size, max_side, workers, overwrite, option,
+                            setting)
     failed = Counter(name for name, _ in report.failures)
     report.splits = dict.fromkeys(splits, (0, 0))
     for entry in entries:
@@ -282,17 +293,19 @@ def write_karpathy(karpathy_json: Path, images_dir: Path, out_dir: Path, splits:
 
 
 def write_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size: int = 64, seed: int = 0,
-                    first_index: int = 0, overwrite: bool = False, option: str = "--out") -> WriteReport:
+                    first_index: int = 0, overwrite: bool = False, option: str = "out_dir",
+                    setting: str = "{}") -> WriteReport:
     """Scenes `first_index .. first_index + num_samples - 1` of `seed` (see `synthetic.scene`), with
     their settings in `synthetic.json` beside the shards."""
-    prepare_out_dir(out_dir, overwrite, option)
+    prepare_out_dir(out_dir, overwrite, option, setting)
 
     def samples() -> Iterator[Sample]:
         for i in range(first_index, first_index + num_samples):
             image, captions, record = synthetic.scene(i, seed=seed, side=image_size)
             yield Sample(f"{i:09d}", image, captions, record)
 
-    sizes = write_shards(samples(), out_dir, shard_size, total=num_samples, desc=f"synthetic {out_dir.name}")
+    sizes = write_shards(samples(), out_dir, shard_size, total=num_samples, desc=f"synthetic {out_dir.name}",
+                         setting=setting)
     settings = _synthetic_settings(num_samples, shard_size, image_size, seed, first_index)
     write_json(out_dir / SYNTHETIC, settings)
     return WriteReport(sizes, [])
@@ -304,10 +317,11 @@ def _synthetic_settings(num_samples: int, shard_size: int, image_size: int, seed
 
 
 def ensure_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size: int = 64, seed: int = 0,
-                     first_index: int = 0, option: str = "--out") -> bool:
+                     first_index: int = 0, option: str = "out_dir", setting: str = "{}") -> bool:
     """Synthetic scenes in `out_dir` as these settings make them: kept when they are there already,
     (re)written when the folder is new, empty or holds other synthetic scenes; never written into a
-    folder that holds anything else. Returns whether it wrote."""
+    folder that holds anything else. Returns whether it wrote. `setting` names `synthetic`, the section
+    that holds these settings ("data.{}" in a config)."""
     marker = out_dir / SYNTHETIC
     settings = _synthetic_settings(num_samples, shard_size, image_size, seed, first_index)
     if marker.is_file():
@@ -315,8 +329,9 @@ def ensure_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_siz
                 and (out_dir / MANIFEST).is_file():
             return False
     elif out_dir.is_dir() and any(out_dir.iterdir()):
-        raise UserError(f"{option} {out_dir} holds files that are not this project's synthetic data: pass "
-                        f"--data.synthetic null to train on the shards there, or give {option} a new folder "
-                        "for the synthetic scenes.")
-    write_synthetic(out_dir, num_samples, shard_size, image_size, seed, first_index, overwrite=True, option=option)
+        raise UserError(f"{option} {out_dir} holds files that are not this project's synthetic data: set "
+                        f"{setting.format('synthetic')} to null to train on the shards there, or give {option} a new "
+                        "folder for the synthetic scenes.")
+    write_synthetic(out_dir, num_samples, shard_size, image_size, seed, first_index, overwrite=True, option=option,
+                    setting=setting.format("synthetic.{}"))
     return True

@@ -7,6 +7,7 @@ a batch never spans two parts and the last batch of every part, possibly empty, 
 that a writer can close the part. A new kind of source is one `Source` subclass plus its tests.
 """
 
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -24,7 +25,10 @@ from multimodal.data.faults import BadSample
 from multimodal.data.formats import ShardSet, open_shards
 from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
 from multimodal.data.tario import tarfile_samples
-from multimodal.errors import UserError, read_lines
+from multimodal.errors import UserError
+from multimodal.userfiles import read_lines
+
+log = logging.getLogger("multimodal.data")
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
 
@@ -44,14 +48,14 @@ def image_files(folder: Path) -> list[Path]:
 
 def read_image_file(path: Path, min_side: int | None = None, on_device: bool = False
                     ) -> Image.Image | np.ndarray | bytes | None:
-    """An image file as `decode.decode_file` gives it, or None, with a line saying why it was skipped:
+    """An image file as `decode.decode_file` gives it, or None, with a warning saying why it was skipped:
     unreadable, not an image, or more than MAX_IMAGE_PIXELS pixels declared (refused before decoding)."""
     try:
         return decode_file(path.read_bytes(), min_side, on_device)
     except OSError as exc:
-        print(f"skipping {path}: {exc.strerror or exc}")
+        log.warning("skipping %s: %s", path, exc.strerror or exc)
     except BadSample as bad:
-        print(f"skipping {path}: {bad.kind}")
+        log.warning("skipping %s: %s", path, bad.kind)
     return None
 
 
@@ -153,7 +157,7 @@ class ImageFolderSource(Source):
 
     def __init__(self, folder: Path, part_size: int):
         if not folder.is_dir():
-            raise UserError(f"Image folder {folder} does not exist: pass a folder of images with --images.")
+            raise UserError(f"Image folder {folder} does not exist: pass a folder of images.")
         self.folder, self.size = folder, part_size
         self.files = image_files(folder)
         if not self.files:
@@ -246,7 +250,7 @@ class EvalBatches(IterableDataset):
         """The texts tokenised together; (rare) one the tokenizer refuses is left out with its row."""
         tokens, refused = tokenize(self.tokenizer, texts)
         for i in refused:
-            print(f"skipping a text the tokenizer refuses: {texts[i][:60]!r}")
+            log.warning("skipping a text the tokenizer refuses: %r", texts[i][:60])
         return tokens, [row for i, row in enumerate(rows) if i not in refused]
 
     def __iter__(self) -> Iterator[EvalBatch]:

@@ -20,18 +20,21 @@ from multimodal.data.batch import EvalBatch, finish, jpegs_on_device
 from multimodal.data.pixels import EvalTransform
 from multimodal.data.sources import EvalBatches, Source
 from multimodal.decoding import Decoding, generate
-from multimodal.errors import UserError, settings_changed
-from multimodal.eval.embed import PART, autocast
+from multimodal.errors import UserError
+from multimodal.eval.embed import PART, autocast, settings_changed
 from multimodal.files import write_json, write_text
 from multimodal.model import CLIP
 
 PAD = 0  # open_clip's tokenizer pads with 0
 
 
-def check_captioner(model: CLIP, what: str) -> None:
-    if not model.captions:
+def check_captioner(model: CLIP, what: str, setting: str = "{}") -> None:
+    """A UserError unless `model` (named `what`) has a caption decoder; `setting` names the option `pretrained`
+    in the caller's words ("--{}" on a command line)."""
+    if not model.has_caption_decoder:
         raise UserError(f"{what} is a {model.architecture.name} model, which has no caption decoder: pass a CoCa "
-                        "checkpoint (trained with model.loss coca, or coca_ViT-B-32 with --pretrained).")
+                        f"checkpoint (trained with model.loss coca, or coca_ViT-B-32 with "
+                        f"{setting.format('pretrained')}).")
 
 
 @torch.no_grad()
@@ -94,12 +97,13 @@ def collect_captions(batches) -> tuple[dict[str, str], dict[str, list[str]], lis
 
 class CaptionWriter:
     """Finished parts as `OUT.parts/part-NNNNN.jsonl` (one {"key", ..., "caption"} a line), the settings that
-    made them beside; `finish` joins them into OUT. A folder made with other settings is refused."""
+    made them beside; `finish` joins them into OUT. A folder made with other settings is refused (`setting`
+    names `overwrite` and `out` in the caller's words)."""
 
-    def __init__(self, out: Path, settings: dict, overwrite: bool = False):
+    def __init__(self, out: Path, settings: dict, overwrite: bool = False, setting: str = "{}"):
         self.out, self.folder = out, out.with_name(out.name + ".parts")
         info = self.folder / "settings.json"
-        if settings_changed(info, settings, overwrite, "captions"):
+        if settings_changed(info, settings, overwrite, "captions", setting):
             for done in self.folder.glob("part-*.jsonl"):
                 done.unlink()
         self.folder.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,8 @@ An embedding folder (the output of `multimodal embed`):
     text_index/part-00000.jsonl    m lines: caption, key, and `image` (row of its image in the part)
 
 Each file is written under a temporary name and renamed; the index files are written last, so a
-part whose index files exist is complete, and a resumed run skips it.
+part whose index files exist is complete, and a resumed run skips it. A folder of parts (embeddings
+here, captions in `eval.captions`) is resumed only by a run with the same settings (`settings_changed`).
 """
 
 import contextlib
@@ -26,11 +27,27 @@ from tqdm import tqdm
 from multimodal.data.batch import EvalBatch, finish, jpegs_on_device
 from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
 from multimodal.data.sources import EvalBatches, ShardSource
-from multimodal.errors import UserError, read_json, reading
+from multimodal.errors import UserError
 from multimodal.files import atomic_file, write_text
 from multimodal.model import CLIP
+from multimodal.userfiles import read_json, reading
 
 PART = "part-{:05d}"
+
+
+def settings_changed(path: Path, settings: dict, overwrite: bool, what: str, setting: str = "{}") -> bool:
+    """Whether earlier parts beside the settings file `path` (JSON) were made with other `settings` and must be
+    cleared before resuming; refused in one sentence naming the changed settings unless `overwrite`. `setting`
+    names the options `overwrite` and `out` in the caller's words ("--{}" on a command line)."""
+    if not path.is_file():
+        return False
+    overwrite_option, out_option = setting.format("overwrite"), setting.format("out")
+    old = read_json(path, f"pass {overwrite_option} to start afresh, or choose another {out_option}")
+    if old != settings and not overwrite:
+        changed = sorted(k for k in settings if old.get(k) != settings[k])
+        raise UserError(f"{path.parent} holds {what} made with other settings ({', '.join(changed)}): "
+                        f"pass {overwrite_option} to replace them, or choose another {out_option}.")
+    return old != settings
 
 
 @dataclass
@@ -98,7 +115,7 @@ class PartWriter:
 
     def __init__(self, out: Path, dim: int, dtype: str = "float16", images: bool = True, texts: bool = True):
         if dtype not in ("float16", "float32"):
-            raise UserError(f"--dtype must be float16 or float32, got {dtype}.")
+            raise UserError(f"dtype must be float16 or float32, got {dtype}.")
         self.out, self.dim, self.dtype = out, dim, np.dtype(dtype)
         self.kinds = [k for k, wanted in (("img", images), ("text", texts)) if wanted]
         self.open: dict[int, _Part] = {}
@@ -202,16 +219,18 @@ def _index_rows(path: Path, redo: str) -> list[dict]:
     return rows
 
 
-def read_info(folder: Path) -> dict:
-    """An embedding folder's info.json: which model made it, from what."""
+def read_info(folder: Path, setting: str | None = None) -> dict:
+    """An embedding folder's info.json: which model made it, from what. `setting`, where the caller can take
+    the weights from elsewhere, names its options `checkpoint` and `model` ("--{}" on a command line)."""
     path = folder / "info.json"
     if not path.is_file():
         raise UserError(f"{folder} is not an embedding folder (no info.json): write one with `multimodal embed`.")
     info = read_json(path, "write the folder again with `multimodal embed`")
     weights = info.get("checkpoint") or info.get("pretrained") or str(info.get("model")).startswith("hf-hub:")
     if not isinstance(info.get("model"), str) or not weights:
+        elsewhere = f", or pass {setting.format('checkpoint')} and {setting.format('model')}" if setting else ""
         raise UserError(f"{path} does not name the model and weights that made the embeddings: write the "
-                        "folder again with `multimodal embed`, or pass --checkpoint and --model.")
+                        f"folder again with `multimodal embed`{elsewhere}.")
     return info
 
 

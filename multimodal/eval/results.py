@@ -15,8 +15,9 @@ import csv
 import io
 from pathlib import Path
 
-from multimodal.errors import UserError, read_json, reading, writing
-from multimodal.files import write_json, write_text
+from multimodal.errors import UserError
+from multimodal.files import write_text
+from multimodal.userfiles import read_json, reading, writing
 
 LANGUAGE = "en"
 FIRST_COLUMNS = ("dataset", "model", "pretrained", "task", "language", "step", "epoch", "checkpoint")
@@ -27,17 +28,6 @@ def result(task: str, dataset: str, model: str, pretrained: str | None, metrics:
     """A result as CLIP_benchmark lays it out, with `extra` fields (checkpoint, step, counts) beside."""
     return {"dataset": dataset, "model": model, "pretrained": pretrained or "", "task": task,
             "metrics": dict(metrics), "language": LANGUAGE, **extra}
-
-
-def write_out(record: dict, out: Path | None, table: Path | None) -> None:
-    """Write `record` as JSON to `out` and append it as a row of the CSV `table` (either may be None)."""
-    if out is not None:
-        with writing(out):
-            write_json(out, record, indent=2)
-        print(f"Wrote {out}")
-    if table is not None:
-        append_row(table, record)
-        print(f"Appended a row to {table}")
 
 
 def row(record: dict) -> dict:

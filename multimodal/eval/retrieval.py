@@ -80,9 +80,10 @@ def retrieval_metrics(image_features: torch.Tensor, text_features: torch.Tensor,
 def evaluate_embeddings(emb, ks: tuple[int, ...] = (1, 5, 10), chunk_size: int = 4096
                         ) -> tuple[dict[str, float], int, int]:
     """(metrics, images, captions) of the images and captions of `emb` (`eval.embed.Embeddings`); the
-    texts that belong to no image (`text_to_image` -1, from `--texts`) take no part."""
+    texts that belong to no image (`text_to_image` -1, from a text file) take no part."""
     if emb.image_features.shape[0] == 0 or (emb.text_to_image < 0).all():
-        raise UserError("Retrieval needs images with captions: embed shards, not only --images or --texts.")
+        raise UserError("Retrieval needs images with captions: embed shards, not only a folder of images or a "
+                        "text file.")
     keep = emb.text_to_image >= 0
     metrics = retrieval_metrics(emb.image_features, emb.text_features[keep], emb.text_to_image[keep], ks=ks,
                                 chunk_size=chunk_size)

@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from multimodal.data.batch import EvalBatch
 from multimodal.data.pixels import EvalTransform
 from multimodal.data.sources import ClassFolderSource, ShardSource
-from multimodal.errors import UserError, read_lines
+from multimodal.errors import UserError
 from multimodal.eval import presets
 from multimodal.eval.embed import labelled_features
 from multimodal.model import CLIP
+from multimodal.userfiles import read_lines
 
 # The project's own short prompt set. For the standard 80 ImageNet prompts, pass them as a file.
 DEFAULT_TEMPLATES = (
