@@ -14,11 +14,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/multimodal demo
 
+# two workers, one a core, each test file on one of them (tests/conftest.py gives each one torch thread)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -m "not slow"
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -m "not slow"
 
 debug: $(STAMP)
 	$(VENV)/bin/multimodal train --config configs/debug.yaml

@@ -25,6 +25,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 
 from multimodal import distributed
@@ -157,11 +158,45 @@ class ExactResume(pl.Callback):
     checkpoint of an epoch's last step resumed as the start of the next (`resume_finished_epoch_at_the_next`).
     Its hooks run on every rank, as checkpointing does."""
 
+    def __init__(self):
+        self._log_row: dict | None = None
+
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint["rng_states"] = distributed.all_gather_objects(rng_states())
+        # Lightning writes a step's log row after the callbacks of its end, so after a checkpoint saved there:
+        # a run killed in between would resume past a step whose row was never written. The row travels in
+        # the checkpoint (read on the host here, at a checkpoint, not in a step) and is written on resume.
+        connector = trainer._logger_connector
+        if trainer.training and trainer.loggers and connector.should_update_logs:
+            row = {key: float(value) for key, value in connector.metrics["log"].items()}
+            if row:
+                checkpoint["log_row"] = {"step": trainer.fit_loop.epoch_loop._batches_that_stepped, "metrics": row}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         resume_finished_epoch_at_the_next(checkpoint)  # before Lightning restores its loops from it
         states = checkpoint.get("rng_states")
         if states and len(states) == trainer.world_size:
             set_rng_states(states[trainer.global_rank])
+        self._log_row = checkpoint.get("log_row")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """The checkpointed step's log row, to every logger that lacks it (a CSV file is read to know)."""
+        row, self._log_row = self._log_row, None
+        if row is None or trainer.global_rank != 0:
+            return
+        for logger in trainer.loggers:
+            if not _has_row(logger, row["step"]):
+                logger.log_metrics(row["metrics"], step=row["step"])
+                logger.save()
+
+
+def _has_row(logger, step: int) -> bool:
+    """Whether a CSV logger's metrics.csv already holds a row of `step` (other loggers cannot say: False)."""
+    if not isinstance(logger, CSVLogger):
+        return False
+    path = Path(logger.log_dir) / "metrics.csv"
+    rows = path.read_text().splitlines() if path.is_file() else []
+    if not rows or "step" not in rows[0].split(","):
+        return False
+    column = rows[0].split(",").index("step")
+    return any(row.split(",")[column] == str(step) for row in rows[1:] if len(row.split(",")) > column)

@@ -11,6 +11,11 @@ COCO_MINI = SHARED_DATA / "coco-mini"
 FLICKR = SHARED_DATA / "flickr8k-1k"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs two workers, one a core: one torch thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"  # and in the processes tests start, or the cores are oversubscribed
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

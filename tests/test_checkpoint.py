@@ -158,3 +158,23 @@ def test_a_new_run_never_writes_into_an_existing_run_folder(cli, tmp_path):
     proc = cli(*args, "--overwrite", "true", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "runs" / "debug" / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_the_row_of_a_checkpointed_step_survives_a_kill_before_it_was_written(cli, tmp_path):
+    """Lightning writes a step's log row after the checkpoint saved at that step's end; a run killed in
+    between lost the row for good (the resumed run starts after that step). Here the row is dropped from
+    metrics.csv as such a kill would leave it: the resumed run writes it back from the checkpoint, once."""
+    train = TRAIN[:4] + ["6", *TRAIN[5:]]
+    assert cli(*train, cwd=tmp_path).returncode == 0
+    run = tmp_path / "runs" / "debug" / "version_0"
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 6 and checkpoint["log_row"]["step"] == 5
+    lines = (run / "metrics.csv").read_text().splitlines()
+    column = lines[0].split(",").index("step")
+    kept = [lines[0]] + [row for row in lines[1:] if int(row.split(",")[column]) < 5]
+    (run / "metrics.csv").write_text("\n".join(kept) + "\n")
+    resumed = cli(*TRAIN[:4], "10", *TRAIN[5:], "--resume", str(run), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    rows = (run / "metrics.csv").read_text().splitlines()
+    steps = [int(row.split(",")[column]) for row in rows[1:] if row.split(",")[rows[0].split(",").index("train/loss")]]
+    assert sorted(set(steps)) == list(range(10)) and steps.count(5) == 1, steps
