@@ -186,8 +186,7 @@ class ExactResume(pl.Callback):
             return
         for logger in trainer.loggers:
             if not _has_row(logger, row["step"]):
-                logger.log_metrics(row["metrics"], step=row["step"])
-                logger.save()
+                logger.log_metrics(row["metrics"], step=row["step"])  # flushed with the next rows
 
 
 def _has_row(logger, step: int) -> bool:
