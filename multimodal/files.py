@@ -8,6 +8,7 @@ embedding parts and indexes, results and reports all come through here.
 
 import json
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,9 @@ PARTIAL_SUFFIX = ".partial"
 
 
 def partial_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+    """A hidden partial file of `path` that no other writer shares: two processes writing one target
+    (two runs into one folder) each write their own, and the last rename wins whole."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
 
 
 @contextmanager

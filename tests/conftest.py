@@ -43,12 +43,42 @@ def open_clip_transforms(architecture):
             open_clip.image_transform(p.size, is_train=False, **settings))
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m multimodal ARGS` in `cwd`, in a new process (`env`: extra variables): for what only a
-    process of its own can show (DDP re-launching the command, a SIGKILL, a traceback); `cli` for the rest."""
+MEMORY_LIMIT = 4 << 30  # what any process the suite starts may allocate (issue 22: nothing takes over 4 GB)
+
+
+def limit_memory(limit: int = MEMORY_LIMIT) -> None:
+    """In a child process before it runs: its heap (RLIMIT_DATA, which counts what malloc and torch's
+    allocator take, unlike the address space that CUDA builds of torch reserve by the GB) capped at `limit`."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 600, env: dict | None = None,
+            memory: int = MEMORY_LIMIT) -> subprocess.CompletedProcess:
+    """`python -m multimodal ARGS` in `cwd`, in a new process (`env`: extra variables) whose heap is capped
+    at `memory` bytes: for what only a process of its own can show (DDP re-launching the command, a
+    SIGKILL, a traceback, memory that must stay bounded); `cli` for the rest."""
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([sys.executable, "-m", "multimodal", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=lambda: limit_memory(memory))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A folder on a 512 KiB file system of its own (a tmpfs, mounted as root; the test skips where it
+    cannot be): what a full disk does to a writer, for real, not a monkeypatched error."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
 @pytest.fixture

@@ -79,7 +79,7 @@ def test_embed_resumes_after_a_kill_without_duplicates_or_gaps(cli, trained, sha
     finished = sorted((out / "text_index").glob("part-*.jsonl"))
     if finished:
         finished[-1].unlink()
-    (out / "img_emb" / ".part-00006.npy.partial").write_bytes(b"partial")
+    (out / "img_emb" / ".part-00006.npy.123-0a1b2c3d.partial").write_bytes(b"partial")
     before = len(list((out / "text_index").glob("part-*.jsonl")))
     proc = ok(cli("embed", *args, "--out", str(out), cwd=tmp_path))
     assert f"{before} of 7 parts already done" in proc.stdout

@@ -62,8 +62,8 @@ class WriteReport:
 
 def _ours(path: Path) -> bool:
     """Whether `path` is a file that shard writing makes: a shard, a partial shard, a manifest."""
-    return path.is_file() and (path.name in (MANIFEST, SYNTHETIC)
-                               or re.fullmatch(r"\.?shard-\d{6}\.tar(\.partial)?", path.name) is not None)
+    shard = r"\.?shard-\d{6}\.tar(\.\d+-[0-9a-f]{8}\.partial)?"  # files.partial_path's names
+    return path.is_file() and (path.name in (MANIFEST, SYNTHETIC) or re.fullmatch(shard, path.name) is not None)
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool, option: str = "out_dir", setting: str = "{}") -> None:
