@@ -1,10 +1,11 @@
 """Checks of the paths a user names, made before any work starts: an input that is missing or of the
-wrong kind, an output that cannot be written where it is asked for, a checkpoint file of no known kind.
+wrong kind, an output that cannot be written where it is asked for, a checkpoint file of no known kind;
+and of the names a user's file gives, which must stay inside the folder they are read from.
 The command line runs them on its arguments before any heavy import; the library on its own arguments.
 """
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from multimodal.errors import UserError
 
@@ -35,15 +36,26 @@ def check_output(path: str | Path, option: str, kind: str = "file", suffixes: tu
 
 
 def check_input(path: str | Path, what: str, hint: str, kind: str = "file") -> None:
-    """Refuse, before any work, an input `path` that is missing or not a `kind` ("file" or "folder"):
-    `what` names it ("Checkpoint", "Image folder"), `hint` says what to pass instead."""
+    """Refuse, before any work, an input `path` that is missing or not a `kind` ("file" or "folder"; a file is
+    a regular one, never a named pipe or a device): `what` names it ("Checkpoint", "Image folder"), `hint`
+    says what to pass instead."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{what} {path} does not exist: {hint}.")
-    if kind == "file" and not path.is_file():
+    if kind == "file" and path.is_dir():
         raise UserError(f"{what} {path} is a folder, not a file: {hint}.")
+    if kind == "file" and not path.is_file():
+        raise UserError(f"{what} {path} is not a regular file (a pipe, a device or a socket): {hint}.")
     if kind == "folder" and not path.is_dir():
         raise UserError(f"{what} {path} is a file, not a folder: {hint}.")
+
+
+def inside(name: str) -> bool:
+    """Whether the file name `name` (from a file the user gave: a caption file's image names) stays under the
+    folder it is joined to: relative, with no `..` part. The name is confined, not what it resolves to: links
+    inside the folder are followed wherever they point (a folder of links into a dataset store is common)."""
+    path = PurePosixPath(name)
+    return bool(name) and "\0" not in name and not path.is_absolute() and ".." not in path.parts
 
 
 def check_checkpoint(path: str | Path) -> None:

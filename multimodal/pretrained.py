@@ -13,13 +13,12 @@ command line checks its arguments with `is_file` and `is_hub` before any heavy i
 """
 
 import difflib
-import json
 import os
 from pathlib import Path
 
 from multimodal.errors import UserError, first_line
 from multimodal.paths import CHECKPOINT_SUFFIXES
-from multimodal.userfiles import reading
+from multimodal.userfiles import read_json
 
 HF_HUB = "hf-hub:"
 CONFIG_FILE = "open_clip_config.json"  # a repository's model_cfg and preprocess_cfg, as open_clip pushes them
@@ -126,8 +125,7 @@ def hub_config(model: str, cache_dir: str | Path | None = None) -> tuple[dict, P
     """(open_clip_config.json, the folder holding it) of an `hf-hub:` repository, from the cache or downloaded."""
     path = _download({"hf_hub": f"{model[len(HF_HUB):]}/{CONFIG_FILE}"}, f"The model files of {model} ({CONFIG_FILE})",
                      cache_dir)
-    with reading(path):
-        config = json.loads(path.read_text())
+    config = read_json(path, kind=object)
     if not isinstance(config, dict) or not isinstance(config.get("model_cfg"), dict):
         raise UserError(f"{path} has no model_cfg: {model} is not an open_clip repository.")
     return config, path.parent

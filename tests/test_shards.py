@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from multimodal.data.captionfiles import read_coco_entries
 from multimodal.data.decode import decode_image
 from multimodal.data.formats import expand_urls, read_records
-from multimodal.data.shards import read_coco_entries, write_coco, write_csv
+from multimodal.data.shards import write_coco, write_csv
 from multimodal.errors import UserError
 
 

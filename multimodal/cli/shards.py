@@ -7,6 +7,7 @@ from pathlib import Path
 
 from multimodal.errors import UserError
 from multimodal.paths import check_input, check_output
+from multimodal.userfiles import CAPTION_CHARS, check_file, limit
 
 SOURCE_FILES = {  # source -> (option, what it names, what to pass)
     "coco": ("captions", "Captions file", "pass a COCO captions JSON with --captions"),
@@ -49,6 +50,7 @@ def write_shards(argv: list[str]) -> int:
     option, what, hint = SOURCE_FILES[args.source]
     source = getattr(args, option)
     check_input(source, what, hint)
+    check_file(source)
     check_input(args.images, "Image folder", "pass the folder that holds the images with --images", "folder")
     check_output(args.out, "--out", "folder")
     from multimodal.data import shards
@@ -66,15 +68,22 @@ def write_shards(argv: list[str]) -> int:
     print(f"Wrote {report.num_samples} samples in {len(report.sizes)} shards to {args.out}"
           + "".join(f"; {split}: {images} images, {captions} captions"
                     for split, (images, captions) in report.splits.items())
-          + _failures(report.failures, args.images))
+          + _failures(report, args.images) + _cut(report.cut))
     if report.num_samples == 0:
         raise UserError(f"No image could be read from {args.images}: check --images against the file names.")
     return 0
 
 
-def _failures(failures: list[tuple[str, str]], images: Path) -> str:
-    if not failures:
+def _failures(report, images: Path) -> str:
+    if not report.failures:
         return "."
-    missing = sum(not (images / name).exists() for name, _ in failures)
-    return (f"; {len(failures)} images could not be read (listed above)"
-            + (f", {missing} of them missing from {images}." if missing else "."))
+    return (f"; {len(report.failures)} images could not be read (listed above)"
+            + (f", {report.missing} of them missing from {images}." if report.missing else "."))
+
+
+def _cut(cut: int) -> str:
+    if not cut:
+        return ""
+    most, many = limit(CAPTION_CHARS), cut > 1
+    return (f" {cut} caption{'s' * many} longer than {most} characters {'were' if many else 'was'} cut to "
+            f"{'their' if many else 'its'} first {most} (set {CAPTION_CHARS} to keep more).")

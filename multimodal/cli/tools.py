@@ -12,7 +12,7 @@ from multimodal.errors import UserError
 from multimodal.files import save_image
 from multimodal.paths import check_input, check_output
 from multimodal.plot import plot_run
-from multimodal.userfiles import reading, writing
+from multimodal.userfiles import read_bytes, reading, writing
 
 GRID_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
@@ -52,10 +52,15 @@ def search(argv: list[str]) -> int:
     query_image = _query_image(args.image) if args.image is not None else None
     info = read_info(args.index, setting="--{}")
     emb = load_folder(args.index)
+    if not (emb.image_features.shape[0] or emb.text_features.shape[0]):
+        raise UserError(f"{args.index} holds no embeddings to search (every sample was skipped when it was made): "
+                        "embed readable images or texts with `multimodal embed`.")
     target = args.target or ("images" if emb.image_features.shape[0] else "texts")
     candidates = emb.image_features if target == "images" else emb.text_features
     if candidates.shape[0] == 0:
-        raise UserError(f"{args.index} holds no {target} embeddings to search.")
+        other = "texts" if target == "images" else "images"
+        raise UserError(f"{args.index} holds no {target[:-1]} embeddings to search: search its {other} with "
+                        f"--target {other}.")
     model = load_model(args) if weights_given(args) else \
         weights.load_model(info["checkpoint"], args.model or info["model"], pretrained=info.get("pretrained"),
                            cache_dir=args.cache_dir, setting="--{}")
@@ -94,7 +99,7 @@ def _query_image(path: Path):
     from multimodal.data.faults import BadSample
 
     with reading(path):
-        data = path.read_bytes()
+        data = read_bytes(path)
     try:
         return decode_file(data)
     except BadSample as bad:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from multimodal.data.faults import BadSample
 from multimodal.errors import UserError
+from multimodal.userfiles import cut_caption
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_IMAGE_PIXELS = 89_478_485  # PIL's warning threshold: 1/4 GiB of 24-bit pixels
@@ -235,9 +236,10 @@ def _field(value) -> list | None:
 
 
 def _captions(raw: dict, meta: dict | None, members: Members) -> list[str]:
-    """The non-empty captions of a sample, read as `members` says; raises BadSample. By default json
-    `captions` first (a string or a list of strings), else the txt member; JSON of any other shape is an
-    unreadable caption, never an error. A chosen text member or json field that is absent: no caption."""
+    """The non-empty captions of a sample, read as `members` says, each cut to `userfiles.CAPTION_CHARS`;
+    raises BadSample. By default json `captions` first (a string or a list of strings), else the txt member;
+    JSON of any other shape is an unreadable caption, never an error. A chosen text member or json field that
+    is absent: no caption."""
     if members.default_captions:
         if "json" not in raw and "txt" not in raw:
             raise BadSample("no caption")
@@ -257,7 +259,7 @@ def _captions(raw: dict, meta: dict | None, members: Members) -> list[str]:
                 found += _field(meta.get(name)) or []
         elif not found:
             raise BadSample("no caption")
-    captions = [c.strip() for c in found if isinstance(c, str) and c.strip()]
+    captions = [cut_caption(c.strip()) for c in found if isinstance(c, str) and c.strip()]
     if not captions:
         raise BadSample("empty caption" if found or members.default_captions else "no caption")
     return captions

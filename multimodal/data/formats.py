@@ -27,7 +27,7 @@ from multimodal.data.decode import IMAGE_KEYS, MAX_IMAGE_PIXELS, Members, Record
 from multimodal.data.faults import BadSample
 from multimodal.data.tario import tarfile_samples
 from multimodal.errors import UserError
-from multimodal.userfiles import read_json, reading
+from multimodal.userfiles import read_json, read_text, reading
 
 REMOTE_PREFIXES = ("pipe:", "http://", "https://", "s3://", "gs://")
 MANIFEST = "sizes.json"
@@ -159,8 +159,7 @@ def _benchmark_root(part: str, split: str | None, default_split: str) -> tuple[P
 def _read_lines(path: Path) -> tuple[str, ...] | None:
     if not path.is_file():
         return None
-    with reading(path, "download the dataset again"):
-        lines = path.read_text(encoding="utf-8").splitlines()
+    lines = read_text(path, "download the dataset again").splitlines()
     return tuple(line.strip() for line in lines if line.strip())
 
 
@@ -178,8 +177,7 @@ def _read_benchmark(root: Path) -> Benchmark:
 
 def _benchmark_urls(root: Path, split: str) -> list[str]:
     counted = root / split / "nshards.txt"
-    with reading(counted, "download the dataset again"):
-        text = counted.read_text(encoding="utf-8").strip()
+    text = read_text(counted, "download the dataset again").strip()
     if not text.isdigit() or int(text) == 0:
         raise UserError(f"{counted} should hold the number of shards of the split, but holds '{text[:40]}': "
                         "download the dataset again.")
@@ -219,8 +217,7 @@ def _sizes(urls: list[str]) -> tuple[list[int | None], list[Path | None]]:
 def _successes(path: Path) -> int:
     """The samples img2dataset wrote into the tar beside a stats file."""
     fix = "it should be the stats file img2dataset wrote beside the shard of the same number"
-    with reading(path, fix):
-        stats = json.loads(path.read_text(encoding="utf-8"))
+    stats = read_json(path, fix, kind=object)
     count = stats.get("successes") if isinstance(stats, dict) else None
     if not isinstance(count, int) or isinstance(count, bool) or count < 0:
         raise UserError(f"{path} has no sample count ('successes'): {fix}.")

@@ -1,26 +1,29 @@
 """Writing webdataset tar shards of image-text samples (the format is in data/README.md).
 
 One sample per image: `<key>.jpg` (the image), `<key>.txt` (its first caption) and `<key>.json`
-(`captions`: all of them, plus where it came from). Sources: the official COCO captions JSON,
-`image,caption` CSV tables (Flickr style), the Karpathy split files of COCO, Flickr30k and Flickr8k
-(`dataset_coco.json`: Karpathy & Fei-Fei, "Deep Visual-Semantic Alignments", CVPR 2015, the test
-splits retrieval is reported on) and the synthetic scenes. Output is deterministic:
+(`captions`: all of them, plus where it came from). Sources: the caption files data/captionfiles.py
+reads (COCO, CSV tables, Karpathy splits) and the synthetic scenes. Output is deterministic:
 the same input gives byte-identical shards (a fixed order, fixed tar mtime, fixed JPEG settings).
 Each shard is written to a temporary name and renamed when complete; `sizes.json` (open_clip's
-manifest: shard file name -> sample count) is written last.
+manifest: shard file name -> sample count) is written last, and a write that fails leaves none of the
+run's shards behind. Images are read only under the folder given (a name that is absolute or climbs
+out with `..` is reported as missing; links inside it are followed), only from regular files of
+bounded size (`userfiles.read_bytes`); captions are cut to `userfiles.CAPTION_CHARS`, and a caption
+file that lists one image twice, or whose ids or names are not what they should be, is refused.
 
 Sentences about the writers' settings name them through `setting`, a format string in the caller's
 words: "{}" (the default) for the names alone, "--{}" on the command line (`multimodal shards`),
 "data.{}" in a config; `option` is the caller's name for the output folder.
 """
 
-import csv
 import io
 import json
+import os
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from itertools import chain, islice
 from pathlib import Path
@@ -30,15 +33,29 @@ from PIL import Image
 from tqdm import tqdm
 
 from multimodal.data import synthetic
+from multimodal.data.captionfiles import ImageEntry, read_coco_entries, read_csv_entries, read_karpathy_entries
 from multimodal.data.decode import open_image
 from multimodal.data.formats import MANIFEST
 from multimodal.errors import UserError
-from multimodal.files import atomic_file, write_json
-from multimodal.paths import check_output
-from multimodal.userfiles import read_json, reading, writing
+from multimodal.files import atomic_file, partial_of, write_json
+from multimodal.paths import check_output, inside
+from multimodal.userfiles import (
+    CAPTION_CHARS,
+    IMAGE_BYTES,
+    Refused,
+    cut_caption,
+    limit,
+    read_bytes,
+    read_json,
+    writing,
+)
 
 SHARD_PATTERN = "shard-{:06d}.tar"
 SYNTHETIC = "synthetic.json"  # beside synthetic shards: the settings that made them
+LOCK = ".synthetic.lock"  # in a synthetic folder: runs started side by side write it one at a time
+_WRITTEN = r"shard-\d{6}\.tar|sizes\.json|synthetic\.json"
+OURS = re.compile(rf"{_WRITTEN}|{re.escape(LOCK)}")
+OUTSIDE = "not under the image folder (an absolute path, or one that climbs out with '..')"
 
 
 @dataclass
@@ -54,6 +71,8 @@ class WriteReport:
     sizes: dict[str, int]
     failures: list[tuple[str, str]]  # (file name, reason) of images that could not be read
     splits: dict[str, tuple[int, int]] = field(default_factory=dict)  # Karpathy split -> (images, captions) written
+    missing: int = 0  # of the failures, images that are not there, or not under the image folder
+    cut: int = 0  # captions cut to userfiles.CAPTION_CHARS
 
     @property
     def num_samples(self) -> int:
@@ -61,9 +80,8 @@ class WriteReport:
 
 
 def _ours(path: Path) -> bool:
-    """Whether `path` is a file that shard writing makes: a shard, a partial shard, a manifest."""
-    shard = r"\.?shard-\d{6}\.tar(\.\d+-[0-9a-f]{8}\.partial)?"  # files.partial_path's names
-    return path.is_file() and (path.name in (MANIFEST, SYNTHETIC) or re.fullmatch(shard, path.name) is not None)
+    """Whether `path` is a file that shard writing makes: a shard, a manifest, a partial one of either."""
+    return path.is_file() and OURS.fullmatch(partial_of(path.name) or path.name) is not None
 
 
 def prepare_out_dir(out_dir: Path, overwrite: bool, option: str = "out_dir", setting: str = "{}") -> None:
@@ -82,42 +100,71 @@ def prepare_out_dir(out_dir: Path, overwrite: bool, option: str = "out_dir", set
         raise UserError(f"{out_dir} already holds shards: pass {setting.format('overwrite')} to replace them, or "
                         f"choose another {option}.")
     for path in old:
-        path.unlink()
+        if path.name != LOCK:  # another run may hold it
+            path.unlink()
 
 
 def write_shards(samples: Iterable[Sample], out_dir: Path, shard_size: int, total: int | None = None,
                  desc: str = "writing shards", setting: str = "{}") -> dict[str, int]:
-    """Write `samples` into `out_dir/shard-NNNNNN.tar` files of `shard_size` samples each."""
+    """Write `samples` into `out_dir/shard-NNNNNN.tar` files of `shard_size` samples each, then the manifest.
+    A failure (a full disk: one sentence) leaves none of these shards: without their manifest they would be
+    a set no reader can count."""
     if shard_size <= 0:
         raise UserError(f"{setting.format('shard_size')} must be a positive number of samples, got {shard_size}.")
     sizes: dict[str, int] = {}
-    stream = iter(tqdm(samples, total=total, desc=desc, unit="img", mininterval=1.0))
-    while (first := next(stream, None)) is not None:  # a shard at a time, streamed into its file
-        final = out_dir / SHARD_PATTERN.format(len(sizes))
-        count = 0
-        with atomic_file(final) as f:
-            writer = wds.TarWriter(f, encoder=False, mtime=0.0)
-            for sample in chain([first], islice(stream, shard_size - 1)):
-                record = {"key": sample.key, "captions": sample.captions, **sample.meta}
-                writer.write({
-                    "__key__": sample.key,
-                    "jpg": sample.image,
-                    "txt": sample.captions[0].encode("utf-8"),
-                    "json": json.dumps(record, sort_keys=True).encode("utf-8"),
-                })
-                count += 1
-            writer.close()  # the tar's end blocks; the file itself is closed by atomic_file
-        sizes[final.name] = count
-    write_json(out_dir / MANIFEST, sizes)
+    keys: set[str] = set()
+    bar = tqdm(samples, total=total, desc=desc, unit="img", mininterval=1.0)
+    stream = iter(bar)
+    try:
+        while (first := next(stream, None)) is not None:  # a shard at a time, streamed into its file
+            final = out_dir / SHARD_PATTERN.format(len(sizes))
+            with writing(final), atomic_file(final) as f:
+                count = _write_tar(f, chain([first], islice(stream, shard_size - 1)), keys)
+            sizes[final.name] = count
+        with writing(out_dir / MANIFEST):
+            write_json(out_dir / MANIFEST, sizes)
+    except BaseException:
+        for name in sizes:
+            (out_dir / name).unlink(missing_ok=True)
+        raise
+    finally:
+        bar.close()  # before the sentence the failure becomes
     return sizes
+
+
+def _write_tar(f, samples: Iterable[Sample], keys: set[str]) -> int:
+    """`samples` as one tar into the open file `f`; `keys`: those written before, none of which may recur
+    (readers would see one sample where the manifest counts two)."""
+    writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+    count = 0
+    try:
+        for sample in samples:
+            if sample.key in keys:
+                raise UserError(f"There are two samples with the key {sample.key}: each image must be listed once.")
+            keys.add(sample.key)
+            record = {"key": sample.key, "captions": sample.captions, **sample.meta}
+            writer.write({
+                "__key__": sample.key,
+                "jpg": sample.image,
+                "txt": sample.captions[0].encode("utf-8"),
+                "json": json.dumps(record, sort_keys=True).encode("utf-8"),
+            })
+            count += 1
+    except BaseException:
+        with suppress(OSError, ValueError):  # closed now, or its stream would write to the closed file later
+            writer.close()
+        raise
+    writer.close()  # the tar's end blocks; the file itself is closed by atomic_file
+    return count
 
 
 def jpeg_of(path: Path, max_side: int | None) -> tuple[bytes, int, int]:
     """JPEG bytes of the image at `path`, downscaled so its longer side is at most `max_side`.
 
-    A JPEG that needs no resizing is kept byte for byte; other formats are re-encoded.
+    A JPEG that needs no resizing is kept byte for byte; other formats are re-encoded. Only a regular file
+    of at most `userfiles.IMAGE_BYTES` is read (`userfiles.read_bytes`).
     """
-    data = path.read_bytes()
+    data = read_bytes(path)
     with open_image(data) as image:
         image.load()  # decode fully: an unreadable image fails here, at write time
         width, height = image.size
@@ -133,32 +180,38 @@ def jpeg_of(path: Path, max_side: int | None) -> tuple[bytes, int, int]:
         return buf.getvalue(), width, height
 
 
-@dataclass(frozen=True)
-class ImageEntry:
-    key: str
-    file_name: str
-    captions: list[str]
-    meta: dict
-
-
 def _encode_all(entries: list[ImageEntry], images_dir: Path, max_side: int | None, workers: int,
-                failures: list) -> Iterator[Sample]:
-    """Samples for `entries` in order, reading and resizing on `workers` threads."""
+                report: WriteReport) -> Iterator[Sample]:
+    """Samples for `entries` in order, read and resized on `workers` threads a few images ahead of the
+    writer (memory stays bounded, and a failed write waits for no more); failures go to `report`."""
 
     def load(entry: ImageEntry):
+        if not inside(entry.file_name):
+            return Refused(OUTSIDE)
         try:
             return jpeg_of(images_dir / entry.file_name, max_side)
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             return exc
 
+    todo = iter(entries)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for entry, result in zip(entries, pool.map(load, entries)):
-            if isinstance(result, Exception):
-                failures.append((entry.file_name, f"{type(result).__name__}: {result}"))
-                continue
-            image, width, height = result
-            yield Sample(entry.key, image, entry.captions,
-                         {"file_name": entry.file_name, "width": width, "height": height, **entry.meta})
+        ahead = deque((entry, pool.submit(load, entry)) for entry in islice(todo, 4 * max(1, workers)))
+        try:
+            while ahead:
+                entry, future = ahead.popleft()
+                ahead.extend((e, pool.submit(load, e)) for e in islice(todo, 1))
+                result = future.result()
+                if isinstance(result, Exception):
+                    reason = result.strerror if isinstance(result, Refused) else f"{type(result).__name__}: {result}"
+                    report.failures.append((entry.file_name, reason))
+                    report.missing += isinstance(result, FileNotFoundError) or not inside(entry.file_name)
+                    continue
+                image, width, height = result
+                yield Sample(entry.key, image, entry.captions,
+                             {"file_name": entry.file_name, "width": width, "height": height, **entry.meta})
+        finally:
+            for _, future in ahead:
+                future.cancel()
 
 
 def _write_entries(entries: list[ImageEntry], images_dir: Path, out_dir: Path, shard_size: int,
@@ -167,89 +220,21 @@ def _write_entries(entries: list[ImageEntry], images_dir: Path, out_dir: Path, s
         raise UserError(f"Image folder {images_dir} does not exist: pass the folder that holds the images.")
     if max_side is not None and max_side <= 0:
         raise UserError(f"{setting.format('max_side')} must be a positive number of pixels, got {max_side}.")
+    limit(IMAGE_BYTES)  # a bad value of its variable is a sentence now, not in a reading thread
     prepare_out_dir(out_dir, overwrite, option, setting)
-    failures: list[tuple[str, str]] = []
-    samples = _encode_all(entries, images_dir, max_side, workers, failures)
-    sizes = write_shards(samples, out_dir, shard_size, total=len(entries), setting=setting)
-    return WriteReport(sizes, failures)
-
-
-def read_coco_entries(captions_json: Path) -> list[ImageEntry]:
-    """One entry per captioned image of an official COCO captions file, sorted by image id."""
-    if not captions_json.is_file():
-        raise UserError(f"Captions file {captions_json} does not exist: pass a COCO captions JSON.")
-    coco = read_json(captions_json, kind=object)
-    if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations")):
-        raise UserError(f"Captions file {captions_json} lacks the COCO keys 'images' and 'annotations': "
-                        "pass an official COCO captions file such as captions_train2017.json.")
-    try:
-        captions: dict[int, list[str]] = {}
-        for ann in sorted(coco["annotations"], key=lambda a: (a["image_id"], a.get("id", 0))):
-            captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
-        images = sorted(coco["images"], key=lambda im: im["id"])
-        return [
-            ImageEntry(f"{im['id']:012d}", im["file_name"], captions[im["id"]], {"image_id": im["id"]})
-            for im in images if captions.get(im["id"])
-        ]
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise UserError(f"Captions file {captions_json} has an entry without the COCO field {exc}: "
-                        "images need 'id' and 'file_name', annotations 'image_id' and 'caption'.") from None
-
-
-def read_csv_entries(csv_path: Path) -> list[ImageEntry]:
-    """One entry per image of an `image,caption` table, in order of first appearance."""
-    if not csv_path.is_file():
-        raise UserError(f"CSV file {csv_path} does not exist: pass an image,caption table.")
-    with reading(csv_path), csv_path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"image", "caption"} <= set(reader.fieldnames):
-            raise UserError(f"CSV file {csv_path} needs a header with the columns 'image' and 'caption', "
-                            f"found {reader.fieldnames}.")
-        captions: dict[str, list[str]] = {}
-        for row in reader:
-            if row["image"] and row["caption"] and row["caption"].strip():
-                captions.setdefault(row["image"], []).append(row["caption"].strip())
-    return [ImageEntry(f"{i:09d}", name, caps, {}) for i, (name, caps) in enumerate(captions.items())]
-
-
-def read_karpathy_entries(karpathy_json: Path, splits: list[str], setting: str = "{}") -> list[ImageEntry]:
-    """One entry per image of a Karpathy split file (`dataset_coco.json`, `dataset_flickr30k.json`,
-    `dataset_flickr8k.json`) in one of `splits`, in the file's order. `KEY` is the image's position in
-    the file (its `imgid` in the published files); `file_name` is `filepath/filename` (COCO), else `filename`."""
-    fix = "pass dataset_coco.json, dataset_flickr30k.json or dataset_flickr8k.json"
-    if not karpathy_json.is_file():
-        raise UserError(f"Karpathy split file {karpathy_json} does not exist: {fix}.")
-    images = read_json(karpathy_json, fix).get("images")
-    if not isinstance(images, list):
-        raise UserError(f"{karpathy_json} is not a Karpathy split file (it has no 'images' list): {fix}.")
-    entries, found = [], Counter()
-    for i, image in enumerate(images):
-        try:
-            split, filename = str(image["split"]), str(image["filename"])
-            captions = [s["raw"].strip() for s in image["sentences"]]
-        except (KeyError, TypeError, AttributeError) as exc:
-            problem = f"has no field {exc}" if isinstance(exc, KeyError) else "is not laid out as one"
-            raise UserError(f"{karpathy_json} is not a Karpathy split file (image {i} {problem}; every image "
-                            f"needs 'split', 'filename' and 'sentences' with 'raw'): {fix}.") from None
-        found[split] += 1
-        captions = [c for c in captions if c]
-        if split in splits and captions:
-            ids = {k: image[k] for k in ("imgid", "cocoid") if k in image}
-            path = f"{image['filepath']}/{filename}" if image.get("filepath") else filename
-            entries.append(ImageEntry(f"{i:09d}", path, captions, {"split": split, "filename": filename, **ids}))
-    absent = [s for s in splits if not any(e.meta["split"] == s for e in entries)]
-    if absent:
-        have = ", ".join(f"{s} ({n} images)" for s, n in found.items()) or "none"
-        raise UserError(f"{karpathy_json} has no image in split {', '.join(map(repr, absent))}; its splits are "
-                        f"{have}: pass one of them with {setting.format('split')}.")
-    return entries
+    report = WriteReport({}, [], cut=sum(len(c) > limit(CAPTION_CHARS) for e in entries for c in e.captions))
+    if report.cut:
+        entries = [replace(e, captions=[cut_caption(c) for c in e.captions]) for e in entries]
+    samples = _encode_all(entries, images_dir, max_side, workers, report)
+    report.sizes = write_shards(samples, out_dir, shard_size, total=len(entries), setting=setting)
+    return report
 
 
 def _locate(entry: ImageEntry, images_dir: Path) -> ImageEntry:
     """`filepath/filename` under `images_dir`, else `filename`: people often pass COCO's val2014/ itself."""
     fallback = entry.meta["filename"]
-    if fallback != entry.file_name and not (images_dir / entry.file_name).is_file() \
-            and (images_dir / fallback).is_file():
+    if fallback != entry.file_name and inside(entry.file_name) and inside(fallback) \
+            and not (images_dir / entry.file_name).is_file() and (images_dir / fallback).is_file():
         return replace(entry, file_name=fallback)
     return entry
 
@@ -296,7 +281,8 @@ def write_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size
                     first_index: int = 0, overwrite: bool = False, option: str = "out_dir",
                     setting: str = "{}") -> WriteReport:
     """Scenes `first_index .. first_index + num_samples - 1` of `seed` (see `synthetic.scene`), with
-    their settings in `synthetic.json` beside the shards."""
+    their settings in `synthetic.json` beside the shards. The settings are written first and the manifest
+    last: a run stopped at any point leaves a folder known as synthetic scenes, and complete only with both."""
     prepare_out_dir(out_dir, overwrite, option, setting)
 
     def samples() -> Iterator[Sample]:
@@ -304,10 +290,10 @@ def write_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size
             image, captions, record = synthetic.scene(i, seed=seed, side=image_size)
             yield Sample(f"{i:09d}", image, captions, record)
 
+    with writing(out_dir / SYNTHETIC):
+        write_json(out_dir / SYNTHETIC, _synthetic_settings(num_samples, shard_size, image_size, seed, first_index))
     sizes = write_shards(samples(), out_dir, shard_size, total=num_samples, desc=f"synthetic {out_dir.name}",
                          setting=setting)
-    settings = _synthetic_settings(num_samples, shard_size, image_size, seed, first_index)
-    write_json(out_dir / SYNTHETIC, settings)
     return WriteReport(sizes, [])
 
 
@@ -319,19 +305,57 @@ def _synthetic_settings(num_samples: int, shard_size: int, image_size: int, seed
 def ensure_synthetic(out_dir: Path, num_samples: int, shard_size: int, image_size: int = 64, seed: int = 0,
                      first_index: int = 0, option: str = "out_dir", setting: str = "{}") -> bool:
     """Synthetic scenes in `out_dir` as these settings make them: kept when they are there already,
-    (re)written when the folder is new, empty or holds other synthetic scenes; never written into a
-    folder that holds anything else. Returns whether it wrote. `setting` names `synthetic`, the section
-    that holds these settings ("data.{}" in a config)."""
-    marker = out_dir / SYNTHETIC
+    (re)written when the folder is new, empty or holds other synthetic scenes (or a stopped run's part of
+    them); never written into a folder that holds anything else. Runs started side by side write them once,
+    one at a time (`_locked`): the others wait, then find them complete. Returns whether it wrote.
+    `setting` names `synthetic`, the section that holds these settings ("data.{}" in a config)."""
     settings = _synthetic_settings(num_samples, shard_size, image_size, seed, first_index)
-    if marker.is_file():
-        if read_json(marker, f"delete {marker} to write the synthetic scenes afresh") == settings \
-                and (out_dir / MANIFEST).is_file():
+    if _synthetic_done(out_dir, settings):
+        return False
+    _refuse_others(out_dir, option, setting, locked=False)
+    check_output(out_dir, option, kind="folder")
+    with _locked(out_dir):
+        if _synthetic_done(out_dir, settings):  # another run wrote them while this one waited
             return False
-    elif out_dir.is_dir() and any(out_dir.iterdir()):
+        _refuse_others(out_dir, option, setting, locked=True)
+        write_synthetic(out_dir, num_samples, shard_size, image_size, seed, first_index, overwrite=True,
+                        option=option, setting=setting.format("synthetic.{}"))
+    return True
+
+
+def _synthetic_done(out_dir: Path, settings: dict) -> bool:
+    marker = out_dir / SYNTHETIC
+    return marker.is_file() and (out_dir / MANIFEST).is_file() \
+        and read_json(marker, f"delete {marker} to write the synthetic scenes afresh") == settings
+
+
+def _refuse_others(out_dir: Path, option: str, setting: str, locked: bool) -> None:
+    """Refuse a folder holding files other than this project's synthetic scenes: any file that shard writing
+    does not make, or, asked with the lock held (no other run is half-way), shards without the settings beside
+    them (`multimodal shards` wrote those)."""
+    files = list(out_dir.iterdir()) if out_dir.is_dir() else []
+    others = [p for p in files if not _ours(p)]
+    if locked and not (out_dir / SYNTHETIC).is_file():
+        others += [p for p in files if p.name == MANIFEST or p.name.startswith("shard-")]
+    if others:
         raise UserError(f"{option} {out_dir} holds files that are not this project's synthetic data: set "
                         f"{setting.format('synthetic')} to null to train on the shards there, or give {option} a new "
                         "folder for the synthetic scenes.")
-    write_synthetic(out_dir, num_samples, shard_size, image_size, seed, first_index, overwrite=True, option=option,
-                    setting=setting.format("synthetic.{}"))
-    return True
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """`folder` (made if new) held by this process alone while the block runs: an exclusive flock on its
+    LOCK file, which the kernel lets go when the process ends, however it ends. Where the file system
+    keeps no locks, the block runs unlocked."""
+    import fcntl  # here: POSIX only
+
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        with suppress(OSError):
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

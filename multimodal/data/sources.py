@@ -26,7 +26,7 @@ from multimodal.data.formats import ShardSet, open_shards
 from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
 from multimodal.data.tario import tarfile_samples
 from multimodal.errors import UserError
-from multimodal.userfiles import read_lines
+from multimodal.userfiles import read_bytes, read_lines
 
 log = logging.getLogger("multimodal.data")
 
@@ -49,9 +49,10 @@ def image_files(folder: Path) -> list[Path]:
 def read_image_file(path: Path, min_side: int | None = None, on_device: bool = False
                     ) -> Image.Image | np.ndarray | bytes | None:
     """An image file as `decode.decode_file` gives it, or None, with a warning saying why it was skipped:
-    unreadable, not an image, or more than MAX_IMAGE_PIXELS pixels declared (refused before decoding)."""
+    unreadable, not a regular file or over its size limit (`userfiles.read_bytes`: refused unread), not an
+    image, or more than MAX_IMAGE_PIXELS pixels declared (refused before decoding)."""
     try:
-        return decode_file(path.read_bytes(), min_side, on_device)
+        return decode_file(read_bytes(path), min_side, on_device)
     except OSError as exc:
         log.warning("skipping %s: %s", path, exc.strerror or exc)
     except BadSample as bad:
