@@ -15,6 +15,7 @@ classes that newer releases removed); the captioner supplies the callback.
 - `generate`: `Decoding` says which.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 from multimodal.errors import UserError
 
 STRATEGIES = ("greedy", "top_k", "top_p", "beam")
+# |length_penalty| beyond this means nothing more (a length's 10th power already outweighs any log-probability)
+# and, with a long caption's length, overflows float32
+MAX_LENGTH_PENALTY = 10.0
+_DERIVED_ROWS = 8  # (V,) rows per sequence beside its logits: log-probabilities, scores, their top-k, a sort
 NextLogits = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (N, T) tokens, (N,) rows -> (N, V)
 
 
@@ -40,23 +45,41 @@ class Decoding:
     beams: int = 4
     length_penalty: float = 1.0  # beam score: sum log p / length ** length_penalty
 
-    def check(self) -> None:
-        """Refuse a setting no decoding can follow, in one sentence."""
+    def check(self, setting: str = "{}") -> None:
+        """Refuse a setting no decoding can follow, in one sentence; `setting` names the settings in the caller's
+        words ("--{}" on a command line). A temperature is 0 (greedy) or positive and finite; a length penalty is
+        finite and within +-MAX_LENGTH_PENALTY (negative ones favour shorter captions)."""
+        name = setting.format
         if self.strategy not in STRATEGIES:
             raise UserError(f"Unknown decoding strategy {self.strategy!r}: choose greedy, top_k, top_p or beam.")
         if not 0 < self.top_p <= 1:
-            raise UserError(f"top_p {self.top_p} is outside (0, 1]: give the probability mass to sample from, "
-                            "such as 0.9.")
+            raise UserError(f"{name('top_p')} {self.top_p} is outside (0, 1]: give the probability mass to sample "
+                            "from, such as 0.9.")
         if not self.top_k >= 1:
-            raise UserError(f"top_k {self.top_k} is below 1: give how many of the most likely tokens to sample "
-                            "from, such as 50.")
-        if not self.temperature >= 0:
-            raise UserError(f"temperature {self.temperature} is negative: give 0 for greedy decoding or a "
-                            "positive value such as 1.0.")
+            raise UserError(f"{name('top_k')} {self.top_k} is below 1: give how many of the most likely tokens to "
+                            "sample from, such as 50.")
+        if not 0 <= self.temperature < math.inf:
+            raise UserError(f"{name('temperature')} {self.temperature} is not 0 or a positive finite number: give 0 "
+                            "for greedy decoding or a positive value such as 1.0.")
         if not self.beams >= 1:
-            raise UserError(f"beams {self.beams} is below 1: give how many hypotheses beam search keeps, such as 4.")
+            raise UserError(f"{name('beams')} {self.beams} is below 1: give how many hypotheses beam search keeps, "
+                            "such as 4.")
+        if not -MAX_LENGTH_PENALTY <= self.length_penalty <= MAX_LENGTH_PENALTY:
+            raise UserError(f"{name('length_penalty')} {self.length_penalty} is not a number within "
+                            f"+-{MAX_LENGTH_PENALTY:g}: give the power of the length that divides a beam's "
+                            "log-probability, such as 1.0 (0: none, negative: shorter captions).")
         if not self.max_length >= 1:
-            raise UserError(f"max_length {self.max_length} is below 1: give how many tokens to generate, such as 30.")
+            raise UserError(f"{name('max_length')} {self.max_length} is below 1: give how many tokens to generate, "
+                            "such as 30.")
+
+    def peak_bytes(self, batch: int, vocab: int) -> int:
+        """About the most memory that decoding `batch` items at once holds, in bytes, for a `next_logits` that
+        computes the logits of every position, as a decoder without a cache does (CoCa's): each sequence's
+        float32 logits at its max_length + 1 positions, and the few (V,) rows that sampling or beam search
+        derive from the last of them (measured: within 25% of the peak of tiny-coca's captions). Beam search
+        decodes `beams` sequences an item, the others one."""
+        sequences = batch * (self.beams if self.strategy == "beam" else 1)
+        return sequences * (self.max_length + 1 + _DERIVED_ROWS) * vocab * 4
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -85,7 +108,11 @@ def sample_next(logits: torch.Tensor, decoding: Decoding, generator: torch.Gener
     temperature, filtered by top_k or top_p, drawn with `generator`."""
     if decoding.strategy == "greedy" or decoding.temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / decoding.temperature
+    # shifted so the largest is 0 before the division, and by no less than float32's smallest normal number:
+    # however small the temperature, the most likely token keeps logit 0 and the others fall towards -inf,
+    # never inf - inf (a temperature of 1e-40 draws among the most likely tokens, as its limit 0 would)
+    logits = logits.float()
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(decoding.temperature, torch.finfo(torch.float32).tiny)
     if decoding.strategy == "top_k":
         logits = top_k_filter(logits, decoding.top_k)
     elif decoding.strategy == "top_p":

@@ -42,6 +42,11 @@ class CLIP(nn.Module):
         """Whether the towers include CoCa's caption decoder (`open_clip.CoCa`)."""
         return hasattr(self.towers, "text_decoder")
 
+    @property
+    def caption_vocab_size(self) -> int:
+        """CoCa: V, the tokens that `next_token_logits` scores."""
+        return self.towers.text_decoder.text_projection.shape[-1]
+
     def forward_captions(self, images: torch.Tensor, tokens: torch.Tensor):
         """CoCa, teacher-forced: (image_features, text_features, logits (B, L-1, V), labels (B, L-1)): the
         decoder reads tokens[:, :-1] with the image tokens and predicts tokens[:, 1:]."""

@@ -3,9 +3,11 @@ test split, computed once, then `eval.linear_probe.probe` (logistic regression w
 a validation split); the result in CLIP_benchmark's layout."""
 
 import argparse
+import math
 from pathlib import Path
 
 from multimodal.cli.args import (
+    SEED_MAX,
     add_checkpoint_args,
     add_decode_arg,
     add_preprocess_arg,
@@ -14,6 +16,7 @@ from multimodal.cli.args import (
     check_counts,
     check_preprocess,
     check_result_args,
+    check_seed,
     check_weights,
     dataset_name,
     load_model,
@@ -44,7 +47,7 @@ def linear_probe_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fewshot_k", type=int, default=-1, help="training images a class (-1: all)")
     parser.add_argument("--lr", type=float, default=0.1, help="the probe's learning rate")
     parser.add_argument("--epochs", type=int, default=10, help="the probe's training epochs")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help=f"the probe's random seed, 0 to {SEED_MAX}")
     parser.add_argument("--no_normalize", action="store_true", help="train on the features as the model gives them")
     parser.add_argument("--batch_size", type=int, default=64, help="images a batch, when embedding and training")
     parser.add_argument("--num_workers", type=int, default=4, help="data loading processes")
@@ -85,8 +88,12 @@ def eval_linear_probe(argv: list[str]) -> int:
     for option, path in (("--images", args.images), ("--train_images", args.train_images)):
         if path is not None:
             check_input(path, "Image folder", f"pass an ImageFolder-style folder with {option}", kind="folder")
-    if args.lr <= 0 or (args.val_proportion is not None and not 0 < args.val_proportion < 1):
-        raise UserError("--lr must be positive and --val_proportion between 0 and 1.")
+    if not 0 < args.lr < math.inf or (args.val_proportion is not None and not 0 < args.val_proportion < 1):
+        raise UserError("--lr must be a positive finite number and --val_proportion between 0 and 1.")
+    if args.fewshot_k == 0 or args.fewshot_k < -1:
+        raise UserError(f"--fewshot_k {args.fewshot_k} is no number of images a class: give a positive one, or -1 "
+                        "for all of them.")
+    check_seed(args)
     check_weights(args)
     from torch.utils.data import DataLoader
 

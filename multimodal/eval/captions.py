@@ -124,7 +124,8 @@ class CaptionWriter:
         return rows
 
     def finish(self, num_parts: int) -> int:
-        """OUT: every part's captions in part order; returns their number."""
+        """OUT: every part's captions in part order; returns their number (0: OUT is left as it was)."""
         text = "".join((self.folder / f"{PART.format(p)}.jsonl").read_text(encoding="utf-8") for p in range(num_parts))
-        write_text(self.out, text)
+        if text:
+            write_text(self.out, text)
         return text.count("\n")
