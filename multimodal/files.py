@@ -8,6 +8,7 @@ embedding parts and indexes, results and reports all come through here.
 
 import json
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +16,12 @@ from pathlib import Path
 from typing import IO
 
 PARTIAL_SUFFIX = ".partial"
+
+
+def partial_of(name: str) -> str | None:
+    """The target's name if `name` is a partial file's name (as `partial_path` makes them), else None."""
+    found = re.fullmatch(r"\.(.+)\.\d+-[0-9a-f]{8}" + re.escape(PARTIAL_SUFFIX), name)
+    return found.group(1) if found else None
 
 
 def partial_path(path: Path) -> Path:

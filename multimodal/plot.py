@@ -67,7 +67,7 @@ def plot_results(folder: Path, out: Path | None = None) -> Path:
     for i, record in enumerate(records):
         panel = panels.setdefault(f"{record['dataset']} ({record['task'].replace('zeroshot_', 'zero-shot ')})", {})
         for key, value in record["metrics"].items():
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):  # `read_results` checked the rest
                 panel.setdefault(key, []).append((record["step"] if stepped else i, float(value)))
     return _draw(sorted(panels.items()), "step" if stepped else "result", out or folder / "results.png")
 

@@ -8,9 +8,11 @@ before a run resumes):
   `.safetensors` through safetensors), which need the architecture name alongside.
 Export writes the towers' state dict as open_clip names it, so that
 `open_clip.create_model_and_transforms(NAME, pretrained=PATH)` loads it as it is; for the
-project's own architectures the model JSON is written beside it.
+project's own architectures the model JSON is written beside it. Neither replaces a file already
+there unless asked to (a JSON beside that holds the same config is kept as it is).
 """
 
+import json
 import pickle
 import zipfile
 from pathlib import Path
@@ -165,26 +167,52 @@ def progress(checkpoint: str | Path) -> dict:
     return {k: ckpt[v] for k, v in (("step", "global_step"), ("epoch", "epoch")) if isinstance(ckpt.get(v), int)}
 
 
-def export(model: CLIP, out: Path) -> list[Path]:
-    """Write the open_clip state dict to `out` (.safetensors or .pt); returns the files written."""
+def _beside(model: CLIP, out: Path) -> tuple[Path, dict] | None:
+    """(path, config) of the architecture JSON written beside exported weights at `out`, where one is: the
+    project's own architectures, and any with SigLIP's bias, which open_clip's config of the same name would
+    not create."""
+    architecture = model.architecture
+    if not (architecture.own or model.logit_bias is not None):
+        return None
+    stem, config = architecture.short_name, architecture.config
+    if model.logit_bias is not None:
+        config["init_logit_bias"] = float(model.logit_bias.detach())
+        stem = stem if stem.lower().endswith("siglip") else f"{stem}-siglip"
+    return out.parent / f"{stem}.json", config
+
+
+def _holds(path: Path, config: dict) -> bool:
+    """Whether the file at `path` is the JSON of `config` (read only when it is a small regular file)."""
+    if not path.is_file() or path.stat().st_size > 1 << 20:
+        return False
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) == json.loads(json.dumps(config))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def export(model: CLIP, out: Path, overwrite: bool = False, setting: str = "{}") -> list[Path]:
+    """Write the open_clip state dict to `out` (.safetensors or .pt), and the architecture's JSON beside it where
+    open_clip needs it; returns the files. An existing file in either place is left as it is and refused, unless
+    `overwrite` (a JSON beside that already holds the same config is kept). `setting` names the options `out` and
+    `overwrite` in the caller's words ("--{}" on a command line)."""
     if out.suffix not in EXPORT_SUFFIXES:
         raise UserError(f"{out} must end in {', '.join(EXPORT_SUFFIXES[:-1])} or {EXPORT_SUFFIXES[-1]}.")
+    fix = f"pass {setting.format('overwrite')} to replace it, or choose another {setting.format('out')}"
+    beside = _beside(model, out)
+    if not overwrite and (out.exists() or out.is_symlink()):
+        raise UserError(f"{out} already exists: {fix}.")
+    if not overwrite and beside and (beside[0].exists() or beside[0].is_symlink()) and not _holds(*beside):
+        raise UserError(f"{beside[0]} exists and is not the model config that export writes beside {out.name}: "
+                        f"move it, pass {setting.format('overwrite')} to replace it, or export into another folder.")
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.towers.state_dict().items()}
     with atomic_file(out) as f:
         if out.suffix == ".safetensors":
             f.write(save_safetensors(state_dict))
         else:
             torch.save(state_dict, f)
-    written, architecture = [out], model.architecture
-    if architecture.own or model.logit_bias is not None:
-        # The architecture beside the weights: the project's own, or any with SigLIP's bias,
-        # which open_clip's config of the same name would not create.
-        stem = architecture.short_name
-        config = architecture.config
-        if model.logit_bias is not None:
-            config["init_logit_bias"] = float(model.logit_bias.detach())
-            stem = stem if stem.lower().endswith("siglip") else f"{stem}-siglip"
-        config_path = out.parent / f"{stem}.json"
-        write_json(config_path, config, indent=2)
-        written.append(config_path)
-    return written
+    if beside is None:
+        return [out]
+    if not _holds(*beside):
+        write_json(beside[0], beside[1], indent=2)
+    return [out, beside[0]]

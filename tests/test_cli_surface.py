@@ -10,7 +10,7 @@ from multimodal.cli import COMMANDS, caption, evaluate, probe, shards, tools
 SHARDS_OPTIONS = {"--images": None, "--out": None, "--shard_size": 1000, "--max_side": None, "--num_workers": 4,
                   "--overwrite": False}
 WEIGHTS = {"--checkpoint": None, "--model": None, "--pretrained": None, "--cache_dir": None}
-RESULT = {"--dataset": None, "--out": None, "--out_table": None}
+RESULT = {"--dataset": None, "--out": None, "--out_table": None, "--overwrite": False}
 SHARD_MEMBERS = {"--split": None, "--image_key": None, "--text_key": None, "--caption_field": None}
 LABELLED = {"--split": None, "--image_key": None, "--label_key": "cls"}
 DECODING = {"--strategy": "beam", "--top_k": 50, "--top_p": 0.9, "--temperature": 1.0, "--beams": 4,

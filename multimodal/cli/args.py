@@ -127,6 +127,16 @@ def check_preprocess(args: argparse.Namespace) -> None:
         raise UserError("--preprocess open_clip decodes images with PIL, as open_clip does: drop --decode gpu.")
 
 
+SEED_MAX = 2**32 - 1  # the seeds numpy and Lightning take
+
+
+def check_seed(args: argparse.Namespace) -> None:
+    """--seed within 0 to 2**32 - 1, the range every random generator the commands seed takes."""
+    if not 0 <= args.seed <= SEED_MAX:
+        raise UserError(f"--seed {args.seed} is outside 0 to {SEED_MAX} (2**32 - 1), the seeds numpy and Lightning "
+                        "take: give one in that range, such as 0.")
+
+
 def check_counts(args: argparse.Namespace, positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()
                  ) -> None:
     """The named integer options of `args` are at least 1 (`positive`) or at least 0 (`non_negative`)."""
@@ -147,28 +157,39 @@ def add_result_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out_table", type=Path, default=None,
                         help="append the result as one row of this CSV table (created if absent): a sweep over "
                              "checkpoints becomes one table")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out file that is not an evaluation result, and start afresh an "
+                             "--out_table that cannot be read back exactly as a table (a column named twice, "
+                             "ragged rows); without it both are left as they are and the command stops")
 
 
 def check_result_args(args: argparse.Namespace) -> None:
+    """The outputs of `add_result_args`, checked before any work: where a file cannot be written, or holds what
+    writing the result would lose (`eval.results.check_result_file`, `read_table`)."""
+    from multimodal.eval import results
+
     if args.out is not None:
         check_output(args.out, "--out", "file", (".json",))
+        results.check_result_file(args.out, args.overwrite, setting="--{}")
     if args.out_table is not None:
         check_output(args.out_table, "--out_table", "file", (".csv",))
+        results.read_table(args.out_table, args.overwrite, setting="--{}")
 
 
 def write_result(args: argparse.Namespace, record: dict) -> None:
     """Write a result (`eval.results.result`) as JSON to --out and append it as a row of the CSV --out_table
-    (either may be absent)."""
-    from multimodal.eval.results import append_row
+    (either may be absent), checked again as `check_result_args` checked them before the work."""
+    from multimodal.eval.results import append_row, check_result_file
     from multimodal.files import write_json
     from multimodal.userfiles import writing
 
     if args.out is not None:
+        check_result_file(args.out, args.overwrite, setting="--{}")
         with writing(args.out):
             write_json(args.out, record, indent=2)
         print(f"Wrote {args.out}")
     if args.out_table is not None:
-        append_row(args.out_table, record)
+        append_row(args.out_table, record, args.overwrite, setting="--{}")
         print(f"Appended a row to {args.out_table}")
 
 

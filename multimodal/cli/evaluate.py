@@ -5,7 +5,9 @@ then: `--help` and a mistake in the arguments answer at once.
 """
 
 import argparse
+import contextlib
 import shutil
+import sys
 from pathlib import Path
 
 from multimodal.cli.args import (
@@ -38,7 +40,9 @@ def export_parser() -> argparse.ArgumentParser:
                                      description="Write trained towers as an open_clip state dict.")
     add_checkpoint_args(parser)
     parser.add_argument("--out", type=Path, required=True, help="output file: .safetensors (default) or .pt")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out file, and a different file where the model config goes "
+                             "beside it (ARCH.json, for the project's own architectures)")
     return parser
 
 
@@ -52,7 +56,7 @@ def export(argv: list[str]) -> int:
 
     model = load_model(args)
     with writing(args.out):
-        written = weights.export(model, args.out)
+        written = weights.export(model, args.out, args.overwrite, setting="--{}")
     for path in written:
         print(f"Wrote {path}")
     if len(written) > 1:
@@ -110,6 +114,15 @@ def embed(argv: list[str]) -> int:
     _check_source(args)
     check_preprocess(args)
     check_weights(args)
+    from multimodal.cli.train import _launched_as_rank_zero
+    from multimodal.eval.embed import folder_of_one_run
+
+    # The ranks a launcher starts write the parts that rank 0's run holds the folder for.
+    with folder_of_one_run(args.out, "--out") if _launched_as_rank_zero() else contextlib.nullcontext():
+        return _embed(args)
+
+
+def _embed(args: argparse.Namespace) -> int:
     import pytorch_lightning as pl
     import torch
 
@@ -149,6 +162,14 @@ def embed(argv: list[str]) -> int:
         enable_model_summary=False, callbacks=[EmbeddingWriter(writer, total, "img" if source.has_images else "text")],
     )
     trainer.predict(EmbedModule(model, make_dataset, args.num_workers, preprocess), return_predictions=False)
+    rows = trainer.strategy.reduce(torch.tensor(float(writer.rows_written), device=trainer.strategy.root_device),
+                                   reduce_op="sum")  # over the ranks: each wrote its own parts
+    if not rows.item() and len(todo) == source.num_parts():
+        # Every sample skipped: the empty parts are not kept as done, so that the same command redoes them.
+        if trainer.is_global_zero:
+            writer.discard(todo)
+        raise UserError(f"No sample of {args.shards or args.images or args.texts} could be read, so nothing was "
+                        "embedded: mend or replace the files skipped (named above), then run the command again.")
     if trainer.is_global_zero:
         print(f"Wrote {args.out} ({len(todo)} parts on {trainer.world_size} device(s)).")
     return 0
@@ -156,7 +177,7 @@ def embed(argv: list[str]) -> int:
 
 def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
     """Resume only a folder written by the same model, source and settings."""
-    from multimodal.eval.embed import settings_changed
+    from multimodal.eval.embed import LOCK, settings_changed
 
     existing = out / "info.json"
     if existing.is_file():
@@ -164,7 +185,7 @@ def _claim_folder(out: Path, info: dict, overwrite: bool) -> None:
             for kind in ("img", "text"):
                 for sub in ("emb", "index"):
                     shutil.rmtree(out / f"{kind}_{sub}", ignore_errors=True)
-    elif out.exists() and any(out.iterdir()) and not overwrite:
+    elif out.exists() and any(p.name != LOCK for p in out.iterdir()) and not overwrite:
         raise UserError(f"{out} is not empty and is not an embedding folder: choose another --out.")
     with writing(out / "info.json"):
         out.mkdir(parents=True, exist_ok=True)
@@ -177,7 +198,8 @@ def eval_retrieval_parser() -> argparse.ArgumentParser:
     add_checkpoint_args(parser, required=False, help="model to embed --shards with")
     add_shard_args(parser, "shards with several captions per image")
     parser.add_argument("--embeddings", type=Path, help="an embedding folder written by `multimodal embed --shards`")
-    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10])
+    parser.add_argument("--ks", type=int, nargs="+", default=[1, 5, 10],
+                        help="the k of each recall@k, 1 or more (a k given twice counts once)")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--num_workers", type=int, default=4)
     parser.add_argument("--chunk_size", type=int, default=4096, help="block size of the score computation")
@@ -190,6 +212,9 @@ def eval_retrieval_parser() -> argparse.ArgumentParser:
 def eval_retrieval(argv: list[str]) -> int:
     args = eval_retrieval_parser().parse_args(argv)
     check_counts(args, positive=("batch_size", "chunk_size"), non_negative=("num_workers",))
+    if any(k < 1 for k in args.ks):
+        raise UserError(f"--ks must be positive integers, the k of each recall@k, got {' '.join(map(str, args.ks))}.")
+    ks = tuple(dict.fromkeys(args.ks))
     check_result_args(args)
     check_preprocess(args)
     if bool(args.shards) == bool(args.embeddings):
@@ -216,9 +241,9 @@ def eval_retrieval(argv: list[str]) -> int:
         emb = load_folder(args.embeddings)
         info = read_info(args.embeddings)
         weights_fields = provenance(info["model"], info.get("pretrained"), info.get("checkpoint"))
-    metrics, num_images, num_texts = evaluate_embeddings(emb, tuple(args.ks), args.chunk_size)
+    metrics, num_images, num_texts = evaluate_embeddings(emb, ks, args.chunk_size)
     print(f"Retrieval over {num_images} images and {num_texts} captions")
-    print(table(metrics, num_images, num_texts, tuple(args.ks)))
+    print(table(metrics, num_images, num_texts, ks))
     record = results.result("zeroshot_retrieval", dataset_name(args, args.shards or args.embeddings, benchmark),
                             metrics=metrics,
                             **weights_fields, num_images=num_images, num_texts=num_texts)
@@ -304,12 +329,17 @@ def eval_zeroshot(argv: list[str]) -> int:
 
 
 def evaluate(argv: list[str]) -> int:
+    from multimodal.cli import nearest
     from multimodal.cli.caption import eval_captioning
     from multimodal.cli.probe import eval_linear_probe
 
     commands = {"retrieval": eval_retrieval, "zeroshot": eval_zeroshot, "linear_probe": eval_linear_probe,
                 "captioning": eval_captioning}
-    if not argv or argv[0] not in commands:
-        print("usage: multimodal eval {retrieval,zeroshot,linear_probe,captioning} ...  (add --help for options)")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: multimodal eval {retrieval,zeroshot,linear_probe,captioning} ...  (add --help for options)",
+              file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in commands:
+        raise UserError(f"Unknown eval command '{argv[0]}'{nearest(argv[0], commands)}: "
+                        f"use one of {', '.join(commands)}.")
     return commands[argv[0]](argv[1:])

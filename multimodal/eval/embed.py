@@ -10,12 +10,16 @@ An embedding folder (the output of `multimodal embed`):
 
 Each file is written under a temporary name and renamed; the index files are written last, so a
 part whose index files exist is complete, and a resumed run skips it. A folder of parts (embeddings
-here, captions in `eval.captions`) is resumed only by a run with the same settings (`settings_changed`).
+here, captions in `eval.captions`) is resumed only by a run with the same settings (`settings_changed`),
+and written by one run at a time (`folder_of_one_run`: a second run at the same moment is refused,
+the partial files of a run killed while writing are removed).
 """
 
 import contextlib
+import fcntl
 import json
-from collections.abc import Iterable
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,9 +32,9 @@ from multimodal.data.batch import EvalBatch, finish, jpegs_on_device
 from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
 from multimodal.data.sources import EvalBatches, ShardSource
 from multimodal.errors import UserError
-from multimodal.files import atomic_file, write_text
+from multimodal.files import PARTIAL_SUFFIX, atomic_file, partial_of, write_text
 from multimodal.model import CLIP
-from multimodal.userfiles import read_json, reading
+from multimodal.userfiles import read_json, reading, writing
 
 PART = "part-{:05d}"
 
@@ -88,8 +92,9 @@ def labelled_features(model: CLIP, batches: Iterable[EvalBatch], preprocess: Eva
             features.append(images)
             labels.extend(row["label"] for row in batch.image_rows)
     if not features:
-        raise UserError("No labelled image was found: check that the samples carry a class (a cls member) or that "
-                        "the folder holds images in class folders.")
+        raise UserError("No labelled image could be read: check that the folder holds images in class folders, or "
+                        "that the samples carry a class (a cls member), and that the images open (those skipped are "
+                        "named above).")
     return torch.cat(features), torch.tensor(labels, dtype=torch.long)
 
 
@@ -124,6 +129,15 @@ class PartWriter:
     def done(self, part: int) -> bool:
         return all((self.out / f"{kind}_index" / f"{PART.format(part)}.jsonl").is_file() for kind in self.kinds)
 
+    def discard(self, parts: Iterable[int]) -> None:
+        """Remove `parts` as if never written: a later run embeds them again (index files first: a part
+        without its index is not done)."""
+        for sub in ("index", "emb"):
+            for part in parts:
+                for kind in self.kinds:
+                    suffix = ".jsonl" if sub == "index" else ".npy"
+                    (self.out / f"{kind}_{sub}" / f"{PART.format(part)}{suffix}").unlink(missing_ok=True)
+
     def add(self, batch: EvalBatch, image_features: torch.Tensor | None, text_features: torch.Tensor | None) -> None:
         part = self.open.setdefault(batch.part, _Part())
         part.add(batch, image_features, text_features)
@@ -142,6 +156,42 @@ class PartWriter:
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
             write_text(self.out / f"{kind}_index" / f"{PART.format(index)}.jsonl", text)
             self.rows_written += len(rows)
+
+
+LOCK = ".lock"  # in an embedding folder: held (flock) by the run writing it
+
+
+@contextlib.contextmanager
+def folder_of_one_run(out: Path, option: str = "out") -> Iterator[None]:
+    """`out` (created if absent) for this run alone while the block runs: another run that asks for it meanwhile
+    is refused in one sentence naming `option`. The lock is an flock on `out/.lock`, which ends with the
+    process however it ends; once it is held, the partial files of runs killed while writing `out` are
+    removed. A folder this run created and left empty (stopped by an error) is removed again."""
+    created = not out.exists()
+    with writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserError(f"{out} is being written by another run right now: wait for it to end (the same command "
+                        f"then resumes the folder), or choose another {option}.") from None
+    except OSError:  # a file system without locks: runs side by side there are the user's to keep apart
+        pass
+    try:
+        for stale in [p for p in (*out.glob(f".*{PARTIAL_SUFFIX}"), *out.glob(f"*/.*{PARTIAL_SUFFIX}"))
+                      if partial_of(p.name)]:
+            stale.unlink(missing_ok=True)
+        yield
+    except BaseException:
+        if created and out.is_dir() and [p.name for p in out.iterdir()] == [LOCK]:
+            (out / LOCK).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    finally:
+        os.close(fd)
 
 
 def collect(batches: Iterable[tuple[EvalBatch, torch.Tensor | None, torch.Tensor | None]]) -> Embeddings:

@@ -19,7 +19,7 @@ from multimodal.errors import UserError
 from multimodal.eval import presets
 from multimodal.eval.embed import labelled_features
 from multimodal.model import CLIP
-from multimodal.userfiles import read_lines
+from multimodal.userfiles import read_lines, read_text
 
 # The project's own short prompt set. For the standard 80 ImageNet prompts, pass them as a file.
 DEFAULT_TEMPLATES = (
@@ -38,7 +38,8 @@ DEFAULT_TEMPLATES = (
 
 def template(text: str, where: str) -> str:
     """A prompt template with `{}` for the class name, from one written with `{}` or with CLIP_benchmark's
-    `{c}`; any other brace, or both forms, is refused: `str.format` would misread it."""
+    `{c}`; any other brace (`{0}`, `{name}`, a stray `}`, `{{`), or both forms, is refused: `str.format`
+    would misread it. `where` names its line ("templates.txt line 3")."""
     ours = text.replace("{c}", "{}") if "{c}" in text and "{}" not in text else text
     if ours.count("{}") != 1 or ours.replace("{}", "").count("{") + ours.replace("{}", "").count("}"):
         raise UserError(f"Template '{text}' in {where} must hold the class name's place once, as {{}} or {{c}}, and "
@@ -49,7 +50,9 @@ def template(text: str, where: str) -> str:
 def read_templates(path: Path | None) -> list[str]:
     if path is None:
         return list(DEFAULT_TEMPLATES)
-    return [template(t, str(path)) for t in read_lines(path, "Templates")]
+    lines = read_lines(path, "Templates")
+    numbers = [n for n, line in enumerate(read_text(path).splitlines(), start=1) if line.strip()]  # as read_lines
+    return [template(t, f"{path} line {n}") for t, n in zip(lines, numbers)]
 
 
 def classes_and_templates(source, preset: str | None = None, classnames: Path | None = None,
@@ -71,7 +74,8 @@ def classes_and_templates(source, preset: str | None = None, classnames: Path | 
         names, prompts = read_lines(classnames, "Class names"), list(DEFAULT_TEMPLATES)
     elif benchmark is not None and benchmark.classnames:
         names = list(benchmark.classnames)
-        prompts = [template(t, "zeroshot_classification_templates.txt") for t in benchmark.templates] \
+        prompts = [template(t, f"the dataset's zeroshot_classification_templates.txt (template {n})")
+                   for n, t in enumerate(benchmark.templates, start=1)] \
             if benchmark.templates else list(DEFAULT_TEMPLATES)
     elif folder is not None:
         names, prompts = [name.replace("_", " ") for name in source.classes], list(DEFAULT_TEMPLATES)
