@@ -11,9 +11,11 @@ Checkpoints load with `torch.load(weights_only=True)`: tensors and plain Python 
 `weights.read_checkpoint` runs that check before a run hands a file to Lightning, so an untrusted file is
 refused with one sentence instead of being unpickled.
 
-Exact resume: `ExactResume` saves every rank's random states and mends the loop state of a checkpoint
-written on an epoch's last step; the DataModule saves the data stream's position itself
-(`ShardDataModule.state_dict`); Lightning saves the rest (weights, optimizer, schedule, scaler, loops).
+Exact resume: `ExactResume` saves every rank's random states and what the run had logged, mends the loop
+state of a checkpoint written on an epoch's last step, and has the resumed run log what the uninterrupted run
+logged after the checkpoint (metrics.csv cut back to the checkpoint's rows, the step's row, the validation that
+was due); the DataModule saves the data stream's position itself (`ShardDataModule.state_dict`), the
+monitors their counts (`monitor.py`); Lightning saves the rest (weights, optimizer, schedule, scaler, loops).
 """
 
 import os
@@ -30,7 +32,7 @@ from pytorch_lightning.plugins import TorchCheckpointIO
 
 from multimodal import distributed
 from multimodal.errors import UserError, first_line
-from multimodal.files import atomic_file
+from multimodal.files import atomic_file, write_bytes
 from multimodal.weights import read_checkpoint
 
 
@@ -154,48 +156,93 @@ def set_rng_states(states: dict) -> None:
 
 
 class ExactResume(pl.Callback):
-    """Every rank's random states in each checkpoint (restored on the same number of ranks), and a
-    checkpoint of an epoch's last step resumed as the start of the next (`resume_finished_epoch_at_the_next`).
-    Its hooks run on every rank, as checkpointing does."""
+    """A resumed run that trains and logs as the uninterrupted run did. Each checkpoint carries every rank's
+    random states (restored on the same number of ranks) and what the run had logged; a checkpoint of an
+    epoch's last step resumes as the start of the next (`resume_finished_epoch_at_the_next`).
+
+    Checkpoints are written at a step's end (ModelCheckpoint's `every_n_train_steps`), before Lightning logs
+    that step's row and runs the validation due after it, and a run killed later went on logging. So the
+    checkpoint records the rows each CSV log held, the step's row and whether a validation was due; the
+    resumed run cuts the log back to those rows (the rows after them are logged again), writes the step's
+    row and runs that validation, as the uninterrupted run did at that point. Hooks run on every rank, as
+    checkpointing and validation do; the log is rank 0's.
+    """
 
     def __init__(self):
-        self._log_row: dict | None = None
+        self._resumed: dict = {}
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         checkpoint["rng_states"] = distributed.all_gather_objects(rng_states())
-        # Lightning writes a step's log row after the callbacks of its end, so after a checkpoint saved there:
-        # a run killed in between would resume past a step whose row was never written. The row travels in
-        # the checkpoint (read on the host here, at a checkpoint, not in a step) and is written on resume.
-        connector = trainer._logger_connector
-        if trainer.training and trainer.loggers and connector.should_update_logs:
+        if trainer.global_rank == 0:
+            checkpoint["logged_rows"] = [_rows_logged(logger) for logger in _csv_loggers(trainer)]
+        epoch_loop = trainer.fit_loop.epoch_loop
+        batches = epoch_loop.batch_progress.current
+        if not trainer.training or batches.processed == batches.completed:
+            return  # not at a step's end: its row is logged and its validation done
+        # read on the host here, at a checkpoint, not in a step
+        connector, step = trainer._logger_connector, epoch_loop._batches_that_stepped
+        if trainer.loggers and connector.should_update_logs and connector.metrics["log"]:
             row = {key: float(value) for key, value in connector.metrics["log"].items()}
-            if row:
-                checkpoint["log_row"] = {"step": trainer.fit_loop.epoch_loop._batches_that_stepped, "metrics": row}
+            checkpoint["log_row"] = {"step": step, "metrics": {**row, "epoch": trainer.current_epoch}}
+        if epoch_loop._should_check_val_fx(trainer.fit_loop._data_fetcher):
+            checkpoint["validation_due"] = {"epoch": trainer.current_epoch, "step": step}
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         resume_finished_epoch_at_the_next(checkpoint)  # before Lightning restores its loops from it
         states = checkpoint.get("rng_states")
         if states and len(states) == trainer.world_size:
             set_rng_states(states[trainer.global_rank])
-        self._log_row = checkpoint.get("log_row")
+        self._resumed = {key: checkpoint[key] for key in ("logged_rows", "log_row", "validation_due")
+                         if key in checkpoint}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """The checkpointed step's log row, to every logger that lacks it (a CSV file is read to know)."""
-        row, self._log_row = self._log_row, None
-        if row is None or trainer.global_rank != 0:
-            return
-        for logger in trainer.loggers:
-            if not _has_row(logger, row["step"]):
-                logger.log_metrics(row["metrics"], step=row["step"])  # flushed with the next rows
+        resumed, self._resumed = self._resumed, {}
+        if trainer.global_rank == 0:
+            for logger, rows in zip(_csv_loggers(trainer), resumed.get("logged_rows", [])):
+                _cut_log(logger, rows)
+            if "log_row" in resumed:
+                row = resumed["log_row"]
+                for logger in trainer.loggers:
+                    logger.log_metrics(row["metrics"], step=row["step"])  # flushed with the next rows
+        if "validation_due" in resumed:
+            _validate_as_at(trainer, **resumed["validation_due"])
 
 
-def _has_row(logger, step: int) -> bool:
-    """Whether a CSV logger's metrics.csv already holds a row of `step` (other loggers cannot say: False)."""
-    if not isinstance(logger, CSVLogger):
-        return False
+def _csv_loggers(trainer: pl.Trainer) -> list[CSVLogger]:
+    return [logger for logger in trainer.loggers if isinstance(logger, CSVLogger)]
+
+
+def _csv_lines(path: Path) -> list[bytes]:
+    """The lines of a metrics.csv as written (csv's line ends kept), its header first; [] when there is none."""
+    return path.read_bytes().splitlines(keepends=True) if path.is_file() else []
+
+
+def _rows_logged(logger: CSVLogger) -> int:
+    """The rows a CSV logger has logged: those in its metrics.csv and those it has yet to write there."""
+    written = max(len(_csv_lines(Path(logger.log_dir) / "metrics.csv")) - 1, 0)
+    return written + (len(logger._experiment.metrics) if logger._experiment is not None else 0)
+
+
+def _cut_log(logger: CSVLogger, rows: int) -> None:
+    """A CSV logger's metrics.csv cut back to its header and first `rows` rows."""
     path = Path(logger.log_dir) / "metrics.csv"
-    rows = path.read_text().splitlines() if path.is_file() else []
-    if not rows or "step" not in rows[0].split(","):
-        return False
-    column = rows[0].split(",").index("step")
-    return any(row.split(",")[column] == str(step) for row in rows[1:] if len(row.split(",")) > column)
+    lines = _csv_lines(path)
+    if len(lines) > rows + 1:
+        write_bytes(path, b"".join(lines[:rows + 1]))
+
+
+def _validate_as_at(trainer: pl.Trainer, epoch: int, step: int) -> None:
+    """Lightning's validation as it runs after a training step (`_TrainingEpochLoop.on_advance_end`), with the
+    epoch and the logging step of the step it follows: the rows it logs are the uninterrupted run's."""
+    fit_loop, epoch_loop = trainer.fit_loop, trainer.fit_loop.epoch_loop
+    now = fit_loop.epoch_progress.current.completed, epoch_loop._batches_that_stepped
+    fit_loop.epoch_progress.current.completed, epoch_loop._batches_that_stepped = epoch, step
+    first_loop_iter = trainer._logger_connector._first_loop_iter
+    try:
+        trainer.validating = True
+        epoch_loop.val_loop.restarting = False
+        epoch_loop.val_loop.run()
+    finally:
+        trainer.training = True
+        trainer._logger_connector._first_loop_iter = first_loop_iter
+        fit_loop.epoch_progress.current.completed, epoch_loop._batches_that_stepped = now

@@ -6,7 +6,8 @@ None of them reads a device value on the host except on logging steps (every
 `trainer.log_every_n_steps` steps) and at the end: on a GPU, a read makes the CPU wait for the
 queued kernels, and the next step's kernels cannot be queued while it waits. Counts accumulate in
 device tensors or in Python values that came from the data loader; limits are checked when the
-counts are read, so a run that must stop stops up to `log_every_n_steps` steps late.
+counts are read, so a run that must stop stops up to `log_every_n_steps` steps late. The counts travel in
+checkpoints (every rank's), so that a resumed run logs the counts the uninterrupted run would.
 """
 
 import logging
@@ -33,6 +34,14 @@ def is_logging_step(trainer: pl.Trainer, *, before_step: bool = False) -> bool:
     step (`on_train_batch_end`) by default; `before_step` inside `training_step`, before it counts."""
     every = trainer.log_every_n_steps
     return every > 0 and (trainer.global_step + before_step) % every == 0
+
+
+def ranks_share(states: list, trainer: pl.Trainer) -> list:
+    """This rank's part of the per-rank states a checkpoint saved (`all_gather_objects`): its own on as many
+    ranks, else all of them on rank 0 (so that the sums over ranks stay right) and none elsewhere."""
+    if len(states) == trainer.world_size:
+        return [states[trainer.global_rank]]
+    return states if trainer.global_rank == 0 else []
 
 
 class Throughput(pl.Callback):
@@ -93,10 +102,26 @@ class TrainingHealth(pl.Callback):
         # reached max_nonfinite_steps (-1: never)
         self._steps: torch.Tensor | None = None
         self.nonfinite_steps = 0  # as last read
+        self._saved: dict | None = None  # a checkpoint's counts
 
     def on_train_start(self, trainer, pl_module) -> None:
         if self.max_bad_fraction is None:  # any DataModule with the setting, ours or a user's
             self.max_bad_fraction = getattr(trainer.datamodule, "max_bad_fraction", None)
+        saved, self._saved = self._saved, None
+        if saved is not None:  # a resumed run counts on from the checkpoint's counts
+            for counts in ranks_share(saved["ranks"], trainer):
+                self.bad.update(counts["bad"])
+                self.read += counts["read"]
+            if saved["steps"] is not None:
+                self._steps = torch.tensor(saved["steps"], device=pl_module.device)
+
+    def state_dict(self) -> dict:
+        """Every rank's counts, for a resumed run (read on the host: a checkpoint is no step)."""
+        return {"ranks": distributed.all_gather_objects({"bad": dict(self.bad), "read": self.read}),
+                "steps": self._steps.tolist() if self._steps is not None else None}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved = state_dict  # taken up when training starts, where the rank is known
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         self.bad.update(batch.bad)
@@ -163,6 +188,18 @@ class SourceShares(pl.Callback):
 
     def __init__(self):
         self.counts: list[int] = []
+        self._saved: list | None = None  # a checkpoint's counts
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        saved, self._saved = self._saved, None
+        for counts in ranks_share(saved or [], trainer):  # a resumed run counts on from the checkpoint's
+            self.counts = [a + b for a, b in zip(self.counts, counts)] if self.counts else list(counts)
+
+    def state_dict(self) -> dict:
+        return {"ranks": distributed.all_gather_objects(self.counts)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._saved = state_dict["ranks"]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
         if batch.sources:
