@@ -7,12 +7,17 @@ architecture (the loss's initial temperature and bias, patch dropout, locked tow
 weights, gradient checkpointing and `torch.compile` applied from outside the model, the loss chosen
 once, and the callbacks that watch the run. The settings are the run's hyperparameters, saved in
 its checkpoints (`multimodal export` reads `model_name` there).
+
+`SETTING_RULES` holds what each number of a run's config may be, section by section (`model`, `data`,
+`trainer`, `seed_everything`): `check_run` checks a parsed config against it before any work,
+`check_settings` one section (build_module its own arguments).
 """
 
 import functools
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from multimodal import arch
 from multimodal import pretrained as published
@@ -26,28 +31,112 @@ from multimodal.weights import load_weights
 
 LossName = Literal[tuple(LOSSES)]  # the choices of `model.loss`, as LightningCLI validates and lists them
 
-# The settings that can be checked alone: (name, test, the rule as the error states it), checked in this order.
-SETTING_RULES = (
-    ("lr", lambda v: v > 0, "must be positive"),
-    ("betas", lambda v: all(0.0 <= b < 1.0 for b in v), "must both be in [0, 1)"),
-    ("eps", lambda v: v > 0, "must be positive"),
-    ("weight_decay", lambda v: v >= 0, "must be 0 or more"),
-    ("warmup_steps", lambda v: v >= 0, "must be 0 or more"),
-    ("min_lr_ratio", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
-    ("micro_batches", lambda v: v >= 1, "must be 1 or more"),
-    ("max_nonfinite_steps", lambda v: v >= 1, "must be 1 or more"),
-    ("patch_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-)
+
+def _optional(ok: Callable[[Any], bool]) -> Callable[[Any], bool]:
+    return lambda v: v is None or ok(v)
+
+
+# Lightning's precisions that train here: the weights stay fp32 (mixed precision casts inside the step), since
+# the pixels reach the towers as fp32; 16-mixed becomes bf16-mixed on a CPU (Lightning's rule).
+PRECISIONS = ("32-true", "32", "bf16-mixed", "bf16", "16-mixed", "16")
+# The settings that can be checked alone, by section of the config ("" the top level; `a.b`: `b` of the
+# mapping `a`, unchecked when `a` is null): (name, test, the rule as the error states it), in this order.
+# Every number must be finite too (`check_settings`).
+SETTING_RULES: dict[str, tuple[tuple[str, Callable[[Any], bool], str], ...]] = {
+    "": (
+        ("seed_everything", lambda v: isinstance(v, bool) or 0 <= v < 2 ** 32,
+         f"must be true, false or a whole number from 0 to {2 ** 32 - 1}"),
+    ),
+    "model": (
+        ("lr", lambda v: v > 0, "must be positive"),
+        ("betas", lambda v: all(0.0 <= b < 1.0 for b in v), "must both be in [0, 1)"),
+        ("eps", lambda v: v > 0, "must be positive"),
+        ("weight_decay", lambda v: v >= 0, "must be 0 or more"),
+        ("warmup_steps", lambda v: v >= 0, "must be 0 or more"),
+        ("min_lr_ratio", lambda v: 0.0 <= v <= 1.0, "must be in [0, 1]"),
+        ("val_loss_batch_size", lambda v: v >= 1, "must be 1 or more"),
+        ("caption_loss_weight", lambda v: v >= 0, "must be 0 or more"),
+        ("micro_batches", lambda v: v >= 1, "must be 1 or more"),
+        ("lock_image_unlocked_groups", lambda v: v >= 0, "must be 0 or more"),
+        ("lock_text_unlocked_layers", lambda v: v >= 0, "must be 0 or more"),
+        ("max_nonfinite_steps", lambda v: v >= 1, "must be 1 or more"),
+        ("patch_dropout", lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+        ("peak_tflops", _optional(lambda v: v > 0), "must be positive (or null: looked up for known GPUs)"),
+    ),
+    "data": (
+        ("batch_size", lambda v: v >= 1, "must be 1 or more"),
+        ("num_workers", lambda v: v >= 0, "must be 0 or more"),
+        ("shuffle_buffer", lambda v: v >= 0, "must be 0 or more"),
+        ("num_samples", _optional(lambda v: v >= 1), "must be 1 or more (or null: read from the shards)"),
+        ("max_bad_fraction", lambda v: 0.0 <= v <= 1.0, "must be between 0 and 1"),
+        ("max_image_pixels", _optional(lambda v: v >= 1), "must be 1 or more (or null: no limit)"),
+        ("synthetic.train_samples", lambda v: v >= 1, "must be 1 or more"),
+        ("synthetic.val_samples", lambda v: v >= 0, "must be 0 or more"),
+        ("synthetic.shard_size", lambda v: v >= 1, "must be 1 or more"),
+        ("synthetic.image_size", lambda v: 16 <= v <= 4096, "must be from 16 to 4096"),
+    ),
+    "trainer": (
+        ("precision", _optional(lambda v: str(v) in PRECISIONS),
+         "must be 32-true, bf16-mixed or 16-mixed (or null: bf16-mixed on a GPU that has it, else 32-true)"),
+        ("max_steps", lambda v: v == -1 or v >= 1, "must be -1 (no limit) or 1 or more"),
+        ("max_epochs", _optional(lambda v: v == -1 or v >= 1), "must be -1 (no limit) or 1 or more"),
+        ("min_steps", _optional(lambda v: v >= 0), "must be 0 or more"),
+        ("min_epochs", _optional(lambda v: v >= 0), "must be 0 or more"),
+        ("num_nodes", lambda v: v >= 1, "must be 1 or more"),
+        ("limit_train_batches", _optional(lambda v: v > 0 and (isinstance(v, int) or v <= 1)),
+         "must be a fraction of the epoch's batches (above 0, at most 1.0) or a number of them (1 or more)"),
+        ("limit_val_batches", _optional(lambda v: v >= 0 and (isinstance(v, int) or v <= 1)),
+         "must be a fraction of the held-out batches (0 to 1.0) or a number of them (0: no validation)"),
+        ("accumulate_grad_batches", lambda v: v >= 1, "must be 1 or more"),
+        ("gradient_clip_val", _optional(lambda v: v >= 0), "must be 0 or more (0 or null: no clipping)"),
+        ("log_every_n_steps", _optional(lambda v: v >= 0), "must be 0 or more (0: no training metrics)"),
+        ("num_sanity_val_steps", _optional(lambda v: v >= -1), "must be -1 (all), 0 or more"),
+        ("val_check_interval", _optional(lambda v: v > 0), "must be positive (a fraction of an epoch, or batches)"),
+        ("check_val_every_n_epoch", _optional(lambda v: v >= 1), "must be 1 or more (or null)"),
+    ),
+}
 COCA_ARCHITECTURES = "coca_ViT-B-32, coca_ViT-L-14, tiny-coca"
+_UNSET = object()
 
 
-def check_settings(settings: dict) -> None:
-    """One sentence for the first of `SETTING_RULES` that `settings` (build_module's arguments) break."""
-    for name, ok, must in SETTING_RULES:
-        value = settings[name]
-        if not ok(value):
+def _setting(settings: Mapping, name: str):
+    """`settings[name]`, a dotted name looked up level by level; `_UNSET` under a mapping that is null."""
+    value = settings
+    for part in name.split("."):
+        if value is None:
+            return _UNSET
+        value = value[part]
+    return value
+
+
+def check_settings(settings: Mapping, section: str = "model") -> None:
+    """One sentence for the first number of `settings` (a section of the config: build_module's arguments,
+    the DataModule's, the Trainer's) that is not finite, else for the first of its `SETTING_RULES` broken."""
+    prefix = f"{section}." if section else ""
+    for name, value in settings.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{prefix}{name} must be a finite number, got {value}.")
+    for name, ok, must in SETTING_RULES[section]:
+        value = _setting(settings, name)
+        if value is not _UNSET and not ok(value):
             shown = list(value) if isinstance(value, tuple) else value  # as YAML writes a pair
-            raise UserError(f"model.{name} {must}, got {shown}.")
+            raise UserError(f"{prefix}{name} {must}, got {shown}.")
+
+
+def check_run(config: Mapping) -> None:
+    """A whole run's settings (the parsed config, as plain mappings) before any work: each section's rules,
+    then what one section asks of another."""
+    check_settings({"seed_everything": config["seed_everything"]}, "")
+    for section in ("model", "data", "trainer"):
+        check_settings(config[section], section)
+    trainer = config["trainer"]
+    if trainer["max_steps"] == -1 and trainer["max_epochs"] == -1:  # Lightning's "train for ever"
+        raise UserError("trainer.max_steps and trainer.max_epochs are both -1 (no end), and the learning rate's "
+                        "cosine decays over the run's steps: give one of them.")
+    micro, batch = config["model"]["micro_batches"], config["data"]["batch_size"]
+    if len(range(0, batch, -(-batch // micro))) != micro:  # torch.chunk's count: what accumulate.cached_step cuts
+        raise UserError(f"model.micro_batches {micro} cannot cut data.batch_size {batch} into {micro} chunks: "
+                        "choose a number of micro-batches that divides data.batch_size.")
 
 
 def check_loss(loss: str, model_name: str, architecture: arch.Architecture, micro_batches: int) -> None:

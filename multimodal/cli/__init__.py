@@ -23,6 +23,7 @@ traceback instead. What the library reports through `logging` (the `multimodal` 
 images, bad data) appears on stderr, one line a record, as the command runs.
 """
 
+import difflib
 import importlib
 import logging
 import sys
@@ -87,16 +88,32 @@ def snake_case_options(argv: list[str]) -> list[str]:
     return [one(a) for a in argv]
 
 
+def nearest(name: str, choices) -> str:
+    """' (did you mean X?)' for the choice nearest to a misspelled `name`, else ''."""
+    near = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean '{near[0]}'?)" if near else ""
+
+
+def unknown_command(name: str) -> str:
+    """The sentence for a command that does not exist: the nearest one, and all of them."""
+    return f"unknown command '{name}'{nearest(name, COMMANDS)}: use one of {', '.join(COMMANDS)}."
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = snake_case_options(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
-    if not argv or argv[0] not in COMMANDS:
-        asked = bool(argv) and argv[0] in ("-h", "--help")
-        print(USAGE, file=sys.stdout if asked else sys.stderr)
-        if argv and not asked:
-            print(f"error: unknown command '{argv[0]}': use one of {', '.join(COMMANDS)}.", file=sys.stderr)
-        return 0 if asked else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"error: {unknown_command(argv[0])}", file=sys.stderr)
+        return 2
+    if argv[0] in ("train", "demo") and ("-h" in argv or "--help" in argv):
+        from multimodal.cli.train_help import HELP  # Lightning's parser's own text, without building it
+
+        print(HELP, end="")
+        return 0
     module, function = COMMANDS[argv[0]]
     log_to_stderr()
     try:

@@ -1,9 +1,16 @@
-"""`multimodal train` and `multimodal demo`: LightningCLI over the module and the DataModule."""
+"""`multimodal train` and `multimodal demo`: LightningCLI over the module and the DataModule.
 
+The arguments and every config file the parser reads are bounded first (`cli/configs.py`); the whole
+config's numbers are checked (`recipe.check_run`) before a seed is set, data written or a run folder
+claimed; a run stopped by its input before its first step gives its run folder back.
+"""
+
+import io
 import os
 import re
 import warnings
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout, suppress
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -17,12 +24,13 @@ from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from multimodal import arch, demo
 from multimodal.checkpoint import AtomicCheckpointIO, check_resumable
+from multimodal.cli.configs import check_arguments
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.errors import UserError
 from multimodal.files import write_text
 from multimodal.monitor import RunProgressBar
 from multimodal.notices import QUIET
-from multimodal.recipe import build_module
+from multimodal.recipe import build_module, check_run
 from multimodal.userfiles import writing
 from multimodal.weights import read_checkpoint
 
@@ -39,6 +47,11 @@ class TrainCLI(LightningCLI):
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="Allow a run to write into an existing, non-empty run folder given by a logger's "
                                  "version (never needed with --resume, nor with the default: a new version_N).")
+
+    def parse_arguments(self, parser, args) -> None:
+        """The config, then its numbers checked (`recipe.check_run`) before the seed is set or anything built."""
+        super().parse_arguments(parser, args)
+        check_run(self.config.as_dict())
 
     def before_instantiate_classes(self) -> None:
         trainer = self.config.trainer
@@ -140,6 +153,7 @@ def run_version(root: Path) -> int:
 
 
 def _train_cli(argv: list[str]) -> TrainCLI:
+    check_arguments(argv)
     for message in QUIET:
         warnings.filterwarnings("ignore", message=message)
     try:
@@ -193,27 +207,56 @@ def _atomic_checkpoints(trainer) -> None:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO(setting="--{}")
 
 
+# What a run writes into its version folder before its first training step: the config, the loggers' first
+# files (hyperparameters, TensorBoard's events), the checkpoints folder Lightning makes.
+BEFORE_THE_FIRST_STEP = ("config.yaml", "hparams.yaml", "metrics.csv", "events.out.tfevents.*", "checkpoints")
+
+
+class _Run:
+    """A run's trainer, once it has one."""
+
+    trainer: pl.Trainer | None = None
+
+
 @contextmanager
-def _released_on_failure():
-    """A run that fails before writing anything gives its claimed version folder back."""
-    before = os.environ.get(CLAIMED)
+def _released_on_failure() -> Iterator[_Run]:
+    """A run stopped before its first training step (an input found wanting after it claimed its version
+    folder: shards of unknown size, too few for the workers) gives the folder back, removed when it holds
+    nothing but what a run writes before that step, so that the next run takes its number."""
+    before, run = os.environ.get(CLAIMED), _Run()
     try:
-        yield
+        yield run
     except BaseException:
-        root, _, version = os.environ.get(CLAIMED, "").rpartition("|")
-        folder = Path(root) / f"version_{version}"
-        if os.environ.get(CLAIMED) != before and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        claimed = os.environ.get(CLAIMED, "")
+        if claimed != before and (run.trainer is None or run.trainer.global_step == 0):
+            root, _, version = claimed.rpartition("|")
+            _remove_unstarted(Path(root) / f"version_{version}")
         raise
 
 
+def _remove_unstarted(folder: Path) -> None:
+    """`folder` removed if it holds only what a run writes before its first step (else left as it is)."""
+    entries = list(folder.iterdir()) if folder.is_dir() else []
+    if not all(any(e.match(name) for name in BEFORE_THE_FIRST_STEP) for e in entries) or \
+            any(e.is_dir() and any(e.iterdir()) for e in entries):
+        return
+    for entry in entries:
+        if entry.is_dir():
+            entry.rmdir()
+        else:
+            entry.unlink()
+    if folder.is_dir():
+        folder.rmdir()
+
+
 def train(argv: list[str]) -> int:
-    with _released_on_failure():
-        return _train(argv)
+    with _released_on_failure() as run:
+        return _train(argv, run)
 
 
-def _train(argv: list[str]) -> int:
+def _train(argv: list[str], run: _Run) -> int:
     cli = _train_cli(argv)
+    run.trainer = cli.trainer
     if cli.ckpt_path:
         check_resumable(cli.ckpt_path, cli.model)
     if cli.config.get("resume"):
@@ -224,12 +267,13 @@ def _train(argv: list[str]) -> int:
 
 
 def run_demo(argv: list[str]) -> int:
-    with _released_on_failure():
-        return _run_demo(argv)
+    with _released_on_failure() as run:
+        return _run_demo(argv, run)
 
 
-def _run_demo(argv: list[str]) -> int:
+def _run_demo(argv: list[str], run: _Run) -> int:
     cli = _train_cli(["--config", str(arch.CONFIG_DIR / "demo.yaml"), *argv])
+    run.trainer = cli.trainer
     _atomic_checkpoints(cli.trainer)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
     if cli.trainer.is_global_zero:
@@ -239,3 +283,29 @@ def _run_demo(argv: list[str]) -> int:
         if model.has_caption_decoder:
             demo.caption_report(model, data.val_shards, data.train_shards, run_dir)
     return 0
+
+
+def parser_help() -> str:
+    """What Lightning's parser of `train` prints for --help at the 80 columns of a pipe, trailing spaces
+    dropped: the text `multimodal train --help` prints (multimodal/cli/train_help.py) without building it."""
+    out, columns = io.StringIO(), os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"
+    try:
+        with redirect_stdout(out), suppress(SystemExit):
+            _train_cli(["--help"])
+    finally:
+        del os.environ["COLUMNS"]
+        if columns is not None:
+            os.environ["COLUMNS"] = columns
+    return "".join(line.rstrip() + "\n" for line in out.getvalue().splitlines())
+
+
+def write_help() -> None:
+    """multimodal/cli/train_help.py afresh from `parser_help` (after a change to the options or an upgrade
+    of Lightning or jsonargparse; tests/test_hostile_training.py says when)."""
+    text = parser_help().replace("\\", "\\\\").replace('"""', '\\"\\"\\"')
+    write_text(Path(__file__).with_name("train_help.py"),
+               '"""The help of `multimodal train` and `demo`, as Lightning\'s parser prints it at 80 columns,\n'
+               'kept here so that --help answers without importing torch (`multimodal.cli.train.write_help`\n'
+               'writes it; tests/test_hostile_training.py checks it against the parser)."""\n\n'
+               f'HELP = """\\\n{text}"""\n')

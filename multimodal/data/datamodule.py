@@ -87,14 +87,7 @@ class ShardDataModule(pl.LightningDataModule):
                 device, the batch's JPEGs together (nvJPEG on CUDA; on a CPU run, the main process), the
                 workers only reading them and drawing their crop boxes; `auto`: `gpu` when training on CUDA.
         """
-        super().__init__()
-        for name, value in (("batch_size", batch_size), ("num_samples", num_samples)):
-            if value is not None and value <= 0:
-                raise UserError(f"data.{name} must be a positive integer, got {value}.")
-        if num_workers < 0:
-            raise UserError(f"data.num_workers must be 0 or more, got {num_workers}.")
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise UserError(f"data.max_bad_fraction must be between 0 and 1, got {max_bad_fraction}.")
+        super().__init__()  # the numbers are checked with the rest of the config (`recipe.check_run`)
         self.max_bad_fraction, self.max_image_pixels = max_bad_fraction, max_image_pixels
         self.train_shards, self.val_shards = train_shards, val_shards
         self.batch_size, self.num_workers, self.shuffle_buffer = batch_size, num_workers, shuffle_buffer
