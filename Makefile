@@ -14,12 +14,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/multimodal demo
 
-# two workers, one a core, each test file on one of them (tests/conftest.py gives each one torch thread)
+# two workers, one a core, each test file on one of them, the slow files first (tests/conftest.py gives each
+# worker one torch thread and orders the files)
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile -m "not slow"
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 debug: $(STAMP)
 	$(VENV)/bin/multimodal train --config configs/debug.yaml
