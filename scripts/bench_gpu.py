@@ -134,6 +134,16 @@ def ratio(label: str, numerator: list[float] | str, denominator: list[float] | s
     return f"  {label:<32}{statistics.median(numerator) / statistics.median(denominator):5.2f}x"
 
 
+def attempt(label: str, run):
+    """`run()`, or, where it fails (the commands exit with their stderr's tail), why: printed in full to
+    stderr, the row left out, and the other rows still measured."""
+    try:
+        return run()
+    except SystemExit as exc:
+        print(f"{label} failed: {exc.code}", file=sys.stderr, flush=True)
+        return "failed, see stderr"
+
+
 def measure(setting: Setting, shards: Shards, with_compile: bool, with_open_clip: bool) -> dict[str, list[float] | str]:
     """Each training row's windows, or why it was left out; one run after the other."""
     compiled = dataclasses.replace(setting, compile=True)
@@ -145,7 +155,7 @@ def measure(setting: Setting, shards: Shards, with_compile: bool, with_open_clip
     windows = {}
     for label, run in runs.items():
         print(f"running {label}...", file=sys.stderr, flush=True)
-        windows[label] = run if isinstance(run, str) else run()
+        windows[label] = run if isinstance(run, str) else attempt(label, run)
         if setting.gpu:
             torch.cuda.empty_cache()  # the bare loop's memory, for the commands that follow
     return windows
@@ -189,13 +199,14 @@ def main(argv: list[str] | None = None) -> None:
             shards = write(Path(folder) / "shards", data, setting)
             windows = measure(setting, shards, not args.no_compile, not args.no_open_clip)
             print("running multimodal embed...", file=sys.stderr, flush=True)
-            images = embed(setting, shards, Path(folder))
+            images = attempt("multimodal embed", lambda: embed(setting, shards, Path(folder)))
     except UserError as exc:
         sys.exit(f"error: {message(exc)}")
     report(setting, shards, windows, images)
 
 
-def report(setting: Setting, shards: Shards, windows: dict[str, list[float] | str], images: float) -> None:
+def report(setting: Setting, shards: Shards, windows: dict[str, list[float] | str], images: float | str
+           ) -> None:
     device = torch.device("cuda" if setting.gpu else "cpu")
     name = torch.cuda.get_device_name(device) if setting.gpu else "cpu"
     flops = flops_per_sample(create_model(setting.architecture),
@@ -210,7 +221,10 @@ def report(setting: Setting, shards: Shards, windows: dict[str, list[float] | st
           + (f"{peak:g} TFLOP/s" if peak else "an unknown peak"))
     for label, w in windows.items():
         print(row(label, w, flops, peak))
-    print(f"  {'multimodal embed':<28}{images:9.1f}  images/s with their captions, one pass")
+    if isinstance(images, str):
+        print(f"  {'multimodal embed':<28}{'-':>9}  (left out: {images})")
+    else:
+        print(f"  {'multimodal embed':<28}{images:9.1f}  images/s with their captions, one pass")
     print(ratio("ours / bare loop, eager", windows["multimodal train, eager"], windows["bare loop, eager"]))
     print(ratio("ours / bare loop, compiled", windows["multimodal train, compiled"], windows["bare loop, compiled"]))
     print(ratio("ours / open_clip_train, eager", windows["multimodal train, eager"], windows["open_clip_train, eager"]))

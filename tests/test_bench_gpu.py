@@ -3,6 +3,7 @@ compiled rows and open_clip_train left out: compiling takes minutes on this CPU,
 environment of its own)."""
 
 import re
+import sys
 import tempfile
 
 from tests.conftest import REPO
@@ -32,3 +33,20 @@ def test_the_gpu_benchmark_runs_on_the_cpu_and_prints_every_row(monkeypatch, tmp
             assert value == "-", line
     assert "left out: --no-compile" in out and "left out: --no-open-clip" in out
     assert re.search(r"multimodal train, eager .* MFU +-$", out, re.MULTILINE)  # no peak known for a CPU
+
+
+def test_a_row_that_fails_is_left_out_and_the_others_are_measured(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(REPO / "scripts"))
+    import bench_gpu
+
+    from multimodal import arch
+
+    monkeypatch.setattr(bench_gpu, "bare", lambda setting: [10.0, 12.0])
+    monkeypatch.setattr(bench_gpu, "ours", lambda setting, listing: sys.exit("multimodal train failed:\nboom"))
+    setting = bench_gpu.Setting(arch.load("tiny"), 16, 4, 1, False, compile=False)
+    windows = bench_gpu.measure(setting, bench_gpu.Shards("x", 64, "test"), False, False)
+    assert windows["bare loop, eager"] == [10.0, 12.0]
+    assert windows["multimodal train, eager"] == "failed, see stderr"
+    assert "multimodal train, eager failed: multimodal train failed:\nboom" in capsys.readouterr().err
+    assert bench_gpu.ratio("ours / bare loop, eager", windows["multimodal train, eager"],
+                           windows["bare loop, eager"]).split()[-1] == "-"

@@ -31,13 +31,15 @@ from tests.conftest import open_clip_transforms
 from tests.test_pipeline import batches, write_tar
 
 CPU = torch.device("cpu")
+DEVICES = [CPU, *([torch.device("cuda")] if torch.cuda.is_available() else [])]  # where `finish` decodes
 MEAN_LEVELS, P99_LEVELS = 4.0, 40.0  # worker path vs device path, levels in 255
 AS_LEVELS = EvalTransform(224, (0.0, 0.0, 0.0), (1 / 255,) * 3)  # normalisation that keeps the 0-255 levels exact
 
 
-def finished(batch, crop=None, preprocess=AS_LEVELS):
-    """`batch.finish` on the CPU, its pixels back as uint8 levels (`AS_LEVELS`: x * 255 / 255 is exact)."""
-    batch = finish(batch, CPU, preprocess, crop)
+def finished(batch, crop=None, preprocess=AS_LEVELS, device=CPU):
+    """`batch.finish` on `device` (nvJPEG on a GPU), its pixels back on the host as uint8 levels (`AS_LEVELS`:
+    x * 255 / 255 is exact)."""
+    batch = finish(batch.to(device), device, preprocess, crop).to(CPU)  # as Lightning moves it, and back
     field = "image" if crop is not None else "images"
     pixels = getattr(batch, field)
     return replace(batch, **{field: pixels.round().to(torch.uint8) if pixels is not None else None})
@@ -88,8 +90,9 @@ def jpegs(request, tmp_path) -> list[str]:
             for s in range(2)]
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("size", [224, 64])
-def test_device_decoding_has_the_workers_boxes_and_their_pixels_to_within_the_tolerance(jpegs, size):
+def test_device_decoding_has_the_workers_boxes_and_their_pixels_to_within_the_tolerance(jpegs, size, device):
     on_workers, on_device = RecordingCrop(size), RecordingCrop(size)
     worker_batches = batches(stream(jpegs, on_workers, 16, on_device=False, num_batches=2))
     device_batches = batches(stream(jpegs, on_device, 16, on_device=True, num_batches=2))
@@ -98,12 +101,12 @@ def test_device_decoding_has_the_workers_boxes_and_their_pixels_to_within_the_to
 
     diffs = []
     for ours, theirs in zip(device_batches, worker_batches):
-        ours = finished(ours, on_device)
+        ours = finished(ours, on_device, device=device)
         assert ours.keys == theirs.keys and torch.equal(ours.text, theirs.text)
         assert ours.image.shape == theirs.image.shape == (16, 3, size, size)
         diffs.append((ours.image.int() - theirs.image.int()).abs().float().flatten())
     diff = torch.cat(diffs)
-    print(f"device vs worker pixels at {size} px: mean {diff.mean():.2f}, p99 {diff.quantile(0.99):.0f} levels")
+    print(f"{device} vs worker pixels at {size} px: mean {diff.mean():.2f}, p99 {diff.quantile(0.99):.0f} levels")
     assert diff.mean() < MEAN_LEVELS and diff.quantile(0.99) <= P99_LEVELS, (diff.mean(), diff.quantile(0.99))
     assert [tuple(box) for box in on_device.boxes] == on_workers.boxes  # the device path cropped with them
 
@@ -214,8 +217,10 @@ def test_evaluation_pixels_match_open_clips_eval_transform(jpegs, name):
     assert scaled.mean() < MEAN_LEVELS and scaled.quantile(0.99) <= P99_LEVELS, (scaled.mean(), scaled.quantile(0.99))
 
 
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("name", ["ViT-B-32", "tiny"])
-def test_evaluation_on_the_device_path_has_the_workers_rows_and_their_pixels_to_within_the_tolerance(jpegs, name):
+def test_evaluation_on_the_device_path_has_the_workers_rows_and_their_pixels_to_within_the_tolerance(jpegs, name,
+                                                                                                   device):
     """`embed --decode gpu`: the workers send JPEG bytes, the batch is decoded and given the eval transform
     where it is encoded. Same rows and captions as the workers' path; pixels within the training path's
     tolerance of it (the workers decode at a reduced DCT scale, the device at full size), and within a
@@ -238,7 +243,7 @@ def test_evaluation_on_the_device_path_has_the_workers_rows_and_their_pixels_to_
     diffs = []
     for ours, theirs in zip(embed_batches(True), embed_batches(False), strict=True):
         assert ours.images is None and len(ours.jpegs) == 16  # every JPEG sent as bytes
-        ours = finished(ours, preprocess=as_levels)
+        ours = finished(ours, preprocess=as_levels, device=device)
         assert ours.image_rows == theirs.image_rows and ours.text_rows == theirs.text_rows
         assert torch.equal(ours.texts, theirs.texts)
         assert ours.images.shape == theirs.images.shape == (16, 3, preprocess.size, preprocess.size)
@@ -247,7 +252,7 @@ def test_evaluation_on_the_device_path_has_the_workers_rows_and_their_pixels_to_
             expected = reference(decode_image(photos[row["key"]]))
             from_open_clip.append((pixels - expected).abs().flatten() / level)
     diff, exact = torch.cat(diffs), torch.cat(from_open_clip)
-    print(f"eval device vs worker pixels, {name}: mean {diff.mean():.2f}, p99 {diff.quantile(0.99):.0f} levels; "
+    print(f"eval {device} vs worker pixels, {name}: mean {diff.mean():.2f}, p99 {diff.quantile(0.99):.0f} levels; "
           f"vs open_clip's eval transform: mean {exact.mean():.3f}, max {exact.max():.2f} levels")
     assert diff.mean() < MEAN_LEVELS and diff.quantile(0.99) <= P99_LEVELS, (diff.mean(), diff.quantile(0.99))
     assert exact.max() <= 1.1 and exact.mean() < 0.05, (exact.mean(), exact.max())

@@ -8,6 +8,7 @@ run under one that records each call with the batch it happened in.
 
 import os
 import traceback
+import warnings
 
 import pytest
 import pytorch_lightning as pl
@@ -37,17 +38,37 @@ class HostReads(TorchDispatchMode):
 
 
 class Record(pl.Callback):
+    """Runs training under `mode`; on CUDA also under the sync debug mode, which warns at every operation
+    that makes the host wait for the device (a read, a blocking copy, `nonzero`...): recorded in `syncs`
+    with the step and the stack."""
+
     def __init__(self, mode: HostReads):
-        self.mode = mode
+        self.mode, self.syncs, self._shown = mode, [], None
+
+    def _sync(self, message, category, filename, lineno, file=None, line=None):
+        if "synchronizing" in str(message):
+            self.syncs.append((self.mode.batch, "".join(traceback.format_stack(limit=14)[:-2])))
+        else:
+            self._shown(message, category, filename, lineno, file, line)
 
     def on_train_start(self, trainer, pl_module):
         self.mode.__enter__()
+        if pl_module.device.type == "cuda":
+            warnings.simplefilter("always")
+            self._shown, warnings.showwarning = warnings.showwarning, self._sync
+            torch.cuda.set_sync_debug_mode("warn")
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.mode.batch = trainer.global_step
 
     def on_train_end(self, trainer, pl_module):
         self.mode.__exit__(None, None, None)
+        if self._shown is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = self._shown
+
+
+GPU = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -57,15 +78,19 @@ def shards(tmp_path_factory):
     return str(folder)
 
 
-@pytest.mark.parametrize("precision,micro_batches,decode", [("32-true", 1, "cpu"), ("bf16-mixed", 2, "cpu"),
-                                                            ("32-true", 1, "gpu")])
-def test_training_steps_read_device_values_only_on_logging_steps(shards, tmp_path, precision, micro_batches, decode):
-    """fp32; bf16 with gradient-cached micro-batches; and JPEGs decoded on the device (here the CPU)."""
+@pytest.mark.parametrize("accelerator,precision,micro_batches,decode", [
+    ("cpu", "32-true", 1, "cpu"), ("cpu", "bf16-mixed", 2, "cpu"), ("cpu", "32-true", 1, "gpu"),
+    *([("gpu", "bf16-mixed", 1, "gpu"), ("gpu", "bf16-mixed", 2, "cpu"), ("gpu", "32-true", 1, "gpu")] if GPU else [])])
+def test_training_steps_read_device_values_only_on_logging_steps(shards, tmp_path, accelerator, precision,
+                                                                 micro_batches, decode):
+    """fp32; bf16 with gradient-cached micro-batches; and JPEGs decoded on the device (the CPU here, and a GPU
+    where there is one: there the sync debug mode also finds any other wait, after the first step's set-up)."""
     mode = HostReads()
+    record = Record(mode)
     module = build_module("tiny", lr=1e-3, warmup_steps=2, micro_batches=micro_batches)
-    trainer = pl.Trainer(accelerator="cpu", precision=precision, max_steps=12, log_every_n_steps=LOG_EVERY,
+    trainer = pl.Trainer(accelerator=accelerator, precision=precision, max_steps=12, log_every_n_steps=LOG_EVERY,
                          logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_model_summary=False,
-                         callbacks=[RunProgressBar(), Record(mode)], gradient_clip_val=1.0, default_root_dir=tmp_path)
+                         callbacks=[RunProgressBar(), record], gradient_clip_val=1.0, default_root_dir=tmp_path)
     trainer.fit(module, datamodule=ShardDataModule(shards, batch_size=16, num_workers=1, shuffle_buffer=64,
                                                    decode=decode))
     assert trainer.global_step == 12
@@ -75,6 +100,11 @@ def test_training_steps_read_device_values_only_on_logging_steps(shards, tmp_pat
     others = [stack for batch, stack in mode.reads if batch not in logging_steps]
     assert not others, f"host reads in steps {sorted(steps_with_reads)}; one outside logging steps:\n{others[0]}"
     assert steps_with_reads == logging_steps  # the recorder sees the reads that logging makes
+    waits = [(step, stack) for step, stack in record.syncs if step not in logging_steps and step != 0]
+    print(f"{accelerator}: {len(record.syncs)} synchronizing operations, in steps "
+          f"{sorted({step for step, _ in record.syncs})}")
+    assert not waits, f"{len(waits)} waits for the GPU outside logging steps; the first, in step {waits[0][0]}:\n" \
+                      f"{waits[0][1]}"
     metrics = (tmp_path / "lightning_logs" / "version_0" / "metrics.csv").read_text()
     header = metrics.splitlines()[0].split(",")
     assert {"train/loss", "train/lr", "train/samples_per_second", "train/nonfinite_steps"} <= set(header)
