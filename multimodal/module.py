@@ -80,9 +80,17 @@ class CLIPModule(pl.LightningModule):
         return self._trainer is not None and "FSDP" in type(self.trainer.strategy).__name__
 
     def on_fit_start(self) -> None:
+        """Refuses micro-batches under FSDP. On CUDA, training leaves cuDNN's attention out of SDPA's choices
+        (flash and memory-efficient attention serve the same shapes): `multimodal train` of ViT-B-32, eager,
+        bf16, stopped after NaN losses from its second step on an H200 (torch 2.11, 2026-12-04; compiled, the
+        same run was finite), the signature of cuDNN's SDPA backward returning NaN gradients for masked
+        attention on Hopper (pytorch/pytorch#196678), here the text tower's causal mask. Forward passes
+        (embed, eval) are unaffected."""
         if self.micro_batches > 1 and self._fsdp:
             raise UserError("model.micro_batches needs whole parameters on every rank: use the ddp strategy "
                             "(FSDP shards them), or set model.micro_batches to 1.")
+        if self.device.type == "cuda":
+            torch.backends.cuda.enable_cudnn_sdp(False)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         scalar_state(checkpoint.get("state_dict", {}))  # (1,) under FSDP: saved as open_clip's ()

@@ -141,7 +141,9 @@ def attempt(label: str, run):
         return run()
     except SystemExit as exc:
         print(f"{label} failed: {exc.code}", file=sys.stderr, flush=True)
-        return "failed, see stderr"
+    except Exception as exc:  # noqa: BLE001 - a tool the row needs (open_clip_train's environment) failed
+        print(f"{label} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    return "failed, see stderr"
 
 
 def measure(setting: Setting, shards: Shards, with_compile: bool, with_open_clip: bool) -> dict[str, list[float] | str]:
@@ -156,6 +158,8 @@ def measure(setting: Setting, shards: Shards, with_compile: bool, with_open_clip
     for label, run in runs.items():
         print(f"running {label}...", file=sys.stderr, flush=True)
         windows[label] = run if isinstance(run, str) else attempt(label, run)
+        if not isinstance(windows[label], str):  # each row as it is measured, should a later one take the run down
+            print(row(label, windows[label], 0.0, None), file=sys.stderr, flush=True)
         if setting.gpu:
             torch.cuda.empty_cache()  # the bare loop's memory, for the commands that follow
     return windows

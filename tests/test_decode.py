@@ -33,6 +33,10 @@ from tests.test_pipeline import batches, write_tar
 CPU = torch.device("cpu")
 DEVICES = [CPU, *([torch.device("cuda")] if torch.cuda.is_available() else [])]  # where `finish` decodes
 MEAN_LEVELS, P99_LEVELS = 4.0, 40.0  # worker path vs device path, levels in 255
+# The eval transform of device-decoded pixels against open_clip's (PIL, full size): within a level in 255 where
+# libjpeg-turbo decodes (the CPU); nvJPEG's IDCT and chroma upsampling differ from it by a few levels (measured on
+# an H200, torch 2.11, 2026-12-04: max 3.89 and mean 0.39 levels for ViT-B-32's 224 px, 1.90 and 0.16 for tiny)
+EXACT_LEVELS = {"cpu": (1.1, 0.05), "cuda": (5.0, 0.5)}  # (max, mean)
 AS_LEVELS = EvalTransform(224, (0.0, 0.0, 0.0), (1 / 255,) * 3)  # normalisation that keeps the 0-255 levels exact
 
 
@@ -224,7 +228,7 @@ def test_evaluation_on_the_device_path_has_the_workers_rows_and_their_pixels_to_
     """`embed --decode gpu`: the workers send JPEG bytes, the batch is decoded and given the eval transform
     where it is encoded. Same rows and captions as the workers' path; pixels within the training path's
     tolerance of it (the workers decode at a reduced DCT scale, the device at full size), and within a
-    level in 255 of open_clip's eval transform on the full-size PIL image."""
+    level in 255 of open_clip's eval transform on the full-size PIL image (a few levels with nvJPEG: EXACT_LEVELS)."""
     import webdataset as wds
 
     from multimodal.data.decode import decode_image
@@ -255,7 +259,8 @@ def test_evaluation_on_the_device_path_has_the_workers_rows_and_their_pixels_to_
     print(f"eval {device} vs worker pixels, {name}: mean {diff.mean():.2f}, p99 {diff.quantile(0.99):.0f} levels; "
           f"vs open_clip's eval transform: mean {exact.mean():.3f}, max {exact.max():.2f} levels")
     assert diff.mean() < MEAN_LEVELS and diff.quantile(0.99) <= P99_LEVELS, (diff.mean(), diff.quantile(0.99))
-    assert exact.max() <= 1.1 and exact.mean() < 0.05, (exact.mean(), exact.max())
+    most, mean = EXACT_LEVELS[device.type]
+    assert exact.max() <= most and exact.mean() < mean, (exact.mean(), exact.max())
 
 
 def test_an_image_no_decoder_reads_is_left_out_of_an_evaluation_batch_with_its_captions(tmp_path, caplog):

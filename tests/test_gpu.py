@@ -48,3 +48,15 @@ def test_a_gpu_run_trains_resumes_exactly_and_embeds_as_the_workers_do(tmp_path)
     print(f"image embeddings, nvJPEG vs the workers' decoder: cosine min {cosine.min():.4f}, "
           f"mean {cosine.mean():.4f}")
     assert cosine.min() > 0.98, cosine.min()
+
+
+def test_vit_b_32_trains_eager_in_bf16_with_finite_losses(tmp_path):
+    """The run that stopped on NaN losses from its second step on an H200 (see `CLIPModule.on_fit_start`)."""
+    proc = run_cli("train", "--config", DEBUG, *ON_GPU, "--model.model_name", "ViT-B-32", "--model.lr", "5e-4",
+                   "--model.warmup_steps", "50", "--data.batch_size", "128", "--trainer.max_steps", "12",
+                   "--trainer.log_every_n_steps", "1", "--data.synthetic.train_samples", "1536",
+                   cwd=tmp_path, memory=NO_LIMIT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [r for r in csv.DictReader((tmp_path / "runs/debug/version_0/metrics.csv").open()) if r["train/loss"]]
+    assert len(rows) == 12 and all(math.isfinite(float(r["train/loss"])) for r in rows), rows
+    assert float(rows[-1]["train/nonfinite_steps"]) == 0

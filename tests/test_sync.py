@@ -47,7 +47,8 @@ class Record(pl.Callback):
 
     def _sync(self, message, category, filename, lineno, file=None, line=None):
         if "synchronizing" in str(message):
-            self.syncs.append((self.mode.batch, "".join(traceback.format_stack(limit=14)[:-2])))
+            step = -1 if self.mode.batch is None else self.mode.batch  # -1: set-up, before the first step
+            self.syncs.append((step, "".join(traceback.format_stack(limit=14)[:-2])))
         else:
             self._shown(message, category, filename, lineno, file, line)
 
@@ -100,7 +101,7 @@ def test_training_steps_read_device_values_only_on_logging_steps(shards, tmp_pat
     others = [stack for batch, stack in mode.reads if batch not in logging_steps]
     assert not others, f"host reads in steps {sorted(steps_with_reads)}; one outside logging steps:\n{others[0]}"
     assert steps_with_reads == logging_steps  # the recorder sees the reads that logging makes
-    waits = [(step, stack) for step, stack in record.syncs if step not in logging_steps and step != 0]
+    waits = [(step, stack) for step, stack in record.syncs if step not in logging_steps and step > 0]
     print(f"{accelerator}: {len(record.syncs)} synchronizing operations, in steps "
           f"{sorted({step for step, _ in record.syncs})}")
     assert not waits, f"{len(waits)} waits for the GPU outside logging steps; the first, in step {waits[0][0]}:\n" \
