@@ -20,6 +20,7 @@ monitors their counts (`monitor.py`); Lightning saves the rest (weights, optimiz
 
 import os
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,94 @@ class FinalCheckpoint(pl.Callback):
             if isinstance(callback, ModelCheckpoint) and callback.save_last \
                     and callback._last_global_step_saved != trainer.global_step:
                 callback._save_last_checkpoint(trainer, callback._monitor_candidates(trainer))
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint on a cluster's schedule: a step checkpoint every `every_n_train_steps` steps or every
+    `every_n_minutes` minutes, whichever is due first (the minutes count from the last checkpoint), the newest
+    `keep_last` of them kept (None: all; 0: none) besides `last.ckpt` (`save_last`). From a config:
+
+        trainer:
+          callbacks:
+            - class_path: multimodal.checkpoint.RunCheckpoint
+              init_args: {every_n_train_steps: 1000, every_n_minutes: 30, keep_last: 3}
+
+    Lightning's ModelCheckpoint takes steps or a time interval, not both, and decides the time on every rank
+    by a broadcast from rank 0 (on NCCL, a wait for the GPU every step). Here rank 0's clock decides and the
+    ranks agree through `distributed.HostVote`, on the host, a step late under DDP. Older step checkpoints go
+    through the strategy's `remove_checkpoint`, so its CheckpointIO (and whatever mirrors it) deletes them;
+    which ones are kept travels in the checkpoint, so a resumed run prunes the interrupted run's too.
+    """
+
+    def __init__(self, dirpath: str | None = None, filename: str | None = None, every_n_train_steps: int | None = None,
+                 every_n_minutes: float | None = None, keep_last: int | None = 1, save_last: bool = True):
+        if every_n_train_steps is None and every_n_minutes is None:
+            raise UserError("RunCheckpoint needs every_n_train_steps, every_n_minutes or both: how often to save.")
+        if every_n_train_steps is not None and every_n_train_steps < 1:
+            raise UserError(f"RunCheckpoint's every_n_train_steps is {every_n_train_steps}: give a step count of 1 "
+                            "or more, or leave it out and save on time alone.")
+        if every_n_minutes is not None and not every_n_minutes > 0:
+            raise UserError(f"RunCheckpoint's every_n_minutes is {every_n_minutes}: give a positive number of "
+                            "minutes, or leave it out and save on steps alone.")
+        if keep_last is not None and keep_last < 0:
+            raise UserError(f"RunCheckpoint's keep_last is {keep_last}: give how many step checkpoints to keep "
+                            "(0 keeps only last.ckpt; null keeps them all).")
+        super().__init__(dirpath=dirpath, filename=filename, save_last=save_last,
+                         save_top_k=0 if keep_last == 0 else -1, every_n_train_steps=every_n_train_steps or 0)
+        self.every_n_minutes, self.keep_last = every_n_minutes, keep_last
+        self.kept: list[str] = []  # the step checkpoints on disk, oldest first
+        self._since = time.monotonic()
+        self._vote: distributed.HostVote | None = None
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_train_steps=self._every_n_train_steps,
+                                        every_n_minutes=self.every_n_minutes)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage == "fit" and self.every_n_minutes is not None:
+            self._vote = distributed.HostVote()
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._since = time.monotonic()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        on_time = self._vote is not None and self._vote(
+            trainer.is_global_zero and time.monotonic() - self._since >= 60 * self.every_n_minutes)
+        on_step = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        if not (on_time or on_step) or self._should_skip_saving_checkpoint(trainer):
+            return
+        candidates = self._monitor_candidates(trainer)
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
+        self._since = time.monotonic()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._vote is not None:
+            self._vote.close()
+        super().on_train_end(trainer, pl_module)
+
+    def _save_none_monitor_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict) -> None:
+        """The step checkpoint, then the oldest beyond `keep_last` removed (after the write: never fewer kept)."""
+        path = self._get_metric_interpolated_filepath_name(monitor_candidates, trainer)
+        self.best_model_path = path
+        self.kept.append(path)
+        stale = self.kept[:-self.keep_last] if self.keep_last else []
+        self.kept = self.kept[len(stale):]  # before the save: the checkpoint records what is kept with it
+        self._save_checkpoint(trainer, path)
+        for old in stale:
+            if self._should_remove_checkpoint(trainer, old, path):
+                self._remove_checkpoint(trainer, old)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "kept": list(self.kept)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            self.kept = list(state_dict.get("kept", []))
 
 
 def rng_states() -> dict:

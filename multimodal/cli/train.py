@@ -30,6 +30,7 @@ from multimodal.errors import UserError
 from multimodal.files import write_text
 from multimodal.monitor import RunProgressBar
 from multimodal.notices import QUIET
+from multimodal.preemption import Preempted, Preemption
 from multimodal.recipe import build_module, check_run
 from multimodal.userfiles import writing
 from multimodal.weights import read_checkpoint
@@ -83,11 +84,17 @@ class TrainCLI(LightningCLI):
                                 "it, --overwrite to write into it anyway, or leave the logger's version unset.")
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
-        """Our progress bar (`RunProgressBar`) unless the config turns bars off or brings its own."""
+        """Our progress bar (`RunProgressBar`) unless the config turns bars off or brings its own; `Preemption`
+        (stop on SIGUSR1/SIGTERM with a checkpoint, requeue under SLURM) unless the config brings its own."""
         chosen = config.get("callbacks") or []
         if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in chosen):
             callbacks = [*callbacks, RunProgressBar()]
-        return super()._instantiate_trainer(config, callbacks)
+        trainer = super()._instantiate_trainer(config, callbacks)
+        if not any(isinstance(c, Preemption) for c in trainer.callbacks):
+            # added to the built Trainer: a checkpoint callback given to its constructor would take the place
+            # of the ModelCheckpoint it adds by default, and be refused with enable_checkpointing false
+            trainer.callbacks.append(Preemption())
+        return trainer
 
     def _resume(self) -> tuple[Path, int] | None:
         """Turn --resume into `ckpt_path`; (logger root, version) when it names a run folder."""
@@ -262,7 +269,10 @@ def _train(argv: list[str], run: _Run) -> int:
     if cli.config.get("resume"):
         _keep_csv_metrics(cli.trainer)
     _atomic_checkpoints(cli.trainer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
+    except Preempted as stopped:
+        return stopped.exit("train", argv)
     return 0
 
 
@@ -275,7 +285,10 @@ def _run_demo(argv: list[str], run: _Run) -> int:
     cli = _train_cli(["--config", str(arch.CONFIG_DIR / "demo.yaml"), *argv])
     run.trainer = cli.trainer
     _atomic_checkpoints(cli.trainer)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
+    try:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
+    except Preempted as stopped:
+        return stopped.exit("demo", argv)
     if cli.trainer.is_global_zero:
         data = cli.datamodule
         model, run_dir = cli.model.model.cpu(), Path(cli.trainer.log_dir)

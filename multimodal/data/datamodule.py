@@ -25,6 +25,7 @@ from multimodal.data.pixels import EvalTransform, TrainCrop
 from multimodal.data.shards import ensure_synthetic
 from multimodal.data.sources import EvalBatches, ShardSource
 from multimodal.data.synthetic import SyntheticData
+from multimodal.data.workers import leave_stop_signals_to_the_trainer
 from multimodal.errors import UserError
 
 
@@ -225,6 +226,7 @@ class ShardDataModule(pl.LightningDataModule):
         return DataLoader(
             stream, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(), prefetch_factor=4 if self.num_workers > 0 else None,
+            worker_init_fn=leave_stop_signals_to_the_trainer,
         )
 
     def _decode_on_device(self) -> bool:
@@ -260,7 +262,8 @@ class ShardDataModule(pl.LightningDataModule):
         tokenizer = self.arch.tokenizer
         batches = EvalBatches(source, parts, self.preprocess, tokenizer, self.batch_size,
                               decode_on_device=self._decode_on_device())
-        loader = DataLoader(batches, batch_size=None, num_workers=min(self.num_workers, len(parts)))
+        loader = DataLoader(batches, batch_size=None, num_workers=min(self.num_workers, len(parts)),
+                            worker_init_fn=leave_stop_signals_to_the_trainer)  # validation runs inside training
         size = self.arch.image_size
         padding = EvalBatch(-1, True, images=torch.zeros(1, 3, size, size, dtype=torch.uint8), image_rows=[],
                             texts=tokenizer([""]), text_rows=[])

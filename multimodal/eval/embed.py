@@ -31,6 +31,7 @@ from tqdm import tqdm
 from multimodal.data.batch import EvalBatch, finish, jpegs_on_device
 from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
 from multimodal.data.sources import EvalBatches, ShardSource
+from multimodal.data.workers import leave_stop_signals_to_the_trainer
 from multimodal.errors import UserError
 from multimodal.files import PARTIAL_SUFFIX, atomic_file, partial_of, write_text
 from multimodal.model import CLIP
@@ -306,7 +307,7 @@ def embed_shards(model: CLIP, shards: "str | ShardSource", batch_size: int = 256
                           decode_on_device=jpegs_on_device(decode, device))
     model = model.eval().to(device)
     loader = DataLoader(dataset, batch_size=None, num_workers=min(num_workers, source.num_parts()),
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=leave_stop_signals_to_the_trainer)
     with tqdm(total=source.shards.num_samples, unit="img", desc="embedding", mininterval=1.0,
               disable=not progress) as bar:  # closed, its line ended, before any error is printed
 
