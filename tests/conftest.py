@@ -26,6 +26,16 @@ def pytest_collection_modifyitems(items: list) -> None:
     items.sort(key=lambda item: item.path not in slow)
 
 
+@pytest.fixture(autouse=True)
+def _multimodal_logs_reach_caplog():
+    """`multimodal.cli.main`, run in this process by some tests, stops the package's log records at its own
+    stderr handler (`log_to_stderr`); each test starts with them propagating to the root logger, where
+    pytest's caplog listens."""
+    import logging
+
+    logging.getLogger("multimodal").propagate = True
+
+
 @pytest.fixture(scope="session")
 def coco_mini() -> Path:
     if not (COCO_MINI / "annotations" / "captions_train2017.json").is_file():

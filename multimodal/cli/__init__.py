@@ -69,12 +69,15 @@ class _Stderr(logging.StreamHandler):
 
 
 def log_to_stderr() -> None:
-    """The `multimodal` loggers' records of INFO and above on stderr (once per process; records still
-    propagate, so a caller's own logging setup sees them too)."""
+    """In the command-line program (`main`): the `multimodal` loggers' records of INFO and above on stderr,
+    once per process, and not passed on to the root logger, whose handler open_clip installs by calling
+    `logging.info` (Python's implicit basicConfig), which printed every line twice. Used as a library,
+    without `main`, the records go to whatever logging the caller set up."""
     logger = logging.getLogger("multimodal")
     if not any(isinstance(h, _Stderr) for h in logger.handlers):
         logger.addHandler(_Stderr())
         logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def snake_case_options(argv: list[str]) -> list[str]:
