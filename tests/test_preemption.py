@@ -106,7 +106,9 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 def test_a_signalled_run_stops_with_a_checkpoint_and_resumes_as_if_never_stopped(uninterrupted, tmp_path):
-    child = start(TRAIN, tmp_path)
+    """The same command line twice, as a requeued job runs it: `--resume auto` starts a new run, then
+    continues it."""
+    child = start([*TRAIN, "--resume", "auto"], tmp_path)
     wait_for_step(child, tmp_path / RUN, 8)
     os.killpg(child.pid, signal.SIGTERM)  # the run and its data worker, as a cluster's preemption signals a job
     status, stderr = finish(child, tmp_path)
@@ -118,7 +120,8 @@ def test_a_signalled_run_stops_with_a_checkpoint_and_resumes_as_if_never_stopped
     assert 8 < stopped < STEPS
     assert f"Stopped at step {stopped}," in last
 
-    assert run_here([*TRAIN, "--resume", str(RUN)], tmp_path) == 0
+    assert run_here([*TRAIN, "--resume", "auto"], tmp_path) == 0
+    assert not (tmp_path / RUN).with_name("version_1").exists()  # continued, not started anew
     assert_same_state(load(tmp_path / RUN / "checkpoints" / "last.ckpt"), load(uninterrupted))
     assert sorted(logged_steps(tmp_path / RUN)) == list(range(STEPS))  # every step's row, once
 

@@ -6,6 +6,7 @@ claimed; a run stopped by its input before its first step gives its run folder b
 """
 
 import io
+import logging
 import os
 import re
 import warnings
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+import yaml
 from jsonargparse import ArgumentError
 from pytorch_lightning.callbacks import ProgressBar
 from pytorch_lightning.cli import LightningCLI
@@ -32,6 +34,7 @@ from multimodal.monitor import RunProgressBar
 from multimodal.notices import QUIET
 from multimodal.preemption import Preempted, Preemption
 from multimodal.recipe import build_module, check_run
+from multimodal.runs import find_resumable
 from multimodal.userfiles import writing
 from multimodal.weights import read_checkpoint
 
@@ -44,7 +47,9 @@ class TrainCLI(LightningCLI):
             parser.link_arguments(f"model.{key}", f"data.{key}")
         parser.add_argument("--resume", type=str | None, default=None,
                             help="Continue a run: its folder (runs/NAME/version_N: its last.ckpt, logging on in that "
-                                 "folder) or a checkpoint file. Mid-epoch, the data stream continues where it stopped.")
+                                 "folder) or a checkpoint file; or auto: the newest run of this config with a "
+                                 "checkpoint, else a new run (the same line every time, as a requeued job runs it). "
+                                 "Mid-epoch, the data stream continues where it stopped.")
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="Allow a run to write into an existing, non-empty run folder given by a logger's "
                                  "version (never needed with --resume, nor with the default: a new version_N).")
@@ -63,10 +68,10 @@ class TrainCLI(LightningCLI):
         # disagree; give them one version so config, checkpoints and both logs share a folder.
         resumed_version = self._resume()
         loggers = self.config.trainer.logger
-        if not isinstance(loggers, list) or not loggers:
+        root = self._run_root()
+        if root is None:
             return
         first = loggers[0].init_args
-        root = (Path(first.save_dir) / (first.get("name") or "")).resolve()
         if resumed_version is not None and root == resumed_version[0].resolve():
             for logger in loggers:  # log on in the resumed run's folder
                 logger.init_args.version = resumed_version[1]
@@ -96,11 +101,32 @@ class TrainCLI(LightningCLI):
             trainer.callbacks.append(Preemption())
         return trainer
 
+    def _run_root(self) -> Path | None:
+        """The folder of this config's run folders: the first logger's save_dir/name (None without loggers)."""
+        loggers = self.config.trainer.logger
+        if not isinstance(loggers, list) or not loggers:
+            return None
+        first = loggers[0].init_args
+        return (Path(first.save_dir) / (first.get("name") or "")).resolve()
+
     def _resume(self) -> tuple[Path, int] | None:
-        """Turn --resume into `ckpt_path`; (logger root, version) when it names a run folder."""
+        """Turn --resume into `ckpt_path`; (logger root, version) when it names a run folder. `auto`: the run
+        folder `runs.find_resumable` picks under the run root, or none (a new run)."""
         self.ckpt_path: str | None = None
         if not self.config.get("resume"):
             return None
+        if self.config.resume == "auto":
+            root = self._run_root()
+            if root is None:
+                raise UserError("--resume auto looks for runs in the first logger's folder, and trainer.logger has "
+                                "none: add a logger with a save_dir, or pass --resume RUN_DIR.")
+            current = yaml.safe_load(self.parser.dump(self.config, skip_none=False, skip_check=True))
+            run = find_resumable(root, current)
+            if run is None:
+                log.info(f"--resume auto: no run under {root} has a checkpoint yet; starting a new run.")
+                return None
+            log.info(f"--resume auto: continuing {run} from its checkpoints/last.ckpt.")
+            self.config.resume = str(run)
         path = Path(self.config.resume)
         ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
         if not ckpt.is_file():
@@ -112,6 +138,8 @@ class TrainCLI(LightningCLI):
         match = re.fullmatch(r"version_(\d+)", run.name)
         return (run.parent, int(match.group(1))) if match else None
 
+
+log = logging.getLogger(__name__)
 
 CLAIMED = "MULTIMODAL_RUN_VERSION"  # "ROOT|N": the version rank 0 claimed, inherited by the ranks it launches
 

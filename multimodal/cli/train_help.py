@@ -102,8 +102,11 @@ options:
                         random seed. (type: Union[bool, int], default: 0)
   --resume RESUME       Continue a run: its folder (runs/NAME/version_N: its
                         last.ckpt, logging on in that folder) or a checkpoint
-                        file. Mid-epoch, the data stream continues where it
-                        stopped. (type: str | null, default: null)
+                        file; or auto: the newest run of this config with a
+                        checkpoint, else a new run (the same line every time,
+                        as a requeued job runs it). Mid-epoch, the data stream
+                        continues where it stopped. (type: str | null,
+                        default: null)
   --overwrite {true,false}
                         Allow a run to write into an existing, non-empty run
                         folder given by a logger's version (never needed with
