@@ -19,7 +19,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentError
 from pytorch_lightning.callbacks import ProgressBar
-from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.cli import LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
@@ -30,13 +30,30 @@ from multimodal.cli.configs import check_arguments
 from multimodal.data.datamodule import ShardDataModule
 from multimodal.errors import UserError
 from multimodal.files import write_text
+from multimodal.loggers import FOLDER_LOGGERS, check_installed, config_params, configure, keep_mlflow_run_ids, kind
 from multimodal.monitor import RunProgressBar
 from multimodal.notices import QUIET
 from multimodal.preemption import Preempted, Preemption
 from multimodal.recipe import build_module, check_run
-from multimodal.runs import find_resumable
+from multimodal.runs import FREE, find_resumable
 from multimodal.userfiles import writing
 from multimodal.weights import read_checkpoint
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """config.yaml in the run folder (Lightning's), and the resolved config as the run's parameters in the
+    loggers that keep parameters (W&B's config, MLflow's params; the folder loggers have config.yaml), once:
+    not again when the run resumes (MLflow refuses a parameter whose value changes)."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        if self.config.get("resume"):
+            return
+        params = None
+        for logger in trainer.loggers:
+            if type(logger).__name__ in ("WandbLogger", "MLFlowLogger"):
+                if params is None:
+                    params = config_params(yaml.safe_load(self.parser.dump(self.config, skip_none=False)), FREE)
+                logger.log_hyperparams(params)
 
 
 class TrainCLI(LightningCLI):
@@ -66,27 +83,27 @@ class TrainCLI(LightningCLI):
             trainer.precision = "bf16-mixed" if on_gpu and torch.cuda.is_bf16_supported() else "32-true"
         # TensorBoard and CSV loggers each pick "the next free version" on their own and can
         # disagree; give them one version so config, checkpoints and both logs share a folder.
-        resumed_version = self._resume()
         loggers = self.config.trainer.logger
+        if isinstance(loggers, list):
+            check_installed(loggers)
+        resumed_version = self._resume()
         root = self._run_root()
         if root is None:
             return
-        first = loggers[0].init_args
+        first = next(entry.init_args for entry in loggers if kind(entry) in FOLDER_LOGGERS)
         if resumed_version is not None and root == resumed_version[0].resolve():
-            for logger in loggers:  # log on in the resumed run's folder
-                logger.init_args.version = resumed_version[1]
+            version, force = resumed_version[1], True  # log on in the resumed run's folder
         elif first.get("version") is None:
-            version = run_version(root)
-            for logger in loggers:
-                if logger.init_args.get("version") is None:
-                    logger.init_args.version = version
+            version, force = run_version(root), False
         else:  # a folder named by the config: never written into by a new run unless asked
-            version = first.version
+            version, force = first.version, False
             folder = root / (version if isinstance(version, str) else f"version_{version}")
             if folder.is_dir() and any(folder.iterdir()) and not self.ckpt_path \
                     and not self.config.get("overwrite"):
                 raise UserError(f"The run folder {folder} already holds a run: pass --resume {folder} to continue "
                                 "it, --overwrite to write into it anyway, or leave the logger's version unset.")
+        self.run_folder = root / (version if isinstance(version, str) else f"version_{version}")
+        configure(loggers, self.run_folder, version, force)
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         """Our progress bar (`RunProgressBar`) unless the config turns bars off or brings its own; `Preemption`
@@ -102,12 +119,14 @@ class TrainCLI(LightningCLI):
         return trainer
 
     def _run_root(self) -> Path | None:
-        """The folder of this config's run folders: the first logger's save_dir/name (None without loggers)."""
+        """The folder of this config's run folders: the first folder logger's (TensorBoard, CSV) save_dir/name;
+        None without one (W&B or MLflow alone then pick their own run ids)."""
         loggers = self.config.trainer.logger
-        if not isinstance(loggers, list) or not loggers:
+        folders = [entry.init_args for entry in loggers if kind(entry) in FOLDER_LOGGERS] \
+            if isinstance(loggers, list) else []
+        if not folders:
             return None
-        first = loggers[0].init_args
-        return (Path(first.save_dir) / (first.get("name") or "")).resolve()
+        return (Path(folders[0].save_dir) / (folders[0].get("name") or "")).resolve()
 
     def _resume(self) -> tuple[Path, int] | None:
         """Turn --resume into `ckpt_path`; (logger root, version) when it names a run folder. `auto`: the run
@@ -194,6 +213,7 @@ def _train_cli(argv: list[str]) -> TrainCLI:
     try:
         return TrainCLI(
             build_module, ShardDataModule, run=False, args=argv, seed_everything_default=0,
+            save_config_callback=SaveAndLogConfig,
             auto_configure_optimizers=False, save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": "multimodal train", "description": "Train a CLIP model on webdataset shards.",
                            "exit_on_error": False},
@@ -297,6 +317,8 @@ def _train(argv: list[str], run: _Run) -> int:
     if cli.config.get("resume"):
         _keep_csv_metrics(cli.trainer)
     _atomic_checkpoints(cli.trainer)
+    if getattr(cli, "run_folder", None) is not None:
+        keep_mlflow_run_ids(cli.trainer, cli.run_folder)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
     except Preempted as stopped:
