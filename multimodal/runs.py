@@ -22,11 +22,25 @@ LAST = Path("checkpoints") / "last.ckpt"
 FREE = (re.compile(r"resume"), re.compile(r"overwrite"), re.compile(r"trainer\.logger\.\d+\.init_args\.version"))
 
 
-def versions(root: Path) -> list[Path]:
-    """The run folders `root/version_N`, newest (highest N) first."""
-    found = [(int(m.group(1)), p) for p in root.glob("version_*")
-             if p.is_dir() and (m := re.fullmatch(r"version_(\d+)", p.name))]
-    return [p for _, p in sorted(found, reverse=True)]
+def _fs(root: str | Path):
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(root))
+
+
+def versions(root: str | Path) -> list[str]:
+    """The run folders `root/version_N` (a local folder or any fsspec URL), newest (highest N) first."""
+    fs, path = _fs(root)
+    if not fs.isdir(path):
+        return []
+    found = [(int(m.group(1)), name) for name in (p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
+             if (m := re.fullmatch(r"version_(\d+)", name))]
+    return [f"{str(root).rstrip('/')}/{name}" for _, name in sorted(found, reverse=True)]
+
+
+def _exists(path: str) -> bool:
+    fs, inner = _fs(path)
+    return fs.isfile(inner)
 
 
 def flat(value, prefix: str = "") -> dict[str, object]:
@@ -56,21 +70,23 @@ def first_difference(saved: dict, current: dict) -> tuple[str, object, object] |
     return None
 
 
-def saved_config(run: Path) -> dict:
-    path = run / "config.yaml"
+def saved_config(run: str) -> dict:
+    path = f"{run}/config.yaml"
     try:
-        config = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        fs, inner = _fs(path)
+        config = yaml.safe_load(fs.cat_file(inner).decode())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"--resume auto cannot read {path} ({exc.__class__.__name__}): the run folder {run} holds "
                         "a checkpoint without a readable config; pass --resume RUN_DIR to continue a run by name, "
                         "or --resume null to start a new one.") from None
     return config if isinstance(config, dict) else {}
 
 
-def find_resumable(root: Path, current: dict) -> Path | None:
-    """The run folder `--resume auto` continues: the newest under `root` with a last.ckpt whose config equals
-    `current` (the FREE settings aside); None when no run under `root` has a last.ckpt (a new run)."""
-    with_checkpoints = [run for run in versions(root) if (run / LAST).is_file()]
+def find_resumable(root: str | Path, current: dict) -> str | None:
+    """The run folder `--resume auto` continues: the newest under `root` (a folder or an fsspec URL) with a
+    last.ckpt whose config equals `current` (the FREE settings aside); None when no run under `root` has a
+    last.ckpt (a new run)."""
+    with_checkpoints = [run for run in versions(root) if _exists(f"{run}/{LAST.as_posix()}")]
     for run in with_checkpoints:
         if first_difference(saved_config(run), current) is None:
             return run

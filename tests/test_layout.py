@@ -7,7 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "multimodal"
-LIGHTNING_USERS = {"module.py", "monitor.py", "checkpoint.py", "preemption.py", "cli/train.py", "data/datamodule.py",
+LIGHTNING_USERS = {"module.py", "monitor.py", "checkpoint.py", "preemption.py", "remote.py", "cli/train.py",
+                   "data/datamodule.py",
                    "eval/callbacks.py"}
 # the model layer: architectures, the model, its weights and what counts its FLOPs; built and loaded without
 # PIL, simplejpeg or torchvision.io, the data layer's

@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import TorchCheckpointIO
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from multimodal import arch, demo
+from multimodal import arch, demo, remote
 from multimodal.checkpoint import AtomicCheckpointIO, check_resumable
 from multimodal.cli.configs import check_arguments
 from multimodal.data.datamodule import ShardDataModule
@@ -35,6 +35,7 @@ from multimodal.monitor import RunProgressBar
 from multimodal.notices import QUIET
 from multimodal.preemption import Preempted, Preemption
 from multimodal.recipe import build_module, check_run
+from multimodal.remote import Mirror, is_url
 from multimodal.runs import FREE, find_resumable
 from multimodal.userfiles import writing
 from multimodal.weights import read_checkpoint
@@ -86,15 +87,19 @@ class TrainCLI(LightningCLI):
         loggers = self.config.trainer.logger
         if isinstance(loggers, list):
             check_installed(loggers)
+        self._swaps = self._remote_roots()
         resumed_version = self._resume()
+        for namespace, key, _, working_copy in self._swaps:
+            namespace[key] = working_copy
         root = self._run_root()
         if root is None:
             return
-        first = next(entry.init_args for entry in loggers if kind(entry) in FOLDER_LOGGERS)
+        first = self._folder_loggers()[0]
         if resumed_version is not None and root == resumed_version[0].resolve():
             version, force = resumed_version[1], True  # log on in the resumed run's folder
         elif first.get("version") is None:
-            version, force = run_version(root), False
+            taken = remote.versions(self.remote_root) if self.remote_root and _launched_as_rank_zero() else []
+            version, force = run_version(root, max(taken, default=-1) + 1), False
         else:  # a folder named by the config: never written into by a new run unless asked
             version, force = first.version, False
             folder = root / (version if isinstance(version, str) else f"version_{version}")
@@ -118,15 +123,48 @@ class TrainCLI(LightningCLI):
             trainer.callbacks.append(Preemption())
         return trainer
 
+    def _folder_loggers(self) -> list:
+        loggers = self.config.trainer.logger
+        return [entry.init_args for entry in loggers if kind(entry) in FOLDER_LOGGERS] \
+            if isinstance(loggers, list) else []
+
     def _run_root(self) -> Path | None:
         """The folder of this config's run folders: the first folder logger's (TensorBoard, CSV) save_dir/name;
-        None without one (W&B or MLflow alone then pick their own run ids)."""
-        loggers = self.config.trainer.logger
-        folders = [entry.init_args for entry in loggers if kind(entry) in FOLDER_LOGGERS] \
-            if isinstance(loggers, list) else []
+        None without one (W&B or MLflow alone then pick their own run ids). A remote root's working copy."""
+        folders = self._folder_loggers()
         if not folders:
             return None
         return (Path(folders[0].save_dir) / (folders[0].get("name") or "")).resolve()
+
+    def _remote_roots(self) -> list[tuple]:
+        """Run folders on object storage (multimodal.remote): a URL save_dir, or a relative save_dir under a URL
+        trainer.default_root_dir, is to be replaced by its local working copy; `self.remote_root` keeps the
+        run root's URL (None for a local run), probed for writing before anything is claimed. Returns the
+        replacements, (namespace, key, URL setting, working copy), applied by `_to_working_copies` once the
+        config has been compared (--resume auto) and undone once the classes are built, so that config.yaml
+        keeps the URLs."""
+        self.remote_root: str | None = None
+        trainer, folders, swaps = self.config.trainer, self._folder_loggers(), []
+        base = trainer.get("default_root_dir")
+        if is_url(base):
+            swaps.append((trainer, "default_root_dir", base, str(remote.staging(base))))
+        for args in folders:
+            save_dir = str(args.save_dir)
+            url = save_dir if is_url(save_dir) else \
+                remote.join(base, save_dir) if is_url(base) and not Path(save_dir).is_absolute() else None
+            if url is None:
+                continue
+            if self.remote_root is None and args is folders[0]:
+                self.remote_root = remote.join(url, args.get("name") or "") if args.get("name") else url
+            swaps.append((args, "save_dir", args.save_dir, str(remote.staging(url))))
+        if self.remote_root is not None and _launched_as_rank_zero():
+            remote.check_writable(self.remote_root)
+        return swaps
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        for namespace, key, setting, _ in getattr(self, "_swaps", []):
+            namespace[key] = setting  # config.yaml records the URLs the user gave
 
     def _resume(self) -> tuple[Path, int] | None:
         """Turn --resume into `ckpt_path`; (logger root, version) when it names a run folder. `auto`: the run
@@ -135,7 +173,7 @@ class TrainCLI(LightningCLI):
         if not self.config.get("resume"):
             return None
         if self.config.resume == "auto":
-            root = self._run_root()
+            root = self.remote_root or self._run_root()
             if root is None:
                 raise UserError("--resume auto looks for runs in the first logger's folder, and trainer.logger has "
                                 "none: add a logger with a save_dir, or pass --resume RUN_DIR.")
@@ -146,6 +184,14 @@ class TrainCLI(LightningCLI):
                 return None
             log.info(f"--resume auto: continuing {run} from its checkpoints/last.ckpt.")
             self.config.resume = str(run)
+        if is_url(self.config.resume):  # a remote run folder: continued in its working copy
+            url = self.config.resume.rstrip("/")
+            if self.remote_root is None or not url.startswith(self.remote_root):
+                raise UserError(f"--resume {url} names a remote run outside this config's run folders: set "
+                                "trainer.default_root_dir (or the logger's save_dir) to the URL it is under.")
+            local = remote.staging(url)
+            target = remote.resume_from(local, os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+            self.config.resume = str(remote.pull(url, local, target, logs=_launched_as_rank_zero()))
         path = Path(self.config.resume)
         ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
         if not ckpt.is_file():
@@ -178,11 +224,11 @@ def _taken(root: Path) -> list[int]:
     return [int(m.group(1)) for p in root.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
 
 
-def claim_version(root: Path) -> int:
-    """The next free `root/version_N`, claimed by creating it: `mkdir` either creates the folder or
-    fails because it exists, atomically, so runs started at the same moment get different folders."""
+def claim_version(root: Path, start: int = 0) -> int:
+    """The next free `root/version_N` (N at least `start`), claimed by creating it: `mkdir` either creates the
+    folder or fails because it exists, atomically, so runs started at the same moment get different folders."""
     root.mkdir(parents=True, exist_ok=True)
-    version = max(_taken(root), default=-1) + 1
+    version = max(max(_taken(root), default=-1) + 1, start)
     while True:
         try:
             (root / f"version_{version}").mkdir()
@@ -191,13 +237,13 @@ def claim_version(root: Path) -> int:
             version += 1
 
 
-def run_version(root: Path) -> int:
+def run_version(root: Path, start: int = 0) -> int:
     """The version folder of a new run: claimed by rank 0; the other ranks of the run take the same one
     (inherited from a rank 0 that launched them, else the latest: Lightning broadcasts rank 0's log
     folder to them wherever it matters, and only rank 0 writes there)."""
     if _launched_as_rank_zero():
         with writing(root):
-            version = claim_version(root)
+            version = claim_version(root, start)
         os.environ[CLAIMED] = f"{root}|{version}"
         return version
     claimed_root, _, claimed = os.environ.get(CLAIMED, "").rpartition("|")
@@ -317,13 +363,27 @@ def _train(argv: list[str], run: _Run) -> int:
     if cli.config.get("resume"):
         _keep_csv_metrics(cli.trainer)
     _atomic_checkpoints(cli.trainer)
+    mirror = _mirrored(cli)
     if getattr(cli, "run_folder", None) is not None:
         keep_mlflow_run_ids(cli.trainer, cli.run_folder)
     try:
         cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=cli.ckpt_path, weights_only=True)
     except Preempted as stopped:
         return stopped.exit("train", argv)
+    finally:
+        if mirror is not None and cli.trainer.global_rank == 0 and cli.trainer.global_step > 0:
+            mirror.flush()
     return 0
+
+
+def _mirrored(cli: TrainCLI) -> Mirror | None:
+    """A remote run's CheckpointIO mirroring its working copy to its URL (multimodal.remote.Mirror)."""
+    if getattr(cli, "remote_root", None) is None or getattr(cli, "run_folder", None) is None:
+        return None
+    url = remote.join(cli.remote_root, cli.run_folder.name)
+    mirror = Mirror(cli.trainer.strategy.checkpoint_io, cli.run_folder, url)
+    cli.trainer.strategy.checkpoint_io = mirror
+    return mirror
 
 
 def run_demo(argv: list[str]) -> int:

@@ -219,6 +219,7 @@ Customize every aspect of training via flags:
                         pytorch_lightning.callbacks.WeightAveraging,
                         pytorch_lightning.callbacks.EMAWeightAveraging,
                         pytorch_lightning.cli.SaveConfigCallback,
+                        multimodal.cli.train.SaveAndLogConfig,
                         multimodal.checkpoint.FinalCheckpoint,
                         multimodal.checkpoint.ExactResume,
                         multimodal.monitor.Throughput,
@@ -457,6 +458,7 @@ Customize every aspect of training via flags:
                         lightning_fabric.plugins.environments.XLAEnvironment,
                         lightning_fabric.plugins.TorchCheckpointIO,
                         lightning_fabric.plugins.XLACheckpointIO,
+                        multimodal.remote.Mirror,
                         multimodal.checkpoint.AtomicCheckpointIO,
                         pytorch_lightning.plugins.AsyncCheckpointIO,
                         pytorch_lightning.plugins.TorchSyncBatchNorm)

@@ -1,0 +1,140 @@
+"""Run folders in a bucket: a real S3-compatible server on localhost (moto's server mode, in a process of its own,
+with IAM enforced so that a read-only user exists), `multimodal train` with `--trainer.default_root_dir
+s3://...`: killed, resumed from the bucket on a machine without the working copy, ending as an uninterrupted run;
+and the bad buckets, each one sentence naming the URL, nothing left half-written."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from tests.conftest import REPO, run_cli
+from tests.test_preemption import assert_same_state, load
+
+boto3 = pytest.importorskip("boto3")
+pytest.importorskip("s3fs")
+pytest.importorskip("moto")
+
+DEBUG = str(REPO / "configs" / "debug.yaml")
+STEPS = 30
+TRAIN = ["train", "--config", DEBUG, "--trainer.max_steps", str(STEPS), "--trainer.enable_progress_bar", "false"]
+RUN = "runs/debug/version_0"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """The server's endpoint, a bucket, and the credentials of a read-write and a read-only user."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # the first 8 requests unauthenticated (they create the bucket, the users, their policies and keys)
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "8"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(f"{endpoint}/moto-api/")
+            break
+        except OSError:
+            time.sleep(0.05)
+    setup = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    boto3.client("s3", **setup).create_bucket(Bucket="bkt")
+    iam = boto3.client("iam", **setup)
+
+    def user(name: str, actions: list[str]) -> dict:
+        iam.create_user(UserName=name)
+        iam.put_user_policy(UserName=name, PolicyName="p", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
+        key = iam.create_access_key(UserName=name)["AccessKey"]
+        return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
+
+    writer, reader = user("writer", ["s3:*"]), user("reader", ["s3:GetObject", "s3:ListBucket"])
+    base = {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=writer["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=writer["AWS_SECRET_ACCESS_KEY"])
+    yield {"writer": {**base, **writer}, "reader": {**base, **reader}, "base": base, "client": client}
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def keys(client, prefix: str) -> list[str]:
+    return sorted(o["Key"] for o in client.list_objects_v2(Bucket="bkt", Prefix=prefix).get("Contents", []))
+
+
+def test_a_run_in_a_bucket_killed_and_resumed_from_it_ends_as_an_uninterrupted_run(s3, tmp_path):
+    local = tmp_path / "local"
+    local.mkdir()
+    assert run_cli(*TRAIN, cwd=local).returncode == 0  # the uninterrupted run, on local disk
+    command = [*TRAIN, "--trainer.default_root_dir", "s3://bkt/exp", "--resume", "auto"]
+    env = {**s3["writer"], "MULTIMODAL_STAGING": str(tmp_path / "node-a"), "PYTHONWARNINGS": "ignore"}
+    first_node = tmp_path / "a"
+    first_node.mkdir()
+    with open(tmp_path / "a.txt", "w") as log:
+        child = subprocess.Popen([sys.executable, "-m", "multimodal", *command], cwd=first_node,
+                                 env={**os.environ, **env}, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while f"exp/{RUN}/checkpoints/last.ckpt" not in keys(s3["client"], "exp/"):
+        assert child.poll() is None, (tmp_path / "a.txt").read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    os.killpg(child.pid, signal.SIGKILL)  # the node is gone, its working copy with it
+    child.wait()
+    uploaded = keys(s3["client"], "exp/")
+    assert f"exp/{RUN}/config.yaml" in uploaded and f"exp/{RUN}/metrics.csv" in uploaded
+    assert not any("partial" in key for key in uploaded)
+
+    second_node = tmp_path / "b"  # another node: a new working copy, the same command line
+    second_node.mkdir()
+    again = run_cli(*command, cwd=second_node, env={**s3["writer"], "MULTIMODAL_STAGING": str(tmp_path / "node-b")})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "continuing s3://bkt/exp/runs/debug/version_0" in again.stderr
+    final = tmp_path / "final.ckpt"
+    s3["client"].download_file("bkt", f"exp/{RUN}/checkpoints/last.ckpt", str(final))
+    assert_same_state(load(final), load(local / RUN / "checkpoints" / "last.ckpt"))
+    assert not any(k.startswith("exp/runs/debug/version_1") for k in keys(s3["client"], "exp/"))
+    rows = (tmp_path / "final.csv")
+    s3["client"].download_file("bkt", f"exp/{RUN}/metrics.csv", str(rows))
+    steps = [int(line.split(",")[1]) for line in rows.read_text().splitlines()[1:] if line.split(",")[1].isdigit()]
+    assert max(steps) == STEPS - 1
+
+
+@pytest.mark.parametrize("case", ["unreachable", "no credentials", "read-only", "no bucket", "cut short"])
+def test_a_bad_bucket_is_one_sentence_naming_it_and_leaves_nothing(s3, tmp_path, case):
+    root, env = "s3://bkt/bad", {**s3["writer"]}
+    resume = []
+    if case == "unreachable":
+        env["AWS_ENDPOINT_URL"], env["AWS_MAX_ATTEMPTS"] = "http://127.0.0.1:9", "1"
+    elif case == "no credentials":
+        env = {**s3["base"]}
+    elif case == "read-only":
+        env = {**s3["reader"]}
+    elif case == "no bucket":
+        root = "s3://no-such-bucket/bad"
+    else:  # a checkpoint cut short in the bucket
+        s3["client"].put_object(Bucket="bkt", Key="cut/runs/debug/version_0/checkpoints/last.ckpt", Body=b"PK\x03\x04")
+        s3["client"].put_object(Bucket="bkt", Key="cut/runs/debug/version_0/config.yaml", Body=b"{}")
+        root, resume = "s3://bkt/cut", ["--resume", "s3://bkt/cut/runs/debug/version_0"]
+    env = {**os.environ, **env, "MULTIMODAL_STAGING": str(tmp_path / "staging")}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        if key not in {**s3["base"], **(s3["writer"] if case not in ("no credentials",) else {})} and key in env:
+            del env[key]
+    before = keys(s3["client"], "")
+    proc = subprocess.run([sys.executable, "-m", "multimodal", *TRAIN, "--trainer.default_root_dir", root, *resume],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    expected = {"unreachable": "cannot be reached", "no credentials": "no credentials", "read-only": "access denied",
+                "no bucket": "bucket does not exist", "cut short": "cannot be resumed from"}[case]
+    assert last.startswith("error: ") and root.split("/")[2] in last and expected in last, last
+    assert keys(s3["client"], "") == before  # nothing written in the bucket
+    runs = list((tmp_path / "staging").rglob("version_*")) if (tmp_path / "staging").exists() else []
+    assert all(not any(p.rglob("*.ckpt")) for p in runs), runs  # no working copy holding a checkpoint
