@@ -101,8 +101,10 @@ def test_recipe_parses_and_states_its_global_batch(cli, recipe, tmp_path):
 def test_checkpoints_every_n_steps_keep_the_last_k(cli, tmp_path):
     """The recipes' checkpointing: every N steps, the K newest kept, plus last.ckpt, and epoch ends."""
     recipe = yaml.safe_load((REPO / "configs" / "cluster" / "vit-b-32.yaml").read_text())
-    callbacks = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
-    callbacks[0]["init_args"].update(every_n_train_steps=6, save_top_k=2)
+    callbacks = [c for c in recipe["trainer"]["callbacks"] if c["class_path"].endswith(("ModelCheckpoint",
+                                                                                        "RunCheckpoint"))]
+    assert callbacks[0]["class_path"] == "multimodal.checkpoint.RunCheckpoint"
+    callbacks[0]["init_args"].update(every_n_train_steps=6, keep_last=2)  # and every 30 minutes
     callbacks[1]["init_args"].update(save_top_k=2)
     proc = cli("train", "--config", DEBUG, "--data.val_shards", "null", "--data.synthetic.val_samples", "0",
                "--trainer.max_steps", "20", "--trainer.callbacks", json.dumps(callbacks), cwd=tmp_path)

@@ -138,3 +138,15 @@ def test_a_bad_bucket_is_one_sentence_naming_it_and_leaves_nothing(s3, tmp_path,
     assert keys(s3["client"], "") == before  # nothing written in the bucket
     runs = list((tmp_path / "staging").rglob("version_*")) if (tmp_path / "staging").exists() else []
     assert all(not any(p.rglob("*.ckpt")) for p in runs), runs  # no working copy holding a checkpoint
+
+
+def test_checkpoints_pruned_by_keep_last_are_deleted_from_the_bucket_too(s3, tmp_path):
+    callbacks = ("[{class_path: multimodal.checkpoint.RunCheckpoint, "
+                 "init_args: {every_n_train_steps: 10, keep_last: 1}}]")
+    proc = run_cli("train", "--config", DEBUG, "--trainer.max_steps", "20", "--trainer.enable_progress_bar", "false",
+                   "--trainer.callbacks", callbacks, "--trainer.default_root_dir", "s3://bkt/prune", cwd=tmp_path,
+                   env={**s3["writer"], "MULTIMODAL_STAGING": str(tmp_path / "staging")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    remote = [k.rsplit("/", 1)[-1] for k in keys(s3["client"], f"prune/{RUN}/checkpoints/")]
+    local = sorted(p.name for p in (tmp_path / "staging").rglob("checkpoints/*.ckpt"))
+    assert sorted(remote) == local and len(remote) == 2 and "last.ckpt" in remote, (remote, local)
