@@ -44,29 +44,38 @@ def check_installed(entries: list) -> None:
                             f"pip install {package} (or pip install 'multimodal[loggers]').")
 
 
-def configure(entries: list, folder: Path, version: int | str, force_version: bool) -> None:
+def configure(entries: list, folder: Path, version: int | str, force_version: bool) -> list[tuple]:
     """Each logger entry (class_path, init_args) made to log this run, in `folder`: folder loggers get its
     `version` (all of them when `force_version`, as when a run resumes; else those with none), W&B its
     derived id, name and files' folder, MLflow the run id kept in the folder when the run resumes, and a tag
-    naming the folder."""
+    naming the folder. Returns what it filled in for W&B and MLflow, as (namespace, key, the setting given,
+    the value filled in): put back once the loggers are built, so that config.yaml holds the settings the
+    user gave (a run's ids in it would make `--resume auto` find every later command different)."""
+    filled: list[tuple] = []
+
+    def fill(args, key: str, value) -> None:
+        filled.append((args, key, args.get(key), value))
+        args[key] = value
+
     for entry in entries:
         args, name = entry.init_args, kind(entry)
         if name == "WandbLogger":
             if args.get("id") is None and args.get("version") is None:
-                args.id = wandb_id(folder)
+                fill(args, "id", wandb_id(folder))
             if args.get("save_dir") in (None, "."):
-                args.save_dir = str(folder)
+                fill(args, "save_dir", str(folder))
             if args.get("name") is None:
-                args.name = f"{folder.parent.name}/{folder.name}"
+                fill(args, "name", f"{folder.parent.name}/{folder.name}")
         elif name == "MLFlowLogger":
             kept = folder / MLFLOW_RUN_FILE
             if args.get("run_id") is None and kept.is_file():
-                args.run_id = kept.read_text().strip()
+                fill(args, "run_id", kept.read_text().strip())
             if args.get("run_name") is None:
-                args.run_name = f"{folder.parent.name}/{folder.name}"
-            args.tags = {**(args.get("tags") or {}), "multimodal.run_folder": str(folder.resolve())}
+                fill(args, "run_name", f"{folder.parent.name}/{folder.name}")
+            fill(args, "tags", {**(args.get("tags") or {}), "multimodal.run_folder": str(folder.resolve())})
         elif "version" in args and (force_version or args.get("version") is None):
             args.version = version
+    return filled
 
 
 def keep_mlflow_run_ids(trainer, folder: Path) -> None:

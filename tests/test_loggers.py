@@ -126,3 +126,17 @@ def test_two_folders_two_ids_and_a_missing_package_is_one_sentence(tmp_path, mon
     entry = type("Entry", (), {"class_path": "pytorch_lightning.loggers.WandbLogger"})()
     with pytest.raises(UserError, match="needs the wandb package: pip install wandb"):
         check_installed([entry])
+
+
+def test_resume_auto_continues_a_run_with_trackers(resumed):
+    """config.yaml holds the settings as given, not the ids filled in: the same command line is the same config."""
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONFIG_DIR": str(resumed / "wandb-config"),
+           "WANDB_CACHE_DIR": str(resumed / "wandb-cache"), "WANDB_DATA_DIR": str(resumed / "wandb-data"),
+           "MLFLOW_ALLOW_FILE_STORE": "true"}
+    again = run_cli("train", "--config", DEBUG, "--config", str(resumed / "loggers.yaml"), "--trainer.max_steps", "8",
+                    "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false", "--resume", "auto",
+                    cwd=resumed, env=env, memory=16 << 30)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"continuing {(resumed / RUN).resolve()}" in again.stderr or f"continuing {resumed / RUN}" in again.stderr
+    saved = (resumed / RUN / "config.yaml").read_text()
+    assert wandb_id(resumed / RUN) not in saved and "multimodal.run_folder" not in saved

@@ -108,7 +108,7 @@ class TrainCLI(LightningCLI):
                 raise UserError(f"The run folder {folder} already holds a run: pass --resume {folder} to continue "
                                 "it, --overwrite to write into it anyway, or leave the logger's version unset.")
         self.run_folder = root / (version if isinstance(version, str) else f"version_{version}")
-        configure(loggers, self.run_folder, version, force)
+        self._swaps += configure(loggers, self.run_folder, version, force)  # given back once built, as URLs are
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> pl.Trainer:
         """Our progress bar (`RunProgressBar`) unless the config turns bars off or brings its own; `Preemption`
