@@ -10,6 +10,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,6 +49,35 @@ def atomic_file(path: str | os.PathLike) -> Iterator[IO[bytes]]:
     directory = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(directory)  # the rename itself reaches the disk
+    finally:
+        os.close(directory)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A new folder to fill in place of `path`, which must not exist: a hidden partial folder beside it, renamed
+    to `path` once the block has finished (its files fsynced), removed whole if the block fails. A reader sees
+    no folder or the finished one; a process killed meanwhile leaves only the hidden partial folder."""
+    path = Path(path)
+    partial = partial_path(path)
+    try:
+        partial.mkdir(parents=True)
+        yield partial
+        for file in partial.iterdir():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if path.exists():
+            raise FileExistsError(17, "it exists already", str(path))
+        os.rename(partial, path)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
     finally:
         os.close(directory)
 

@@ -34,6 +34,8 @@ SURFACE = {
                           "--num_workers": 4, "--decode": "auto", "--preprocess": "fast", **RESULT},
     "search": {"--index": None, "--text": None, "--image": None, "--target": None, "--k": 8, "--grid": None,
                **WEIGHTS},
+    "index": {"embeddings": None, "--out": None, "--max_index_memory": "4GB", "--kind": None, "--parts": None,
+              "--merge": None},
     "plot": {"run": None, "--out": None},
     "caption": {**WEIGHTS, "--images": None, "--shards": None, "--out": None, "--grid": None, "--part_size": 1000,
                 "--overwrite": False, **DECODING},
@@ -73,14 +75,15 @@ def options(parser: argparse.ArgumentParser) -> dict:
 
 
 def test_the_commands_and_their_options_and_defaults():
-    assert sorted(COMMANDS) == ["caption", "demo", "embed", "eval", "export", "models", "plot", "search", "shards",
-                                "train"]
+    assert sorted(COMMANDS) == ["caption", "demo", "embed", "eval", "export", "index", "models", "plot", "search",
+                                "shards", "train"]
     assert {
         "export": options(evaluate.export_parser()), "embed": options(evaluate.embed_parser()),
         "eval retrieval": options(evaluate.eval_retrieval_parser()),
         "eval zeroshot": options(evaluate.eval_zeroshot_parser()),
         "eval linear_probe": options(probe.linear_probe_parser()),
-        "search": options(tools.search_parser()), "plot": options(tools.plot_parser()),
+        "search": options(tools.search_parser()), "index": options(tools.index_parser()),
+        "plot": options(tools.plot_parser()),
         "models": options(tools.models_parser()),
         "caption": options(caption.caption_parser()), "eval captioning": options(caption.eval_captioning_parser()),
         "shards": options(shards.shards_parser()),

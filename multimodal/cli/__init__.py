@@ -12,7 +12,9 @@
     multimodal eval zeroshot --checkpoint last.ckpt --classnames FILE (--shards DIR | --images DIR)
     multimodal caption --checkpoint coca.ckpt (--images DIR | --shards S) --out captions.jsonl [--strategy beam]
     multimodal eval captioning --checkpoint coca.ckpt --shards DIR
-    multimodal search --index EMB_DIR (--text "a dog on a skateboard" | --image PATH) [--k 8] [--grid out.png]
+    multimodal index EMB_DIR --out INDEX [--max_index_memory 4GB] [--kind image|text] [--parts START:END]
+    multimodal index --merge INDEX_A INDEX_B --out INDEX
+    multimodal search --index EMB_DIR|INDEX (--text "a dog on a skateboard" | --image PATH) [--k 8] [--grid out.png]
     multimodal plot RUN_DIR [--out curves.png]
     multimodal models [NAME ...]
 
@@ -34,9 +36,9 @@ from multimodal.errors import UserError, message
 # the commands that need no model never import torch, Lightning or open_clip.
 COMMANDS = {"train": ("train", "train"), "shards": ("shards", "write_shards"), "demo": ("train", "run_demo"),
             "export": ("evaluate", "export"), "embed": ("evaluate", "embed"), "eval": ("evaluate", "evaluate"),
-            "search": ("tools", "search"), "plot": ("tools", "plot"), "models": ("tools", "models"),
-            "caption": ("caption", "caption")}
-USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,caption,search,plot,models} ... [--debug]
+            "index": ("tools", "index"), "search": ("tools", "search"), "plot": ("tools", "plot"),
+            "models": ("tools", "models"), "caption": ("caption", "caption")}
+USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,caption,index,search,plot,models} ... [--debug]
 
   train    train a CLIP model:  multimodal train --config configs/debug.yaml [--section.key value ...]
   shards   write shards:        multimodal shards {coco,csv,karpathy} --images DIR --out DIR ...
@@ -45,7 +47,8 @@ USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,caption,search
   embed    embeddings in parts: multimodal embed --checkpoint CKPT (--shards S | --images DIR | --texts F) --out DIR
   eval     zero-shot metrics:   multimodal eval retrieval ... | multimodal eval zeroshot ... | eval captioning
   caption  captions (CoCa):     multimodal caption --checkpoint CKPT --images DIR --out captions.jsonl
-  search   nearest neighbours:  multimodal search --index EMB_DIR --text "a dog" [--k 8] [--grid out.png]
+  index    ANN index (faiss):   multimodal index EMB_DIR --out INDEX [--max_index_memory 4GB] | --merge A B --out I
+  search   nearest neighbours:  multimodal search --index EMB_DIR|INDEX --text "a dog" [--k 8] [--grid out.png]
   plot     training curves:     multimodal plot runs/demo/version_0
   models   architectures and pretrained tags: multimodal models [ViT-B-32 siglip ...]
 

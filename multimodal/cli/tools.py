@@ -1,10 +1,11 @@
-"""`multimodal search`, `multimodal plot` and `multimodal models`: what a model finds, how a run went,
-which architectures and published weights there are.
+"""`multimodal search`, `multimodal index`, `multimodal plot` and `multimodal models`: what a model finds (and
+the index that finds it among millions), how a run went, which architectures and published weights there are.
 
 Arguments are parsed and checked before torch, open_clip or matplotlib is imported.
 """
 
 import argparse
+import re
 from pathlib import Path
 
 from multimodal.cli.args import add_checkpoint_args, check_counts, check_weights, load_model, weights_given
@@ -19,8 +20,10 @@ PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
 
 def search_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multimodal search", description="Search an embedding folder.")
-    parser.add_argument("--index", type=Path, required=True, help="an embedding folder from `multimodal embed`")
+    parser = argparse.ArgumentParser(prog="multimodal search", description="Search an embedding folder or an index.")
+    parser.add_argument("--index", type=Path, required=True,
+                        help="an embedding folder from `multimodal embed` (every row scored exactly) or an index "
+                             "folder from `multimodal index` (approximate, the candidates re-scored exactly)")
     parser.add_argument("--text", help="a text query")
     parser.add_argument("--image", type=Path, help="an image query")
     parser.add_argument("--target", choices=("images", "texts"), default=None,
@@ -38,7 +41,8 @@ def search(argv: list[str]) -> int:
     check_counts(args, positive=("k",))
     if args.grid is not None:
         check_output(args.grid, "--grid", "file", GRID_SUFFIXES)
-    check_input(args.index, "Embedding folder", "pass a folder written by `multimodal embed` with --index", "folder")
+    check_input(args.index, "Embedding folder", "pass a folder written by `multimodal embed` or `multimodal index` "
+                "with --index", "folder")
     if args.image is not None:
         check_input(args.image, "Query image", "pass an image file with --image")
     check_weights(args)
@@ -46,21 +50,12 @@ def search(argv: list[str]) -> int:
 
     from multimodal import weights
     from multimodal.data.pixels import EvalTransform
-    from multimodal.eval.embed import load_folder, read_info
-    from multimodal.eval.search import contact_sheet, first_captions, load_images, top_k
+    from multimodal.eval.search import Collection, check_query_model, contact_sheet, images_of
 
     query_image = _query_image(args.image) if args.image is not None else None
-    info = read_info(args.index, setting="--{}")
-    emb = load_folder(args.index)
-    if not (emb.image_features.shape[0] or emb.text_features.shape[0]):
-        raise UserError(f"{args.index} holds no embeddings to search (every sample was skipped when it was made): "
-                        "embed readable images or texts with `multimodal embed`.")
-    target = args.target or ("images" if emb.image_features.shape[0] else "texts")
-    candidates = emb.image_features if target == "images" else emb.text_features
-    if candidates.shape[0] == 0:
-        other = "texts" if target == "images" else "images"
-        raise UserError(f"{args.index} holds no {target[:-1]} embeddings to search: search its {other} with "
-                        f"--target {other}.")
+    found = Collection(args.index, args.target, setting="--{}")
+    info = found.info
+    check_query_model(info, args.index, args.checkpoint, args.model, args.pretrained)
     model = load_model(args) if weights_given(args) else \
         weights.load_model(info["checkpoint"], args.model or info["model"], pretrained=info.get("pretrained"),
                            cache_dir=args.cache_dir, setting="--{}")
@@ -70,27 +65,72 @@ def search(argv: list[str]) -> int:
             query = model.encode_text(model.architecture.tokenizer([args.text]))[0]
         else:
             query = model.encode_image(EvalTransform.of(model.architecture.preprocessing)(query_image)[None])[0]
-    if query.shape[0] != candidates.shape[1]:
-        raise UserError(f"The model gives {query.shape[0]}-d embeddings but {args.index} holds "
-                        f"{candidates.shape[1]}-d ones: pass the --checkpoint the folder was made with.")
-    hits = top_k(candidates, query, args.k)
-    rows = emb.image_rows if target == "images" else emb.text_rows
-    captions = first_captions(emb) if target == "images" else {}
+    hits = found.search(query, args.k)
     print(f"{'rank':>4} {'score':>7}  match")
-    for rank, (row, score) in enumerate(hits, start=1):
-        meta = rows[row]
-        what = meta.get("file_name") or meta.get("caption") or captions.get(row, "")
-        print(f"{rank:>4} {score:7.4f}  {meta.get('key', row)}  {what}")
+    for rank, hit in enumerate(hits, start=1):
+        what = hit.meta.get("file_name") or hit.meta.get("caption", "")
+        print(f"{rank:>4} {hit.score:7.4f}  {hit.meta.get('key', hit.row)}  {what}")
     if args.grid:
-        if target != "images":
+        if found.target != "images":
             raise UserError("--grid draws images: search --target images.")
-        images = load_images(emb, [row for row, _ in hits])
+        images = images_of([hit.meta for hit in hits])
         title = f'"{args.text}"' if args.text else f"like {args.image.name}"
-        sheet = contact_sheet([(title, [(im, f"{score:.3f}") for im, (_, score) in zip(images, hits)])])
+        sheet = contact_sheet([(title, [(im, f"{hit.score:.3f}") for im, hit in zip(images, hits)])])
         with writing(args.grid):
             save_image(sheet, args.grid)
         print(f"Wrote {args.grid}")
     return 0
+
+
+def index_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multimodal index", description="Build an approximate nearest-neighbour "
+                                     "index (faiss) of an embedding folder, or merge indexes of its parts.")
+    parser.add_argument("embeddings", type=Path, nargs="?", default=None,
+                        help="an embedding folder from `multimodal embed`")
+    parser.add_argument("--out", type=Path, required=True, help="the index folder to write (a new one)")
+    parser.add_argument("--max_index_memory", default="4GB",
+                        help="the most memory the index may take once loaded, as autofaiss reads it: 4GB, 512MB "
+                             "(powers of 1024; the float16 vectors stay on disk, memory-mapped)")
+    parser.add_argument("--kind", choices=("image", "text"), default=None,
+                        help="index the folder's image or text embeddings (default: images where it has them)")
+    parser.add_argument("--parts", default=None,
+                        help="START:END: only these of the folder's parts (numbered from 0, END excluded), to build "
+                             "the index in pieces and --merge them")
+    parser.add_argument("--merge", type=Path, nargs="+", default=None,
+                        help="index folders built with --parts from one embedding folder: merge them into --out")
+    return parser
+
+
+def index(argv: list[str]) -> int:
+    args = index_parser().parse_args(argv)
+    if (args.embeddings is None) == (args.merge is None):
+        raise UserError("Pass an embedding folder to index, or --merge INDEX INDEX ... (not both).")
+    if args.merge is not None and (args.parts or args.kind):
+        raise UserError("--parts and --kind choose what a build indexes; a --merge takes them from its indexes.")
+    check_output(args.out, "--out", "folder")
+    if args.out.exists():
+        raise UserError(f"--out {args.out} exists: choose a new folder, or delete it first.")
+    for folder in args.merge or [args.embeddings]:
+        what, how = ("Index", "pass folders written by `multimodal index`") if args.merge else \
+            ("Embedding folder", "pass a folder written by `multimodal embed`")
+        check_input(folder, what, how, "folder")
+    from multimodal.eval.index import build_index, merge_indexes, parse_memory
+
+    if args.merge is not None:
+        merge_indexes(args.merge, args.out)
+        return 0
+    build_index(args.embeddings, args.out, parse_memory(args.max_index_memory), args.kind, _parts(args.parts))
+    return 0
+
+
+def _parts(text: str | None) -> tuple[int | None, int | None] | None:
+    """--parts START:END as (START, END), either left out as None."""
+    if text is None:
+        return None
+    start, colon, end = text.partition(":")
+    if not colon or not all(re.fullmatch(r"\s*[0-9]*\s*", s) for s in (start, end)):
+        raise UserError(f"--parts must be START:END, part numbers from 0 (END excluded; 0:4, 4:), got {text!r}.")
+    return int(start) if start.strip() else None, int(end) if end.strip() else None
 
 
 def _query_image(path: Path):

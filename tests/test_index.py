@@ -1,0 +1,183 @@
+"""`multimodal index` and `search --index INDEX` (issue 24): the IVF-PQ path forced by a small memory budget on
+a few thousand clustered vectors the test writes as an embedding folder; recall@10 against exact search,
+the CLI's search through an index and through the embedding folder, shards built from --parts and merged
+searching as one build, and bad input refused in one sentence with nothing half-written."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from multimodal.errors import UserError
+
+DIM, COUNT, PARTS = 128, 4000, 4  # the tiny model's embedding size: its text queries search these vectors
+BUDGET = "1MB"  # an exact index of 4,000 128-d vectors takes 2 MB: this forces IVF-PQ
+
+
+def write_folder(root: Path, checkpoint: Path, count: int = COUNT, dim: int = DIM, parts: int = PARTS,
+                 seed: int = 0) -> Path:
+    """An embedding folder as `multimodal embed` writes one: unit float16 vectors around 40 centres, in parts."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, dim))
+    x = centres[rng.integers(0, 40, count)] + 0.6 * rng.standard_normal((count, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for sub in ("img_emb", "img_index"):
+        (root / sub).mkdir(parents=True)
+    start = 0
+    for part, chunk in enumerate(np.array_split(x, parts)):
+        np.save(root / "img_emb" / f"part-{part:05d}.npy", chunk.astype(np.float16))
+        rows = "".join(json.dumps({"key": f"{start + i:06d}", "caption": f"vector {start + i}"}) + "\n"
+                       for i in range(len(chunk)))
+        (root / "img_index" / f"part-{part:05d}.jsonl").write_text(rows)
+        start += len(chunk)
+    info = {"model": "tiny", "checkpoint": str(checkpoint.resolve()), "dtype": "float16", "dim": dim,
+            "part_size": count // parts, "source": {"images": "synthetic"}}
+    (root / "info.json").write_text(json.dumps(info))
+    return root
+
+
+def vectors(folder: Path) -> np.ndarray:
+    """The folder's vectors, float32, unit length (as stored in float16, a little off)."""
+    x = np.concatenate([np.load(p).astype(np.float32) for p in sorted((folder / "img_emb").glob("*.npy"))])
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def queries(folder: Path, count: int = 200, seed: int = 5) -> np.ndarray:
+    x = vectors(folder)
+    rng = np.random.default_rng(seed)
+    q = x[rng.choice(len(x), count, replace=False)] + rng.standard_normal((count, x.shape[1])) * 0.05
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def built(trained, tmp_path_factory):
+    """(embedding folder, its index) of the trained tiny model's name, through the CLI."""
+    from multimodal.cli import main
+
+    root = tmp_path_factory.mktemp("index")
+    emb = write_folder(root / "emb", trained[0])
+    assert main(["index", str(emb), "--out", str(root / "idx"), "--max_index_memory", BUDGET]) == 0
+    return emb, root / "idx"
+
+
+def test_the_index_is_ivf_pq_within_its_budget_and_finds_the_exact_neighbours(built):
+    from multimodal.eval.index import open_index, parse_memory
+
+    emb, idx = built
+    info = json.loads((idx / "info.json").read_text())
+    assert info["factory"].startswith("IVF") and "_HNSW32,PQ" in info["factory"] and info["rerank"] >= 100
+    assert info["count"] == COUNT and info["dim"] == DIM and info["kind"] == "image" and info["model"] == "tiny"
+    assert info["recall@10"] >= 0.95 and 1 <= info["nprobe"] <= 64 and info["efSearch"] >= info["nprobe"]
+    assert (idx / "index.faiss").stat().st_size <= parse_memory(BUDGET)
+    searcher, _ = open_index(idx)
+    q, x = queries(emb), vectors(emb)
+    exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
+    scores, rows = searcher.search(q, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, exact)])
+    assert recall >= 0.9, recall
+    # The scores are exact cosines (re-scored from the float16 parts), best first.
+    assert np.allclose(scores, np.take_along_axis(q @ x.T, rows, 1), atol=1e-5)
+    assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_search_through_the_index_and_through_the_embedding_folder(cli, built, tmp_path):
+    emb, idx = built
+
+    def hits(folder: Path) -> list[tuple[str, float]]:
+        proc = cli("search", "--index", str(folder), "--text", "a large red circle", "--k", "5", cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        lines = [line.split() for line in proc.stdout.splitlines() if line.strip()[:1].isdigit()]
+        return [(line[2], float(line[1])) for line in lines]
+
+    approximate, exact = hits(idx), hits(emb)
+    assert len(approximate) == 5 and approximate[0] == exact[0]
+    assert len(set(approximate) & set(exact)) >= 4  # the same rows, with the same (exact) scores
+    proc = cli("search", "--index", str(idx), "--text", "a dog", "--k", "2", cwd=tmp_path)
+    assert "vector " in proc.stdout  # rows named by their index entries (key, caption)
+
+
+def test_shards_of_parts_merged_search_as_one_build(cli, built, tmp_path):
+    from multimodal.eval.index import open_index
+
+    emb, idx = built
+    for parts in ("0:1", "1:"):
+        proc = cli("index", str(emb), "--out", f"shard-{parts[0]}", "--parts", parts, "--max_index_memory", BUDGET,
+                   cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "shard-1" / "info.json").read_text())["count"] == COUNT * 3 // PARTS
+    proc = cli("index", "--merge", "shard-1", "shard-0", "--out", "merged", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, merged = json.loads((idx / "info.json").read_text()), json.loads((tmp_path / "merged/info.json").read_text())
+    assert {k: merged[k] for k in ("count", "nprobe", "recall@10", "held")} == \
+        {k: one[k] for k in ("count", "nprobe", "recall@10", "held")}
+    q = queries(emb, seed=9)
+    (s1, r1), (s2, r2) = open_index(idx)[0].search(q, 10), open_index(tmp_path / "merged")[0].search(q, 10)
+    assert np.array_equal(r1, r2) and np.array_equal(s1, s2)
+    proc = cli("index", "--merge", "shard-0", "merged", "--out", "twice", cwd=tmp_path)
+    assert proc.returncode == 2 and "same parts twice" in proc.stderr
+
+
+def refused(proc, *expected: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and all(e in proc.stderr for e in expected), proc.stderr
+
+
+def test_bad_input_is_one_sentence_and_nothing_half_written(cli, built, trained, tmp_path):
+    emb, idx = built
+
+    def index(folder: Path, *more: str, out: str = "out"):
+        proc = cli("index", str(folder), "--out", out, "--max_index_memory", BUDGET, *more, cwd=tmp_path)
+        assert not (tmp_path / out).exists() or out == "taken"
+        assert not list(tmp_path.glob(".*partial"))
+        return proc
+
+    mixed = write_folder(tmp_path / "mixed", trained[0], count=600, parts=2)
+    np.save(mixed / "img_emb" / "part-00001.npy", np.ones((300, 64), np.float16))
+    refused(index(mixed), "mixes embedding sizes [64, 128]")
+    short = write_folder(tmp_path / "short", trained[0], count=600, parts=2)
+    data = (short / "img_emb" / "part-00001.npy").read_bytes()
+    (short / "img_emb" / "part-00001.npy").write_bytes(data[:len(data) // 2])
+    refused(index(short), "part-00001.npy is cut short", "promises 300 rows")
+    refused(index(emb, "--max_index_memory", "50KB"), "smallest index", "more than --max_index_memory")
+    refused(index(emb, "--max_index_memory", "lots"), "--max_index_memory must be a size")
+    refused(index(emb, "--parts", "7:9"), "holds none of the 4 parts")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("a file the user keeps")
+    refused(index(emb, out="taken"), "--out taken exists")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "a file the user keeps"
+    other = tmp_path / "other.ckpt"
+    shutil.copy(trained[0], other)
+    refused(cli("search", "--index", str(idx), "--text", "a dog", "--checkpoint", str(other), cwd=tmp_path),
+            "holds embeddings of model tiny", f"not of --checkpoint {other}")
+    refused(cli("search", "--index", str(idx), "--text", "a dog", "--target", "texts", cwd=tmp_path),
+            "holds images, not texts")
+    refused(cli("index", "--merge", str(idx), "--out", "m", "--parts", "0:1", cwd=tmp_path), "--parts and --kind")
+
+
+def test_a_folder_written_at_once_leaves_nothing_when_it_fails(tmp_path):
+    from multimodal.files import atomic_folder
+
+    with pytest.raises(UserError), atomic_folder(tmp_path / "out") as partial:
+        (partial / "index.faiss").write_bytes(b"half")
+        raise UserError("stopped")
+    assert list(tmp_path.iterdir()) == []
+    with atomic_folder(tmp_path / "out") as partial:
+        (partial / "info.json").write_text("{}")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (tmp_path / "out" / "info.json").is_file()
+
+
+def test_the_choice_follows_the_count_and_the_budget():
+    from multimodal.eval.index import EXACT_BELOW, choose, parse_memory
+
+    assert parse_memory("4GB") == 4 << 30 and parse_memory("512M") == 512 << 20 and parse_memory("1.5g") == 3 << 29
+    assert choose(10_000, 512, 4 << 30).factory == "IDMap,Flat"
+    assert choose(EXACT_BELOW, 512, 4 << 30).factory.startswith("IVF")  # exact search is too slow above
+    plan = choose(1_000_000, 512, 128_000_000)  # 1/8 of the raw float16 vectors
+    assert plan.factory == "IVF4096_HNSW32,PQ128x4fs" and plan.bytes(1_000_000) <= 128_000_000
+    assert plan.rerank == 100 and choose(1_000_000, 512, 64 << 20).rerank == 200  # coarser codes, more candidates
+    assert choose(100_000_000, 512, 4 << 30).factory == "IVF32768_HNSW32,PQ64x4fs"
+    with pytest.raises(UserError, match="smallest index of 1,000,000 512-d vectors"):
+        choose(1_000_000, 512, 1 << 20)
