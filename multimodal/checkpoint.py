@@ -128,7 +128,20 @@ def resume_finished_epoch_at_the_next(checkpoint: dict) -> None:
 class FinalCheckpoint(pl.Callback):
     """A finished run's `last.ckpt` is its final step. ModelCheckpoint saves every N steps, and Lightning
     2.6 writes `last.ckpt` at the end only when none was written yet: a run of 320 steps with N = 60
-    ends with `last.ckpt` at step 300, and a resume from it would train the last 20 steps again."""
+    ends with `last.ckpt` at step 300, and a resume from it would train the last 20 steps again.
+
+    A run resumed from a checkpoint other than its `last.ckpt` (`--resume RUN/checkpoints/epoch=0-step=2.ckpt`)
+    goes on writing that `last.ckpt`: ModelCheckpoint restores the `last.ckpt` path it had when the checkpoint was
+    written (none, at the first), finds another file of that name, and would write `last-v1.ckpt` beside it,
+    leaving `last.ckpt` at the older state for the next `--resume RUN` or `--resume auto` to continue from."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath:
+                last = callback.format_checkpoint_name(callback._monitor_candidates(trainer),
+                                                       callback.CHECKPOINT_NAME_LAST)
+                if callback._fs.exists(last):
+                    callback.last_model_path = last
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for callback in trainer.checkpoint_callbacks:

@@ -142,3 +142,26 @@ def test_random_states_round_trip_through_a_checkpoint(tmp_path):
     set_rng_states(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
     again = (random.random(), np.random.rand(), torch.rand(3))
     assert drawn[:2] == again[:2] and torch.equal(drawn[2], again[2])
+
+
+def test_a_run_resumed_from_an_older_checkpoint_goes_on_writing_its_last_ckpt(shards, tmp_path):
+    """Resumed from step 2's checkpoint (not last.ckpt, at step 4): last.ckpt ends at the final step, and no
+    last-v1.ckpt is written beside it for a later resume to miss."""
+    from multimodal.checkpoint import FinalCheckpoint
+
+    def run(max_steps: int, ckpt: Path | None = None) -> None:
+        pl.seed_everything(0)
+        data = ShardDataModule(str(shards), batch_size=BATCH, num_workers=0, shuffle_buffer=64)
+        trainer = pl.Trainer(accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, default_root_dir=tmp_path,
+                             callbacks=[FinalCheckpoint(), ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True,
+                                                                           every_n_train_steps=2, save_top_k=-1)])
+        trainer.fit(build_module(model_name="tiny", warmup_steps=2, count_flops=False), datamodule=data,
+                    ckpt_path=ckpt)
+
+    run(4)
+    run(7, tmp_path / "ckpt" / "epoch=0-step=2.ckpt")
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert [n for n in names if n.startswith("last")] == ["last.ckpt"], names
+    assert "epoch=0-step=4.ckpt" in names and "epoch=0-step=4-v1.ckpt" in names  # both timelines' step 4 kept
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 7
