@@ -33,6 +33,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+from tqdm import tqdm
 
 from multimodal.errors import UserError
 from multimodal.files import atomic_folder, write_json
@@ -362,12 +363,17 @@ def new_index(plan: Plan):
     return index
 
 
+def training_size(plan: Plan, count: int) -> int:
+    """Vectors k-means and the code books train on: 50 a list (faiss warns below 39), at least 65,536."""
+    return min(count, max(50 * plan.nlist, 1 << 16))
+
+
 def train(index, plan: Plan, parts: Parts) -> str:
     """Train `index` on a sample drawn from every part (the same for any --parts: shards train alike); the digest
     of the trained, empty index, which shards must share to be merged."""
     if plan.nlist:
         rng = np.random.default_rng(SEED)
-        size = min(parts.count, max(50 * plan.nlist, 1 << 16))
+        size = training_size(plan, parts.count)
         index.train(parts.take(np.sort(rng.choice(parts.count, size, replace=False))))
     return hashlib.sha256(faiss.serialize_index(index).tobytes()).hexdigest()[:16]
 
@@ -404,9 +410,14 @@ def build_index(embeddings: Path, out: Path, budget: int, kind: str | None = Non
         f"{len(source.names)}) as {plan.factory} (~{human(plan.bytes(source.count))} for all "
         f"{source.count:,}; --max_index_memory {human(budget)}).")
     index = new_index(plan)
+    if plan.nlist:
+        log(f"Training {plan.nlist:,} lists and the codes on {training_size(plan, source.count):,} "
+            "vectors drawn from every part...")
     trained = train(index, plan, source)
-    for first, x in source.chunks(held):
-        index.add_with_ids(x, np.arange(first, first + len(x), dtype=np.int64))
+    with tqdm(total=count, unit="vec", unit_scale=True, desc="adding", mininterval=1.0) as bar:
+        for first, x in source.chunks(held):
+            index.add_with_ids(x, np.arange(first, first + len(x), dtype=np.int64))
+            bar.update(len(x))
     info = {"model": model["model"], "checkpoint": model.get("checkpoint"),
             **({"pretrained": model["pretrained"]} if model.get("pretrained") else {}),
             "embeddings": str(embeddings.resolve()), "kind": kind, "dim": source.dim, "factory": plan.factory,
