@@ -73,15 +73,16 @@ def failure(url: str, exc: BaseException, doing: str) -> UserError:
     return UserError(f"Cannot {doing} {url}: {why}.")
 
 
-def check_writable(url: str) -> None:
-    """Write and delete a probe object under `url`, before a run claims anything there."""
+def check_writable(url: str, what: str = "the run folder") -> None:
+    """Write and delete a probe object under `url`, before a run claims anything there (`what`: the folder, in
+    the sentence of a failure)."""
     fs, path = filesystem(url)
     probe = join(path, f".multimodal-probe-{secrets.token_hex(4)}")
     try:
         fs.pipe_file(probe, b"probe")
         fs.rm_file(probe)
     except Exception as exc:  # noqa: BLE001 - the back end's own errors (botocore's, aiohttp's...)
-        raise failure(url, exc, "write the run folder to") from None
+        raise failure(url, exc, f"write {what} to") from None
 
 
 def versions(url: str) -> list[int]:

@@ -45,10 +45,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-REFERENCE_VENV = REPO / ".venv-autofaiss"
-# autofaiss 2.18 pins numpy < 2 (pyarrow after 17 needs numpy 2); faiss 1.14 dropped the keyword arguments of
-# OPQMatrix that autofaiss passes, so the last faiss before it
-REFERENCE_PACKAGES = ["autofaiss==2.18.0", "faiss-cpu==1.13.2", "pyarrow==17.0.0"]
+from scripts.reference_venvs import AUTOFAISS_PACKAGES, AUTOFAISS_VENV, reference_python  # noqa: E402
+
 PART_ROWS = 100_000
 CENTRES, CONE, SPREAD = 4000, 0.8, 0.6
 
@@ -117,16 +115,6 @@ def all_vectors(folder: Path) -> np.ndarray:
     return np.concatenate([np.load(p).astype(np.float32) for p in sorted((folder / "img_emb").glob("*.npy"))])
 
 
-def reference_python() -> Path:
-    python = REFERENCE_VENV / "bin" / "python"
-    if not python.is_file():
-        print(f"Creating {REFERENCE_VENV} for autofaiss (a minute, once)...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(REFERENCE_VENV)], check=True)
-        subprocess.run([str(REFERENCE_VENV / "bin" / "pip"), "install", "-q", "--disable-pip-version-check",
-                        *REFERENCE_PACKAGES], check=True)
-    return python
-
-
 def build_theirs(emb: Path, out: Path, budget: str, threads: int) -> dict:
     """autofaiss's index of the folder's vectors (its float16 .npy parts as they are), built once."""
     done = out / "build.json"
@@ -134,7 +122,8 @@ def build_theirs(emb: Path, out: Path, budget: str, threads: int) -> dict:
         return json.loads(done.read_text())
     out.mkdir(parents=True, exist_ok=True)
     print(f"Building autofaiss's index under {budget} (once; slow on 2 cores)...", flush=True)
-    proc = subprocess.run([str(reference_python()), "-c", THEIRS_BUILD, str(emb / "img_emb"), str(out), budget,
+    python = reference_python(AUTOFAISS_VENV, AUTOFAISS_PACKAGES)
+    proc = subprocess.run([str(python), "-c", THEIRS_BUILD, str(emb / "img_emb"), str(out), budget,
                            str(threads)], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": str(threads)})
     if proc.returncode != 0:

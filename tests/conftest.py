@@ -142,3 +142,11 @@ def trained(tmp_path_factory):
     trainer.fit(module, datamodule=ShardDataModule(str(root / "data"), batch_size=8, num_workers=0))
     trainer.save_checkpoint(root / "last.ckpt")
     return root / "last.ckpt", module
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A local S3-compatible server with a bucket `bkt` (tests/s3.py's `moto_server`)."""
+    from tests.s3 import moto_server
+
+    yield from moto_server()

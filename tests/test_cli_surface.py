@@ -19,8 +19,8 @@ DECODING = {"--strategy": "beam", "--top_k": 50, "--top_p": 0.9, "--temperature"
 SURFACE = {
     "export": {**WEIGHTS, "--out": None, "--overwrite": False},
     "embed": {**WEIGHTS, "--shards": None, **SHARD_MEMBERS, "--images": None, "--texts": None,
-              "--out": None, "--batch_size": 256, "--dtype": "float16", "--part_size": 10000, "--num_workers": 4,
-              "--accelerator": "auto", "--devices": 1, "--decode": "auto", "--preprocess": "fast",
+              "--out": None, "--parts": None, "--batch_size": 256, "--dtype": "float16", "--part_size": 10000,
+              "--num_workers": 4, "--accelerator": "auto", "--devices": 1, "--decode": "auto", "--preprocess": "fast",
               "--overwrite": False},
     "eval retrieval": {**WEIGHTS, "--shards": None, **SHARD_MEMBERS, "--embeddings": None,
                        "--ks": [1, 5, 10], "--batch_size": 256, "--num_workers": 4, "--chunk_size": 4096,

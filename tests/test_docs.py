@@ -21,7 +21,8 @@ TEXT = {page.relative_to(REPO).as_posix(): page.read_text() for page in PAGES}
 SOURCE = "\n".join(p.read_text() for p in (REPO / "multimodal").rglob("*.py"))
 FILE_SUFFIXES = {"py", "json", "yaml", "md", "txt", "ckpt", "safetensors", "pt", "csv", "png"}
 # flags of other programs that the docs show beside ours
-OTHER_PROGRAMS = {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--no-deps", "--target", "--durations"}
+OTHER_PROGRAMS = {"--nodes", "--ntasks-per-node", "--gpus-per-node", "--no-deps", "--target", "--durations",
+                  "--array", "--standalone", "--nproc-per-node"}
 
 
 def expand(name: str) -> list[str]:

@@ -3,71 +3,24 @@ with IAM enforced so that a read-only user exists), `multimodal train` with `--t
 s3://...`: killed, resumed from the bucket on a machine without the working copy, ending as an uninterrupted run;
 and the bad buckets, each one sentence naming the URL, nothing left half-written."""
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
 
 from tests.conftest import REPO, run_cli
+from tests.s3 import keys
 from tests.test_preemption import assert_same_state, load
 
-boto3 = pytest.importorskip("boto3")
-pytest.importorskip("s3fs")
-pytest.importorskip("moto")
+pytest.importorskip("s3fs")  # the moto server: the `s3` fixture of tests/conftest.py
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
 STEPS = 30
 TRAIN = ["train", "--config", DEBUG, "--trainer.max_steps", str(STEPS), "--trainer.enable_progress_bar", "false"]
 RUN = "runs/debug/version_0"
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """The server's endpoint, a bucket, and the credentials of a read-write and a read-only user."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    # the first 8 requests unauthenticated (they create the bucket, the users, their policies and keys)
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "8"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/")
-            break
-        except OSError:
-            time.sleep(0.05)
-    setup = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
-    boto3.client("s3", **setup).create_bucket(Bucket="bkt")
-    iam = boto3.client("iam", **setup)
-
-    def user(name: str, actions: list[str]) -> dict:
-        iam.create_user(UserName=name)
-        iam.put_user_policy(UserName=name, PolicyName="p", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": actions, "Resource": "*"}]}))
-        key = iam.create_access_key(UserName=name)["AccessKey"]
-        return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}
-
-    writer, reader = user("writer", ["s3:*"]), user("reader", ["s3:GetObject", "s3:ListBucket"])
-    base = {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-            "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent", "AWS_CONFIG_FILE": "/nonexistent"}
-    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=writer["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=writer["AWS_SECRET_ACCESS_KEY"])
-    yield {"writer": {**base, **writer}, "reader": {**base, **reader}, "base": base, "client": client}
-    server.terminate()
-    server.wait(timeout=30)
-
-
-def keys(client, prefix: str) -> list[str]:
-    return sorted(o["Key"] for o in client.list_objects_v2(Bucket="bkt", Prefix=prefix).get("Contents", []))
 
 
 def test_a_run_in_a_bucket_killed_and_resumed_from_it_ends_as_an_uninterrupted_run(s3, tmp_path):

@@ -82,13 +82,15 @@ class Source:
 class ShardSource(Source):
     """A shard set (`formats.open_shards`: ours, img2dataset's, CLIP_benchmark's), a shard a part: each
     image with all its captions (`labels`: with its class index instead, samples without one left out).
+    With `json`, an image's row also holds its sample's json member under "json" (img2dataset's url,
+    caption, status, width, ...; {} without one), for the metadata an embedding folder keeps.
     A shard that holds another number of samples than the file beside it says stops the run, in one
     sentence: its counts and its samples come from different runs."""
 
     def __init__(self, shards: str | ShardSet, members: Members = Members(), split: str | None = None,
-                 labels: bool = False):
+                 labels: bool = False, json: bool = False):
         self.shards = shards if isinstance(shards, ShardSet) else open_shards(shards, members, split, verify=True)
-        self.urls, self.labels = self.shards.urls, labels
+        self.urls, self.labels, self.json = self.shards.urls, labels, json
         self.has_texts = not labels
 
     def num_parts(self) -> int:
@@ -116,7 +118,7 @@ class ShardSource(Source):
                 continue
             row = {"key": record.key, "url": url,
                    **({"file_name": record.meta["file_name"]} if "file_name" in record.meta else {}),
-                   **({"label": record.label} if self.labels else {})}
+                   **({"label": record.label} if self.labels else {}), **({"json": record.meta} if self.json else {})}
             yield Item(image, row, record.captions, [{"key": record.key, "caption": c} for c in record.captions])
         expected = self.shards.sizes[part]
         if not faults and expected is not None and read != expected:

@@ -1,25 +1,29 @@
 """Embeddings of images and texts: computed batch by batch, written in parts, read back.
 
-An embedding folder (the output of `multimodal embed`):
+An embedding folder (the output of `multimodal embed`), clip-retrieval's layout and more:
 
     info.json                      model, checkpoint, source, dtype, dim
     img_emb/part-00000.npy         (n, D) image embeddings of part 0 (float16 or float32)
-    img_index/part-00000.jsonl     n lines: key, file_name, url of each image row
     text_emb/part-00000.npy        (m, D) text embeddings
+    metadata/part-00000.parquet    n rows: key, caption, url, file_name, the sample's json fields (`metadata`)
+    img_index/part-00000.jsonl     n lines: key, file_name, url of each image row
     text_index/part-00000.jsonl    m lines: caption, key, and `image` (row of its image in the part)
 
 Each file is written under a temporary name and renamed; the index files are written last, so a
 part whose index files exist is complete, and a resumed run skips it. A folder of parts (embeddings
-here, captions in `eval.captions`) is resumed only by a run with the same settings (`settings_changed`),
-and written by one run at a time (`folder_of_one_run`: a second run at the same moment is refused,
-the partial files of a run killed while writing are removed).
+here, captions in `eval.captions`) is resumed only by a run with the same settings (`settings_changed`).
+Runs write a folder side by side part by part (`claim`: a lock for its settings, one a part, so that
+runs on disjoint part ranges share it and a second run of the same parts is refused; the partial files
+of a run killed while writing a part are removed by the next run to take the part).
 """
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,24 +37,27 @@ from multimodal.data.pixels import EvalTransform, OpenClipEvalTransform
 from multimodal.data.sources import EvalBatches, ShardSource
 from multimodal.data.workers import leave_stop_signals_to_the_trainer
 from multimodal.errors import UserError
-from multimodal.files import PARTIAL_SUFFIX, atomic_file, partial_of, write_text
+from multimodal.eval.metadata import image_metadata, parquet_bytes, text_metadata
+from multimodal.files import PARTIAL_SUFFIX, atomic_file, partial_of, write_bytes, write_text
 from multimodal.model import CLIP
 from multimodal.userfiles import read_json, reading, writing
 
 PART = "part-{:05d}"
 
 
-def settings_changed(path: Path, settings: dict, overwrite: bool, what: str, setting: str = "{}") -> bool:
+def settings_changed(path: Path, settings: dict, overwrite: bool, what: str, setting: str = "{}",
+                     folder: str | None = None) -> bool:
     """Whether earlier parts beside the settings file `path` (JSON) were made with other `settings` and must be
     cleared before resuming; refused in one sentence naming the changed settings unless `overwrite`. `setting`
-    names the options `overwrite` and `out` in the caller's words ("--{}" on a command line)."""
+    names the options `overwrite` and `out` in the caller's words ("--{}" on a command line); `folder` the
+    folder, where the user knows it by another name than `path`'s (a bucket's URL)."""
     if not path.is_file():
         return False
     overwrite_option, out_option = setting.format("overwrite"), setting.format("out")
     old = read_json(path, f"pass {overwrite_option} to start afresh, or choose another {out_option}")
     if old != settings and not overwrite:
         changed = sorted(k for k in settings if old.get(k) != settings[k])
-        raise UserError(f"{path.parent} holds {what} made with other settings ({', '.join(changed)}): "
+        raise UserError(f"{folder or path.parent} holds {what} made with other settings ({', '.join(changed)}): "
                         f"pass {overwrite_option} to replace them, or choose another {out_option}.")
     return old != settings
 
@@ -117,27 +124,35 @@ class _Part:
 
 
 class PartWriter:
-    """Collects batch outputs per part and writes each part when its last batch arrives."""
+    """Collects batch outputs per part and writes each part when its last batch arrives: its embeddings, its
+    metadata (a row per image row, or per text row for a source of texts alone), then its index files.
+    `publish`, given, is called with the part's files in that order once they are written (an upload)."""
 
-    def __init__(self, out: Path, dim: int, dtype: str = "float16", images: bool = True, texts: bool = True):
+    def __init__(self, out: Path, dim: int, dtype: str = "float16", images: bool = True, texts: bool = True,
+                 publish: Callable[[list[Path]], None] | None = None):
         if dtype not in ("float16", "float32"):
             raise UserError(f"dtype must be float16 or float32, got {dtype}.")
-        self.out, self.dim, self.dtype = out, dim, np.dtype(dtype)
+        self.out, self.dim, self.dtype, self.publish = out, dim, np.dtype(dtype), publish
         self.kinds = [k for k, wanted in (("img", images), ("text", texts)) if wanted]
         self.open: dict[int, _Part] = {}
         self.rows_written = 0
 
+    def files(self, part: int) -> list[Path]:
+        """The files of `part`, in the order they are written: the last ones mark it done."""
+        name = PART.format(part)
+        return [*(self.out / f"{kind}_emb" / f"{name}.npy" for kind in self.kinds),
+                self.out / "metadata" / f"{name}.parquet",
+                *(self.out / f"{kind}_index" / f"{name}.jsonl" for kind in self.kinds)]
+
     def done(self, part: int) -> bool:
-        return all((self.out / f"{kind}_index" / f"{PART.format(part)}.jsonl").is_file() for kind in self.kinds)
+        return all(path.is_file() for path in self.files(part)[-len(self.kinds):])
 
     def discard(self, parts: Iterable[int]) -> None:
         """Remove `parts` as if never written: a later run embeds them again (index files first: a part
         without its index is not done)."""
-        for sub in ("index", "emb"):
-            for part in parts:
-                for kind in self.kinds:
-                    suffix = ".jsonl" if sub == "index" else ".npy"
-                    (self.out / f"{kind}_{sub}" / f"{PART.format(part)}{suffix}").unlink(missing_ok=True)
+        for part in parts:
+            for path in reversed(self.files(part)):
+                path.unlink(missing_ok=True)
 
     def add(self, batch: EvalBatch, image_features: torch.Tensor | None, text_features: torch.Tensor | None) -> None:
         part = self.open.setdefault(batch.part, _Part())
@@ -147,44 +162,102 @@ class PartWriter:
 
     def _write(self, index: int, part: _Part) -> None:
         outputs = {"img": (part.images, part.image_rows), "text": (part.texts, part.text_rows)}
-        for kind in self.kinds:  # embeddings first, index files last: an index means a finished part
+        files = self.files(index)
+        for kind, path in zip(self.kinds, files):  # embeddings first, index files last: an index means a finished part
             chunks, _ = outputs[kind]
             array = torch.cat(chunks).numpy() if chunks else np.zeros((0, self.dim), np.float32)
-            with atomic_file(self.out / f"{kind}_emb" / f"{PART.format(index)}.npy") as f:
+            with atomic_file(path) as f:
                 np.save(f, array.astype(self.dtype))
-        for kind in self.kinds:
+        rows = image_metadata(part.image_rows, part.text_rows) if "img" in self.kinds else \
+            text_metadata(part.text_rows)
+        write_bytes(files[len(self.kinds)], parquet_bytes(rows))
+        for kind, path in zip(self.kinds, files[len(self.kinds) + 1:]):
             _, rows = outputs[kind]
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            write_text(self.out / f"{kind}_index" / f"{PART.format(index)}.jsonl", text)
+            text = "".join(json.dumps({k: v for k, v in r.items() if k != "json"}, ensure_ascii=False) + "\n"
+                           for r in rows)
+            write_text(path, text)
             self.rows_written += len(rows)
+        if self.publish is not None:
+            self.publish(files)
 
 
-LOCK = ".lock"  # in an embedding folder: held (flock) by the run writing it
+LOCK = ".lock"  # in an embedding folder: POSIX record locks on its bytes (`Claim`)
+
+
+class Claim:
+    """A run's hold on an embedding folder: byte 0 of its `.lock` while the run reads or writes info.json,
+    byte 1 + N while it embeds part N. They are POSIX record locks (fcntl), which the kernel lets go when the
+    process ends however it ends, and which NFS and Lustre hold across nodes where they lock at all."""
+
+    def __init__(self, out: Path, option: str):
+        self.out, self.option, self.locking = out, option, True
+        with writing(out):
+            out.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def _lock(self, start: int, length: int = 1, blocking: bool = False) -> bool:
+        if self.locking:
+            try:
+                fcntl.lockf(self.fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB), length, start)
+            except OSError as exc:
+                if exc.errno in (errno.EACCES, errno.EAGAIN):
+                    return False
+                self.locking = False  # a file system without locks: runs side by side are the user's to keep apart
+        return True
+
+    def _unlock(self, start: int, length: int = 1) -> None:
+        if self.locking:
+            fcntl.lockf(self.fd, fcntl.LOCK_UN, length, start)
+
+    @contextlib.contextmanager
+    def settings(self) -> Iterator[None]:
+        """The block alone among the runs claiming the folder (to compare and write info.json), the partial
+        info.json files of runs killed meanwhile removed."""
+        self._lock(0, blocking=True)
+        try:
+            for stale in self.out.glob(f".*{PARTIAL_SUFFIX}"):
+                if partial_of(stale.name):
+                    stale.unlink(missing_ok=True)
+            yield
+        finally:
+            self._unlock(0)
+
+    def others_writing(self) -> bool:
+        """Whether another run is embedding parts of the folder now (asked before this run takes any)."""
+        if not self._lock(1, 0):  # length 0: every part
+            return True
+        self._unlock(1, 0)
+        return False
+
+    def parts(self, parts: Iterable[int], done: Callable[[int], bool]) -> list[int]:
+        """Those of `parts` not `done`, each now this run's alone, their partial files from killed runs removed;
+        refused in one sentence when another run is embedding one of them."""
+        todo = []
+        for part in parts:
+            if done(part):
+                continue
+            if not self._lock(1 + part):
+                if done(part):  # finished by the other run just now
+                    continue
+                raise UserError(f"{self.out} is being written by another run right now (part {part}): wait for it "
+                                f"to end (the same command then resumes the folder), or choose another {self.option}.")
+            todo.append(part)
+        mine = set(todo)
+        for stale in self.out.glob(f"*/.*{PARTIAL_SUFFIX}"):
+            found = re.match(r"part-(\d+)\.", partial_of(stale.name) or "")
+            if found and int(found.group(1)) in mine:
+                stale.unlink(missing_ok=True)
+        return todo
 
 
 @contextlib.contextmanager
-def folder_of_one_run(out: Path, option: str = "out") -> Iterator[None]:
-    """`out` (created if absent) for this run alone while the block runs: another run that asks for it meanwhile
-    is refused in one sentence naming `option`. The lock is an flock on `out/.lock`, which ends with the
-    process however it ends; once it is held, the partial files of runs killed while writing `out` are
-    removed. A folder this run created and left empty (stopped by an error) is removed again."""
+def claim(out: Path, option: str = "out") -> Iterator[Claim]:
+    """`out` (created if absent) claimed by this run while the block runs (`Claim`); `option` names it in the
+    user's words. A folder this run created and left empty (stopped by an error) is removed again."""
     created = not out.exists()
-    with writing(out):
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    held = Claim(out, option)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise UserError(f"{out} is being written by another run right now: wait for it to end (the same command "
-                        f"then resumes the folder), or choose another {option}.") from None
-    except OSError:  # a file system without locks: runs side by side there are the user's to keep apart
-        pass
-    try:
-        for stale in [p for p in (*out.glob(f".*{PARTIAL_SUFFIX}"), *out.glob(f"*/.*{PARTIAL_SUFFIX}"))
-                      if partial_of(p.name)]:
-            stale.unlink(missing_ok=True)
-        yield
+        yield held
     except BaseException:
         if created and out.is_dir() and [p.name for p in out.iterdir()] == [LOCK]:
             (out / LOCK).unlink(missing_ok=True)
@@ -192,7 +265,7 @@ def folder_of_one_run(out: Path, option: str = "out") -> Iterator[None]:
                 out.rmdir()
         raise
     finally:
-        os.close(fd)
+        os.close(held.fd)
 
 
 def collect(batches: Iterable[tuple[EvalBatch, torch.Tensor | None, torch.Tensor | None]]) -> Embeddings:

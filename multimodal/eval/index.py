@@ -530,12 +530,11 @@ def merge_indexes(inputs: list[Path], out: Path, log: Callable[[str], None] = pr
     log(f"Merging {len(infos)} indexes of parts {', '.join(f'{a}:{b}' for a, b in held)} of {first['embeddings']}.")
     source = source_parts(first, path)
     info = {**first, "count": sum(i["count"] for i, _ in infos), "held": _joined(held)}
-    opened = [read_faiss(p / INDEX_FILE) for _, p in infos[1:]]
 
     def fill(partial: Path) -> tuple:
         merged = read_faiss(path / INDEX_FILE, 0)  # read whole: it grows by the others'
-        for other in opened:
-            merged.merge_from(other, 0)
+        for _, other in infos[1:]:  # one at a time: the merged index and one piece in memory at most
+            merged.merge_from(read_faiss(other / INDEX_FILE), 0)
         return merged, _measure(merged, source, info)
 
     return _write(out, fill, log)
