@@ -186,15 +186,16 @@ class Parts:
             for start in range(0, array.shape[0], size):
                 yield int(self.offsets[i]) + start, unit(array[start:start + size])
 
-    def take(self, ids: np.ndarray) -> np.ndarray:
-        """(len(ids), dim) float32 rows of global row `ids`, read part by part in order."""
-        out = np.zeros((len(ids), self.dim), np.float32)
+    def take(self, ids: np.ndarray, dtype: np.dtype | type | None = np.float32) -> np.ndarray:
+        """(len(ids), dim) rows of global row `ids` in `dtype` (None: as stored), read part by part, each part's in
+        ascending order (the pages of a memory map in the order they lie)."""
+        out = np.zeros((len(ids), self.dim), dtype or self.array(0).dtype)
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         bounds = np.searchsorted(sorted_ids, self.offsets)
         for i in np.nonzero(np.diff(bounds))[0]:
-            sel = order[bounds[i]:bounds[i + 1]]
-            out[sel] = self.array(int(i))[ids[sel] - self.offsets[i]]
+            span = slice(bounds[i], bounds[i + 1])
+            out[order[span]] = self.array(int(i))[sorted_ids[span] - self.offsets[i]]
         return out
 
     def locate(self, row: int) -> tuple[int, int]:
@@ -243,22 +244,27 @@ def unit(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def rescore(parts: Parts, queries: np.ndarray, candidates: np.ndarray, k: int, chunk: int = 256,
+def rescore(parts: Parts, queries: np.ndarray, candidates: np.ndarray, k: int, chunk: int = 8,
             ) -> tuple[np.ndarray, np.ndarray]:
     """(scores, rows), each (B, k), best first: the (B, R) candidate rows (-1: none) of unit `queries` re-scored
-    exactly from the float16 parts (rows -1, scores -inf where fewer than k candidates)."""
+    exactly from the float16 parts (rows -1, scores -inf where fewer than k candidates). The rows are gathered
+    as stored and made float32 `chunk` queries at a time (in the CPU's caches: ~3x faster than all at once)."""
+    scores = np.empty(candidates.shape, np.float32)
+    valid = candidates >= 0
+    for start in range(0, len(queries), chunk):
+        cand = np.where(valid[start:start + chunk], candidates[start:start + chunk], 0)
+        vectors = parts.take(cand.ravel(), dtype=None).reshape(*cand.shape, -1).astype(np.float32)  # (b, R, D)
+        dots = np.matmul(vectors, queries[start:start + chunk, :, None])[..., 0]
+        norms = np.sqrt(np.einsum("brd,brd->br", vectors, vectors))
+        scores[start:start + chunk] = dots / np.maximum(norms, 1e-12)
+    scores[~valid] = -np.inf
+    kept = min(k, candidates.shape[1])
+    best = np.argpartition(-scores, kept - 1, axis=1)[:, :kept] if kept else np.zeros((len(queries), 0), np.int64)
+    best = np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, 1), axis=1, kind="stable"), 1)
     scores_out = np.full((len(queries), k), -np.inf, np.float32)
     rows_out = np.full((len(queries), k), -1, np.int64)
-    for start in range(0, len(queries), chunk):
-        cand = candidates[start:start + chunk]
-        valid = cand >= 0
-        vectors = unit(parts.take(np.where(valid, cand, 0).ravel())).reshape(*cand.shape, -1)  # (b, R, D)
-        scores = np.einsum("bd,brd->br", queries[start:start + chunk], vectors)
-        scores[~valid] = -np.inf
-        best = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-        scores_out[start:start + chunk, :best.shape[1]] = np.take_along_axis(scores, best, 1)
-        rows_out[start:start + chunk, :best.shape[1]] = np.where(
-            np.isfinite(np.take_along_axis(scores, best, 1)), np.take_along_axis(cand, best, 1), -1)
+    scores_out[:, :kept] = np.take_along_axis(scores, best, 1)
+    rows_out[:, :kept] = np.where(np.isfinite(scores_out[:, :kept]), np.take_along_axis(candidates, best, 1), -1)
     return scores_out, rows_out
 
 
