@@ -5,7 +5,7 @@ file, in the same commit as the change and its note in the docs."""
 import argparse
 import inspect
 
-from multimodal.cli import COMMANDS, caption, evaluate, probe, shards, tools
+from multimodal.cli import COMMANDS, caption, evaluate, probe, serve, shards, tools
 
 SHARDS_OPTIONS = {"--images": None, "--out": None, "--shard_size": 1000, "--max_side": None, "--num_workers": 4,
                   "--overwrite": False}
@@ -41,6 +41,8 @@ SURFACE = {
                 "--overwrite": False, **DECODING},
     "eval captioning": {**WEIGHTS, "--shards": None, "--captions": None, **DECODING, **RESULT},
     "models": {"names": None, "--pretrained_only": False},
+    "serve": {"--index": None, **WEIGHTS, "--host": "127.0.0.1", "--port": 8000, "--token": None, "--max_upload_mb": 16,
+              "--max_batch": 64},
     "shards": {"coco": {"--captions": None, **SHARDS_OPTIONS}, "csv": {"--csv": None, **SHARDS_OPTIONS},
                "karpathy": {"--json": None, "--split": ["test"], **SHARDS_OPTIONS}},
 }
@@ -76,7 +78,7 @@ def options(parser: argparse.ArgumentParser) -> dict:
 
 def test_the_commands_and_their_options_and_defaults():
     assert sorted(COMMANDS) == ["caption", "demo", "embed", "eval", "export", "index", "models", "plot", "search",
-                                "shards", "train"]
+                                "serve", "shards", "train"]
     assert {
         "export": options(evaluate.export_parser()), "embed": options(evaluate.embed_parser()),
         "eval retrieval": options(evaluate.eval_retrieval_parser()),
@@ -84,7 +86,7 @@ def test_the_commands_and_their_options_and_defaults():
         "eval linear_probe": options(probe.linear_probe_parser()),
         "search": options(tools.search_parser()), "index": options(tools.index_parser()),
         "plot": options(tools.plot_parser()),
-        "models": options(tools.models_parser()),
+        "models": options(tools.models_parser()), "serve": options(serve.serve_parser()),
         "caption": options(caption.caption_parser()), "eval captioning": options(caption.eval_captioning_parser()),
         "shards": options(shards.shards_parser()),
     } == SURFACE

@@ -188,11 +188,11 @@ def test_a_misspelled_command_names_the_nearest_one(cli, tmp_path):
     done = cli("trian", "--config", DEBUG, cwd=tmp_path)
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == "error: unknown command 'trian' (did you mean 'train'?): use one of train, " \
-                                  "shards, demo, export, embed, eval, index, search, plot, models, caption."
+                                  "shards, demo, export, embed, eval, index, search, plot, models, caption, serve."
     done = cli("xyzzy", cwd=tmp_path)
     assert done.returncode == 2 and done.stderr.strip() == (
         "error: unknown command 'xyzzy': use one of train, shards, demo, export, embed, eval, index, search, plot, "
-        "models, caption.")
+        "models, caption, serve.")
 
 
 def test_a_run_stopped_by_its_input_leaves_no_run_folder(cli, tmp_path):

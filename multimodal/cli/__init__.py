@@ -15,6 +15,7 @@
     multimodal index EMB_DIR --out INDEX [--max_index_memory 4GB] [--kind image|text] [--parts START:END]
     multimodal index --merge INDEX_A INDEX_B --out INDEX
     multimodal search --index EMB_DIR|INDEX (--text "a dog on a skateboard" | --image PATH) [--k 8] [--grid out.png]
+    multimodal serve --index EMB_DIR|INDEX [--port 8000] [--token TOKEN]
     multimodal plot RUN_DIR [--out curves.png]
     multimodal models [NAME ...]
 
@@ -37,8 +38,9 @@ from multimodal.errors import UserError, message
 COMMANDS = {"train": ("train", "train"), "shards": ("shards", "write_shards"), "demo": ("train", "run_demo"),
             "export": ("evaluate", "export"), "embed": ("evaluate", "embed"), "eval": ("evaluate", "evaluate"),
             "index": ("tools", "index"), "search": ("tools", "search"), "plot": ("tools", "plot"),
-            "models": ("tools", "models"), "caption": ("caption", "caption")}
-USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,caption,index,search,plot,models} ... [--debug]
+            "models": ("tools", "models"), "caption": ("caption", "caption"),
+            "serve": ("serve", "serve")}
+USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,caption,index,search,serve,plot,models} ... [--debug]
 
   train    train a CLIP model:  multimodal train --config configs/debug.yaml [--section.key value ...]
   shards   write shards:        multimodal shards {coco,csv,karpathy} --images DIR --out DIR ...
@@ -49,6 +51,7 @@ USAGE = """usage: multimodal {train,shards,demo,export,embed,eval,caption,index,
   caption  captions (CoCa):     multimodal caption --checkpoint CKPT --images DIR --out captions.jsonl
   index    ANN index (faiss):   multimodal index EMB_DIR --out INDEX [--max_index_memory 4GB] | --merge A B --out I
   search   nearest neighbours:  multimodal search --index EMB_DIR|INDEX --text "a dog" [--k 8] [--grid out.png]
+  serve    search page and API: multimodal serve --index EMB_DIR|INDEX [--port 8000] [--token TOKEN]
   plot     training curves:     multimodal plot runs/demo/version_0
   models   architectures and pretrained tags: multimodal models [ViT-B-32 siglip ...]
 
