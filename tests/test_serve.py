@@ -30,6 +30,11 @@ from fastapi.testclient import TestClient  # noqa: E402
 SENTENCE = re.compile(r"^[^\n]{8,400}[.?!]$")  # one sentence: no line breaks, ends as a sentence does
 
 
+def is_sentence(text: str) -> bool:
+    """SENTENCE, each long path it names counted as one character (a test folder's path may be long)."""
+    return bool(SENTENCE.match(text[:8] + re.sub(r"(/[^\s/]+){3,}", "/", text[8:-1]) + text[-1:]))
+
+
 def embed(*args: str, cwd: Path) -> None:
     """`multimodal embed ARGS` in this process (the model loads in a second, not the 7 s of a new process)."""
     from multimodal.cli import main
@@ -217,7 +222,7 @@ def test_an_index_folder_is_searched_through_faiss(folders, model, tmp_path):
 def one_sentence(response) -> str:
     assert 400 <= response.status_code < 500, (response.status_code, response.text[:300])
     sentence = response.json()["error"]
-    assert SENTENCE.match(sentence) and "Traceback" not in sentence, sentence
+    assert is_sentence(sentence) and "Traceback" not in sentence, sentence
     return sentence
 
 
@@ -359,6 +364,6 @@ def test_mistakes_stop_the_server_at_start_up_in_one_sentence(folders, tmp_path)
             assert proc.returncode == 2, (args, proc.stdout, proc.stderr[-2000:])
             lines = proc.stderr.strip().splitlines()
             assert expected in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
-            assert lines[-1].startswith("error: ") and SENTENCE.match(lines[-1]), lines
+            assert lines[-1].startswith("error: ") and is_sentence(lines[-1]), lines
     finally:
         taken.close()

@@ -214,6 +214,28 @@ def jsonl_rows(path: Path) -> list[dict]:
     return rows
 
 
+def part_rows(parts: Parts, part: int) -> tuple[list[dict], dict[int, str]]:
+    """The index rows of `part` (its JSONL file), and for images the first caption of each row that has one (from
+    the part's text rows, which name their image's row)."""
+    name = parts.names[part]
+    lines = jsonl_rows(parts.folder / f"{parts.prefix}_index" / f"{name}.jsonl")
+    captions: dict[int, str] = {}
+    texts = parts.folder / "text_index" / f"{name}.jsonl"
+    if parts.prefix == "img" and texts.is_file():
+        for text in jsonl_rows(texts):
+            if isinstance(text.get("image"), int):
+                captions.setdefault(text["image"], text.get("caption", ""))
+    return lines, captions
+
+
+def row_of(lines: list[dict], captions: dict[int, str], local: int) -> dict:
+    """Row `local` of a part read by `part_rows`, with its image's first caption where it has none of its own."""
+    row = dict(lines[local]) if local < len(lines) else {}
+    if "caption" not in row and local in captions:
+        row["caption"] = captions[local]
+    return row
+
+
 def describe(parts: Parts, rows: list[int]) -> list[dict]:
     """The index rows (key, url or file_name, caption) of global `rows`, read from the parts holding them only;
     an image row without a caption of its own gets the first caption of its part's texts."""
@@ -223,19 +245,9 @@ def describe(parts: Parts, rows: list[int]) -> list[dict]:
         part, local = parts.locate(row)
         by_part.setdefault(part, []).append((i, local))
     for part, wanted in by_part.items():
-        name = parts.names[part]
-        lines = jsonl_rows(parts.folder / f"{parts.prefix}_index" / f"{name}.jsonl")
-        captions: dict[int, str] = {}
-        texts = parts.folder / "text_index" / f"{name}.jsonl"
-        if parts.prefix == "img" and texts.is_file():
-            for text in jsonl_rows(texts):
-                if isinstance(text.get("image"), int):
-                    captions.setdefault(text["image"], text.get("caption", ""))
+        lines, captions = part_rows(parts, part)
         for i, local in wanted:
-            row = dict(lines[local]) if local < len(lines) else {}
-            if "caption" not in row and local in captions:
-                row["caption"] = captions[local]
-            out[i] = row
+            out[i] = row_of(lines, captions, local)
     return out
 
 

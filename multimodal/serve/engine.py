@@ -92,37 +92,24 @@ class Target:
         if self.exact:
             found = self.rows[row]
             return {"caption": self.captions[row], **found} if row in self.captions else found
+        from multimodal.eval.index import row_of
+
         part, local = self.parts.locate(row)
-        lines, captions = self._rows_of(part)
-        found = dict(lines[local]) if local < len(lines) else {}
-        if "caption" not in found and local in captions:
-            found["caption"] = captions[local]
-        return found
+        return row_of(*self._rows_of(part), local)
 
     def _rows_of(self, part: int) -> tuple[list[dict], dict[int, str]]:
-        """An index part's rows and, for images, the first caption of each (as `eval.index.describe` reads them)."""
+        """An index part's rows and its images' first captions (`eval.index.part_rows`), the last PART_CACHE kept."""
         with self._lock:
             if part in self._part_rows:
                 self._part_rows.move_to_end(part)
                 return self._part_rows[part]
-        lines, captions = self._read_part(part)
+        from multimodal.eval.index import part_rows
+
+        lines, captions = part_rows(self.parts, part)
         with self._lock:
             self._part_rows[part] = lines, captions
             if len(self._part_rows) > PART_CACHE:
                 self._part_rows.popitem(last=False)
-        return lines, captions
-
-    def _read_part(self, part: int) -> tuple[list[dict], dict[int, str]]:
-        from multimodal.eval.index import jsonl_rows
-
-        name, folder = self.parts.names[part], self.parts.folder
-        lines = jsonl_rows(folder / f"{self.parts.prefix}_index" / f"{name}.jsonl")
-        captions: dict[int, str] = {}
-        texts = folder / "text_index" / f"{name}.jsonl"
-        if self.parts.prefix == "img" and texts.is_file():
-            for text in jsonl_rows(texts):
-                if isinstance(text.get("image"), int):
-                    captions.setdefault(text["image"], text.get("caption", ""))
         return lines, captions
 
     def all_metas(self):
