@@ -12,6 +12,8 @@ from multimodal.errors import UserError
 from multimodal.loggers import check_installed, wandb_id
 from tests.conftest import REPO, run_cli
 
+pytestmark = pytest.mark.slow  # minutes of CLI runs: scheduled first (tests/conftest.py), left out of test-fast
+
 wandb = pytest.importorskip("wandb")
 mlflow = pytest.importorskip("mlflow")
 

@@ -24,6 +24,8 @@ from multimodal.preemption import RESUMABLE, Preemption, continue_command, slurm
 from tests.conftest import REPO, limit_memory
 from tests.test_sync import LOG_EVERY, HostReads, Record
 
+pytestmark = pytest.mark.slow  # minutes of CLI runs: scheduled first (tests/conftest.py), left out of test-fast
+
 DEBUG = str(REPO / "configs" / "debug.yaml")
 STEPS = 40
 LOGGER = json.dumps([{"class_path": "pytorch_lightning.loggers.CSVLogger",  # a row in metrics.csv every step

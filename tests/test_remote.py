@@ -15,10 +15,12 @@ from tests.conftest import REPO, run_cli
 from tests.s3 import keys
 from tests.test_preemption import assert_same_state, load
 
+pytestmark = pytest.mark.slow  # minutes of CLI runs: scheduled first (tests/conftest.py), left out of test-fast
+
 pytest.importorskip("s3fs")  # the moto server: the `s3` fixture of tests/conftest.py
 
 DEBUG = str(REPO / "configs" / "debug.yaml")
-STEPS = 30
+STEPS = 20
 TRAIN = ["train", "--config", DEBUG, "--trainer.max_steps", str(STEPS), "--trainer.enable_progress_bar", "false"]
 RUN = "runs/debug/version_0"
 
