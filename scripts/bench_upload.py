@@ -13,17 +13,16 @@ network's: on a cluster, the link to the store bounds it.
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from local_s3 import moto_server  # noqa: E402
 
 SIZES = {"tiny": 0.09e9, "vit-b-32": 1.82e9}
 
@@ -33,19 +32,8 @@ def main() -> None:
     parser.add_argument("--sizes", default="tiny,vit-b-32")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(200):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/")
-                break
-            except OSError:
-                time.sleep(0.05)
-        os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+    with moto_server() as endpoint:
+        os.environ.update(AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="bench",
                           AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
         import boto3
 
@@ -70,8 +58,6 @@ def main() -> None:
                 seconds = statistics.median(times)
                 print(f"{name:<12}{SIZES[name] / 1e9:6.2f}{seconds:10.2f}{SIZES[name] / 1e6 / seconds:8.0f}")
                 path.unlink()
-    finally:
-        server.terminate()
 
 
 if __name__ == "__main__":

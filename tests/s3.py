@@ -3,14 +3,10 @@ process of its own, with IAM enforced so that a read-only user exists (tests/tes
 tests/test_embed_parts.py)."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 
 import pytest
+
+from scripts.local_s3 import moto_server as local_s3
 
 
 def moto_server():
@@ -18,20 +14,12 @@ def moto_server():
     credentials of a read-write and a read-only user; the tests using it skip without boto3 and moto."""
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("moto")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     # the first 8 requests unauthenticated (they create the bucket, the users, their policies and keys)
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "8"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    for _ in range(200):
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/")
-            break
-        except OSError:
-            time.sleep(0.05)
+    with local_s3({"INITIAL_NO_AUTH_ACTION_COUNT": "8"}) as endpoint:
+        yield from _users(boto3, endpoint)
+
+
+def _users(boto3, endpoint: str):
     setup = dict(endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
     boto3.client("s3", **setup).create_bucket(Bucket="bkt")
     iam = boto3.client("iam", **setup)
@@ -50,8 +38,6 @@ def moto_server():
                           aws_access_key_id=writer["AWS_ACCESS_KEY_ID"],
                           aws_secret_access_key=writer["AWS_SECRET_ACCESS_KEY"])
     yield {"writer": {**base, **writer}, "reader": {**base, **reader}, "base": base, "client": client}
-    server.terminate()
-    server.wait(timeout=30)
 
 
 def keys(client, prefix: str) -> list[str]:

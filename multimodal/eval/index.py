@@ -36,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 from multimodal.errors import UserError
+from multimodal.eval.metadata import first_captions
 from multimodal.files import atomic_folder, write_json
 from multimodal.userfiles import read_json, reading
 
@@ -219,13 +220,8 @@ def part_rows(parts: Parts, part: int) -> tuple[list[dict], dict[int, str]]:
     the part's text rows, which name their image's row)."""
     name = parts.names[part]
     lines = jsonl_rows(parts.folder / f"{parts.prefix}_index" / f"{name}.jsonl")
-    captions: dict[int, str] = {}
     texts = parts.folder / "text_index" / f"{name}.jsonl"
-    if parts.prefix == "img" and texts.is_file():
-        for text in jsonl_rows(texts):
-            if isinstance(text.get("image"), int):
-                captions.setdefault(text["image"], text.get("caption", ""))
-    return lines, captions
+    return lines, first_captions(jsonl_rows(texts)) if parts.prefix == "img" and texts.is_file() else {}
 
 
 def row_of(lines: list[dict], captions: dict[int, str], local: int) -> dict:
@@ -439,7 +435,7 @@ def build_index(embeddings: Path, out: Path, budget: int, kind: str | None = Non
     info = {"model": model["model"], "checkpoint": model.get("checkpoint"),
             **({"pretrained": model["pretrained"]} if model.get("pretrained") else {}),
             "embeddings": str(embeddings.resolve()), "kind": kind, "dim": source.dim, "factory": plan.factory,
-            "by_residual": False if plan.nlist else None, "trained": trained, "count": count,
+            "trained": trained, "count": count,
             "parts": {"names": source.names, "rows": source.rows}, "held": [[held.start, held.stop]],
             "rerank": plan.rerank}
     return _write(out, lambda partial: (index, _measure(index, source, info)), log)

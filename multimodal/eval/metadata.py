@@ -19,13 +19,19 @@ FIXED = ("key", "caption", "url", "file_name")
 SCALARS = (str, int, float, bool, type(None))
 
 
-def image_metadata(image_rows: Sequence[dict], text_rows: Sequence[dict]) -> list[dict]:
-    """A metadata row per image row: its key, first caption (the first text row pointing at it), url and
-    file name from its json member (else its row), and the member's scalar fields."""
+def first_captions(text_rows: Sequence[dict]) -> dict[int, str]:
+    """Image row (in the part) -> its first caption: the first of the part's text rows that names it."""
     first: dict[int, str] = {}
     for row in text_rows:
-        if "image" in row:
-            first.setdefault(row["image"], row["caption"])
+        if isinstance(row.get("image"), int):
+            first.setdefault(row["image"], row.get("caption", ""))
+    return first
+
+
+def image_metadata(image_rows: Sequence[dict], text_rows: Sequence[dict]) -> list[dict]:
+    """A metadata row per image row: its key, first caption (`first_captions`), url and file name from its json
+    member (else its row), and the member's scalar fields."""
+    first = first_captions(text_rows)
     rows = []
     for i, row in enumerate(image_rows):
         meta = {k: v for k, v in (row.get("json") or {}).items() if isinstance(v, SCALARS)}
