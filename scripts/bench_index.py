@@ -14,8 +14,8 @@ like CLIP's at this scale: printed with the table (median near 0.9, the 10th nei
 below, random pairs near 0.4). Queries are 1,000 (recall) and 10,000 (speed) fresh draws of the mixture.
 
 Ours: `multimodal.eval.index.build_index` with --max_index_memory equal to 1/8 of the raw float16 vectors
-(the target: index RAM <= 1/8), searched through `IndexSearcher` (the approximate stage, then exact
-re-scoring of the candidates from the memory-mapped float16 parts).
+(the target: index RAM <= 1/8), searched through `open_index`'s searcher (the IVF-PQ stage, then faiss's
+IndexRefine re-ranking the candidates from the index's float16 vectors file, memory-mapped).
 Theirs: autofaiss 2.18's `build_index` with the same `max_index_memory_usage`, left to choose its index and
 its search parameters (its defaults: 10 ms a query, inner product), run in its own virtual environment
 (.venv-autofaiss, created on first use: autofaiss pins numpy < 2, this project uses numpy 2). Its build is
@@ -197,7 +197,7 @@ def main() -> None:
     del exact
 
     searcher, info = open_index(root / "ours")
-    rows.append((f"ours ({info['factory']}, nprobe {info['nprobe']}, {info['rerank']} re-scored)",
+    rows.append((f"ours ({info['factory']}, nprobe {info['nprobe']}, {info['rerank']} re-ranked)",
                  recall(searcher.search(q_recall, 10)[1], truth), *speeds(lambda q: searcher.search(q, 10), q_speed),
                  (root / "ours" / "index.faiss").stat().st_size, ours_build))
     if theirs is not None:
@@ -216,8 +216,8 @@ def main() -> None:
         ram = f"{size / 2**20:,.0f} MiB ({ratio})"
         made = f"{build[0] / 60:.1f} / {build[1] / 60:.1f} min" if build else "-"
         print(f"{name:<60} {rec:>9.3f} {one:>10,.0f} {many:>11,.0f} {ram:>18} {made:>18}")
-    print(f"ours also reads the float16 parts ({raw / 2**20:,.0f} MiB, memory-mapped: the page cache, not the "
-          f"process's memory) for the {info['rerank']} candidates it re-scores a query; recall@10 at build time "
+    print(f"ours also reads its float16 vectors file ({raw / 2**20:,.0f} MiB on disk, memory-mapped: the page cache, "
+          f"not the process's memory) for the {info['rerank']} candidates it re-ranks a query; recall@10 at build time "
           f"({info['recall_queries']}): {info['recall@10']:.3f}")
 
 

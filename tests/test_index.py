@@ -77,19 +77,55 @@ def test_the_index_is_ivf_pq_within_its_budget_and_finds_the_exact_neighbours(bu
 
     emb, idx = built
     info = json.loads((idx / "info.json").read_text())
-    assert info["factory"].startswith("IVF") and "_HNSW32,PQ" in info["factory"] and info["rerank"] >= 100
+    assert info["factory"] == "IVF64,PQ32x4fs" and info["rerank"] >= 100  # few lists: searched exactly
     assert info["count"] == COUNT and info["dim"] == DIM and info["kind"] == "image" and info["model"] == "tiny"
-    assert info["recall@10"] >= 0.95 and 1 <= info["nprobe"] <= 64 and info["efSearch"] >= info["nprobe"]
+    assert info["recall@10"] >= 0.95 and 1 <= info["nprobe"] <= 64 and info["efSearch"] == 0
     assert (idx / "index.faiss").stat().st_size <= parse_memory(BUDGET)
+    # The re-ranking stage: the parts' float16 rows, byte for byte, in a file faiss maps.
+    from multimodal.eval import vectors as stage
+
+    stored = stage.rows(idx / "vectors.faiss", DIM)
+    parts = np.concatenate([np.load(p) for p in sorted((emb / "img_emb").glob("*.npy"))])
+    assert stored.shape == (COUNT, DIM) and np.array_equal(stored, parts)
+    assert stage.read(idx / "vectors.faiss").ntotal == COUNT
     searcher, _ = open_index(idx)
     q, x = queries(emb), vectors(emb)
     exact = np.argsort(-(q @ x.T), axis=1)[:, :10]
     scores, rows = searcher.search(q, 10)
     recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, exact)])
     assert recall >= 0.9, recall
-    # The scores are exact cosines (re-scored from the float16 parts), best first.
+    # The scores are exact cosines (of the float16 rows re-ranked), best first.
     assert np.allclose(scores, np.take_along_axis(q @ x.T, rows, 1), atol=1e-5)
     assert (np.diff(scores, axis=1) <= 0).all()
+
+
+def test_many_lists_get_an_hnsw_coarse_quantiser_searched_as_well(built, tmp_path, monkeypatch):
+    from multimodal.eval import index as module
+
+    emb, idx = built
+    monkeypatch.setattr(module, "FLAT_COARSE_MAX", 0)
+    info = module.build_index(emb, tmp_path / "hnsw", module.parse_memory(BUDGET), log=lambda line: None)
+    assert info["factory"] == "IVF64_HNSW32,PQ32x4fs" and info["efSearch"] >= info["nprobe"] >= 1
+    assert info["recall@10"] >= 0.95
+    q = queries(emb, seed=3)
+    (s1, r1), (s2, r2) = module.open_index(idx)[0].search(q, 5), module.open_index(tmp_path / "hnsw")[0].search(q, 5)
+    assert np.mean(r1 == r2) >= 0.9 and np.allclose(s1[r1 == r2], s2[r1 == r2])
+
+
+def test_the_stage_stores_rows_of_other_lengths_normalised(tmp_path):
+    from multimodal.eval import vectors as stage
+
+    x = np.random.default_rng(0).standard_normal((300, 16)).astype(np.float32)
+    with stage.writing(tmp_path / "v.faiss", 16, 300) as write:
+        write(x[:100])
+        write(x[100:])
+    stored = stage.rows(tmp_path / "v.faiss", 16).astype(np.float32)
+    assert np.allclose(stored, x / np.linalg.norm(x, axis=1, keepdims=True), atol=1e-3)
+    assert np.allclose(stage.read(tmp_path / "v.faiss").reconstruct(7), stored[7])
+    with pytest.raises(RuntimeError, match="299 rows written of the 300"), \
+            stage.writing(tmp_path / "short.faiss", 16, 300) as write:
+        write(x[1:])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.faiss"]
 
 
 def test_search_through_the_index_and_through_the_embedding_folder(cli, built, tmp_path):
@@ -164,6 +200,12 @@ def test_bad_input_is_one_sentence_and_nothing_half_written(cli, built, trained,
     refused(cli("search", "--index", str(idx), "--text", "a dog", "--target", "texts", cwd=tmp_path),
             "holds images, not texts")
     refused(cli("index", "--merge", str(idx), "--out", "m", "--parts", "0:1", cwd=tmp_path), "--parts and --kind")
+    cut = tmp_path / "cut"
+    shutil.copytree(idx, cut)
+    data = (cut / "vectors.faiss").read_bytes()
+    (cut / "vectors.faiss").write_bytes(data[:len(data) // 2])
+    refused(cli("search", "--index", str(cut), "--text", "a dog", cwd=tmp_path),
+            "vectors.faiss cannot be read (faiss finds it cut short or not an index)", "build the index again")
 
 
 def test_a_folder_written_at_once_leaves_nothing_when_it_fails(tmp_path):
@@ -185,7 +227,7 @@ def test_the_choice_follows_the_count_and_the_budget():
     assert choose(10_000, 512, 4 << 30).factory == "IDMap,Flat"
     assert choose(EXACT_BELOW, 512, 4 << 30).factory.startswith("IVF")  # exact search is too slow above
     plan = choose(1_000_000, 512, 128_000_000)  # 1/8 of the raw float16 vectors
-    assert plan.factory == "IVF4096_HNSW32,PQ128x4fs" and plan.bytes(1_000_000) <= 128_000_000
+    assert plan.factory == "IVF4096,PQ128x4fs" and plan.bytes(1_000_000) <= 128_000_000
     assert plan.rerank == 100 and choose(1_000_000, 512, 64 << 20).rerank == 200  # coarser codes, more candidates
     assert choose(100_000_000, 512, 4 << 30).factory == "IVF32768_HNSW32,PQ64x4fs"
     with pytest.raises(UserError, match="smallest index of 1,000,000 512-d vectors"):

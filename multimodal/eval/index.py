@@ -1,33 +1,40 @@
 """Approximate nearest-neighbour indexes (faiss) over an embedding folder: chosen, built part by part, merged,
-searched with exact re-scoring.
+searched with a re-ranking stage.
 
 An index folder (`multimodal index EMB_DIR --out INDEX`):
 
     info.json      the model (as the embedding folder's info.json names it), dim, kind, the faiss factory string,
-                   nprobe and efSearch, count, recall@10 measured at build time, the parts it holds
-    index.faiss    the faiss index
+                   nprobe, efSearch and the candidates re-ranked, count, recall@10 measured at build time, the
+                   parts it holds
+    index.faiss    the faiss index, in memory when searched (what --max_index_memory bounds)
+    vectors.faiss  IVF-PQ only: the re-ranking stage, the vectors in float16 (`eval/vectors.py`), on disk and
+                   memory-mapped when searched
 
 The index is chosen as autofaiss chooses (https://github.com/criteo/autofaiss, `get_optimal_index_keys_v2`,
 after faiss's guidelines, https://github.com/facebookresearch/faiss/wiki/Guidelines-to-choose-an-index):
 exact (`IDMap,Flat`, inner product) below EXACT_BELOW vectors where it fits the memory budget; above, or where
-it does not fit, IVF with an HNSW coarse quantiser and a product quantiser whose lists (~4 sqrt(n)) and code
-size (the longest of dim/4 .. dim/32 4-bit codes that fits) follow from the count, the dimension and the
-budget. The codes are faiss's fast-scan PQ (4 bits a sub-vector, scanned 32 at a time in SIMD registers), of
-the vectors themselves rather than their residuals (one lookup table a query, not one a list): ~10x the
-queries/s of 8-bit codes of the same size, their coarser distances made good by the re-ranking stage. The
-float16 vectors are not copied: they stay in the embedding folder's parts, and a search takes `rerank`
-candidates from the index, then re-scores them exactly from the parts, memory-mapped. The index is read with
-faiss.IO_FLAG_MMAP (a flat index's vectors are mapped; fast-scan lists, packed in blocks, are read into memory,
-which the budget counts). Vectors are unit length, so the IVF-PQ stage ranks by L2 distance, which orders them
-as cosine does.
+it does not fit, IVF with a product quantiser whose lists (~4 sqrt(n)) and code size (the longest of dim/4 ..
+dim/32 4-bit codes that fits) follow from the count, the dimension and the budget. The coarse quantiser is an
+HNSW graph, as autofaiss's, where the lists' centroids are many (nlist x dim above FLAT_COARSE_MAX); below, the
+centroids are searched exactly, a matrix product that is faster for a batch of queries (measured: 2.5x at
+4,096 lists of 512-d on 2 cores) and finds every query's nearest lists. The codes are faiss's fast-scan PQ
+(4 bits a sub-vector, scanned 32 at a time in SIMD registers), of the vectors themselves rather than their
+residuals (one lookup table a query, not one a list): ~10x the queries/s of 8-bit codes of the same size, their
+coarser distances made good by the re-ranking stage: faiss's `IndexRefine` takes `rerank` candidates from the
+IVF-PQ stage and re-scores them from the float16 vectors, memory-mapped, in C++ (6x the numpy re-scoring of
+the parts it replaced). The scores returned are the cosines of the query with the stored vectors. Vectors are
+unit length, so both stages rank by L2 distance, which orders them as cosine does.
+
+Row ids inside an index are positions among the rows it holds (its parts, in order); a search returns rows of
+the whole embedding folder, which name its index entries. Index pieces of disjoint --parts merge as faiss
+merges (`merge_from`, the ids moved past the rows before them) and their vectors files are joined in order.
 """
 
 import hashlib
-import json
 import math
 import re
-from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,16 +43,17 @@ import numpy as np
 from tqdm import tqdm
 
 from multimodal.errors import UserError
-from multimodal.eval.metadata import first_captions
+from multimodal.eval import vectors
+from multimodal.eval.parts import KINDS, Parts, unit
 from multimodal.files import atomic_folder, write_json
 from multimodal.userfiles import read_json, reading
 
-KINDS = {"image": "img", "text": "text"}
 EXACT_BELOW = 50_000  # vectors: an exact index below this where it fits (2.5 ms a query at 512-d on one core)
 TARGET_RECALL = 0.95  # nprobe is the smallest that reaches this recall@10 at build time
-RERANK = 100  # candidates re-scored exactly a query (at least k) with codes of dim/4 bytes
+RERANK = 100  # candidates re-ranked from the float16 vectors a query (at least k), with codes of dim/4 bytes
 MAX_RERANK = 1000  # where the codes rank too coarsely for RERANK (tune)
 HNSW_M = 32  # links per node of the coarse quantiser's graph
+FLAT_COARSE_MAX = 1 << 22  # nlist x dim at most this: the centroids searched exactly (~4M multiply-adds a query)
 RECALL_QUERIES = 1000
 MIN_PER_LIST = 39  # training vectors per list that faiss's k-means asks for
 SEED = 1234
@@ -61,9 +69,9 @@ def parse_memory(text: str, option: str = "--max_index_memory") -> int:
 
 
 def human(size: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if size < 1024 or unit == "GB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+    for name in ("B", "KB", "MB", "GB"):
+        if size < 1024 or name == "GB":
+            return f"{size:.0f} {name}" if name == "B" else f"{size:.1f} {name}"
         size /= 1024
     return ""
 
@@ -76,12 +84,19 @@ class Plan:
     m: int = 0
 
     @property
+    def hnsw(self) -> bool:
+        """Whether the coarse quantiser is an HNSW graph (many centroids) rather than exact."""
+        return self.nlist * self.dim > FLAT_COARSE_MAX
+
+    @property
     def factory(self) -> str:
-        return "IDMap,Flat" if not self.nlist else f"IVF{self.nlist}_HNSW{HNSW_M},PQ{self.m}x4fs"
+        if not self.nlist:
+            return "IDMap,Flat"
+        return f"IVF{self.nlist}{f'_HNSW{HNSW_M}' if self.hnsw else ''},PQ{self.m}x4fs"
 
     @property
     def rerank(self) -> int:
-        """Candidates re-scored a query: RERANK with dim/4 codes, more with coarser ones."""
+        """Candidates re-ranked a query: RERANK with dim/4 codes, more with coarser ones."""
         return 0 if not self.nlist else min(RERANK * max(1, self.dim // 4 // self.m), MAX_RERANK)
 
     def bytes(self, count: int) -> int:
@@ -90,8 +105,12 @@ class Plan:
             return count * (self.dim * 4 + 8)
         code = self.m // 2  # 4 bits a sub-vector
         lists = count * (code + 8) + self.nlist * (32 * code + 56)  # codes in blocks of 32, ids; the last block
-        quantiser = self.nlist * (self.dim * 4 + 2 * HNSW_M * 4 + 40)  # vectors, level-0 links, upper levels
-        return lists + quantiser + self.dim * 16 * 4
+        quantiser = self.nlist * (self.dim * 4 + (2 * HNSW_M * 4 + 40 if self.hnsw else 0))  # + level-0 links,
+        return lists + quantiser + self.dim * 16 * 4  # upper levels; the code books
+
+    def disk(self, count: int) -> int:
+        """What the re-ranking stage's vectors file takes on disk (memory-mapped when searched)."""
+        return count * self.dim * 2 if self.nlist else 0
 
 
 def lists_for(count: int) -> int:
@@ -120,182 +139,48 @@ def choose(count: int, dim: int, budget: int) -> Plan:
                     f"--max_index_memory {human(budget)}: give it at least {math.ceil(smallest / (1 << 20))}MB.")
 
 
-class Parts:
-    """The embedding parts of one kind of an embedding folder: their rows, offsets, and memory maps (opened as
-    needed, a bounded number at a time), each checked against what its .npy header promises."""
-
-    def __init__(self, folder: Path, kind: str, names: list[str] | None = None, rows: list[int] | None = None):
-        self.folder, self.prefix = folder, KINDS[kind]
-        if names is None:
-            names = sorted(p.stem for p in (folder / f"{self.prefix}_index").glob("part-*.jsonl"))
-            rows, dims = zip(*(self._header(name) for name in names)) if names else ((), ())
-            if len(set(dims)) > 1:
-                raise UserError(f"Embedding folder {folder} mixes embedding sizes {sorted(set(dims))}: its parts "
-                                "come from different models; index the parts of one model.")
-            self.dim = dims[0] if dims else 0
-        self.names, self.rows = list(names), list(rows)
-        self.offsets = np.concatenate([[0], np.cumsum(self.rows, dtype=np.int64)])
-        self._open: OrderedDict[int, np.ndarray] = OrderedDict()
-
-    @property
-    def count(self) -> int:
-        return int(self.offsets[-1])
-
-    def path(self, i: int) -> Path:
-        return self.folder / f"{self.prefix}_emb" / f"{self.names[i]}.npy"
-
-    def _header(self, name: str) -> tuple[int, int]:
-        """(rows, dim) of a part, its .npy checked: 2-D float16 or float32, all its bytes there."""
-        path = self.folder / f"{self.prefix}_emb" / f"{name}.npy"
-        redo = (f"delete {self.prefix}_index/{name}.jsonl and run `multimodal embed --out {self.folder}` again to "
-                "compute the part afresh")
-        with reading(path, redo), open(path, "rb") as f:
-            version = np.lib.format.read_magic(f)
-            read_header = {(1, 0): np.lib.format.read_array_header_1_0,
-                           (2, 0): np.lib.format.read_array_header_2_0}.get(version)
-            if read_header is None:
-                raise ValueError(f"NumPy format version {version} is not one `multimodal embed` writes")
-            shape, fortran, dtype = read_header(f)
-            start, size = f.tell(), path.stat().st_size
-        if len(shape) != 2 or fortran or dtype not in (np.float16, np.float32):
-            raise UserError(f"{path} is not a 2-D float16 or float32 array: {redo}.")
-        if start + shape[0] * shape[1] * dtype.itemsize > size:
-            raise UserError(f"{path} is cut short: its header promises {shape[0]} rows of {shape[1]} but the file "
-                            f"holds {(size - start) // max(shape[1] * dtype.itemsize, 1)}: {redo}.")
-        return shape[0], shape[1]
-
-    def array(self, i: int) -> np.ndarray:
-        """Part i, memory-mapped, (rows, dim)."""
-        if i in self._open:
-            self._open.move_to_end(i)
-            return self._open[i]
-        path = self.path(i)
-        with reading(path, "build the index again with `multimodal index`"):
-            array = np.load(path, mmap_mode="r", allow_pickle=False)
-        if array.shape != (self.rows[i], self.dim):
-            raise UserError(f"{path} holds {array.shape} vectors, not the {(self.rows[i], self.dim)} the index "
-                            "was built from: build the index again with `multimodal index`.")
-        self._open[i] = array
-        if len(self._open) > 256:  # each map holds a file descriptor
-            self._open.popitem(last=False)
-        return array
-
-    def chunks(self, parts: range, size: int = 65536):
-        """(first row id, float32 unit rows) of `parts`, in order, `size` rows at a time."""
-        for i in parts:
-            array = self.array(i)
-            for start in range(0, array.shape[0], size):
-                yield int(self.offsets[i]) + start, unit(array[start:start + size])
-
-    def take(self, ids: np.ndarray, dtype: np.dtype | type | None = np.float32) -> np.ndarray:
-        """(len(ids), dim) rows of global row `ids` in `dtype` (None: as stored), read part by part, each part's in
-        ascending order (the pages of a memory map in the order they lie)."""
-        out = np.zeros((len(ids), self.dim), dtype or self.array(0).dtype)
-        order = np.argsort(ids, kind="stable")
-        sorted_ids = ids[order]
-        bounds = np.searchsorted(sorted_ids, self.offsets)
-        for i in np.nonzero(np.diff(bounds))[0]:
-            span = slice(bounds[i], bounds[i + 1])
-            out[order[span]] = self.array(int(i))[sorted_ids[span] - self.offsets[i]]
-        return out
-
-    def locate(self, row: int) -> tuple[int, int]:
-        """(part, row within it) of a global row."""
-        part = int(np.searchsorted(self.offsets, row, side="right") - 1)
-        return part, int(row - self.offsets[part])
-
-
-def jsonl_rows(path: Path) -> list[dict]:
-    """The rows of a part's JSONL index file, one JSON object a line."""
-    redo = "run `multimodal embed` again for the part"
-    with reading(path, redo):
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-    if not all(isinstance(r, dict) for r in rows):
-        raise UserError(f"{path} holds a line that is not a JSON object: {redo}.")
-    return rows
-
-
-def part_rows(parts: Parts, part: int) -> tuple[list[dict], dict[int, str]]:
-    """The index rows of `part` (its JSONL file), and for images the first caption of each row that has one (from
-    the part's text rows, which name their image's row)."""
-    name = parts.names[part]
-    lines = jsonl_rows(parts.folder / f"{parts.prefix}_index" / f"{name}.jsonl")
-    texts = parts.folder / "text_index" / f"{name}.jsonl"
-    return lines, first_captions(jsonl_rows(texts)) if parts.prefix == "img" and texts.is_file() else {}
-
-
-def row_of(lines: list[dict], captions: dict[int, str], local: int) -> dict:
-    """Row `local` of a part read by `part_rows`, with its image's first caption where it has none of its own."""
-    row = dict(lines[local]) if local < len(lines) else {}
-    if "caption" not in row and local in captions:
-        row["caption"] = captions[local]
-    return row
-
-
-def describe(parts: Parts, rows: list[int]) -> list[dict]:
-    """The index rows (key, url or file_name, caption) of global `rows`, read from the parts holding them only;
-    an image row without a caption of its own gets the first caption of its part's texts."""
-    out: list[dict] = [{} for _ in rows]
-    by_part: dict[int, list[tuple[int, int]]] = {}
-    for i, row in enumerate(rows):
-        part, local = parts.locate(row)
-        by_part.setdefault(part, []).append((i, local))
-    for part, wanted in by_part.items():
-        lines, captions = part_rows(parts, part)
-        for i, local in wanted:
-            out[i] = row_of(lines, captions, local)
-    return out
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def rescore(parts: Parts, queries: np.ndarray, candidates: np.ndarray, k: int, chunk: int = 8,
-            ) -> tuple[np.ndarray, np.ndarray]:
-    """(scores, rows), each (B, k), best first: the (B, R) candidate rows (-1: none) of unit `queries` re-scored
-    exactly from the float16 parts (rows -1, scores -inf where fewer than k candidates). The rows are gathered
-    as stored and made float32 `chunk` queries at a time (in the CPU's caches: ~3x faster than all at once)."""
-    scores = np.empty(candidates.shape, np.float32)
-    valid = candidates >= 0
-    for start in range(0, len(queries), chunk):
-        cand = np.where(valid[start:start + chunk], candidates[start:start + chunk], 0)
-        vectors = parts.take(cand.ravel(), dtype=None).reshape(*cand.shape, -1).astype(np.float32)  # (b, R, D)
-        dots = np.matmul(vectors, queries[start:start + chunk, :, None])[..., 0]
-        norms = np.sqrt(np.einsum("brd,brd->br", vectors, vectors))
-        scores[start:start + chunk] = dots / np.maximum(norms, 1e-12)
-    scores[~valid] = -np.inf
-    kept = min(k, candidates.shape[1])
-    best = np.argpartition(-scores, kept - 1, axis=1)[:, :kept] if kept else np.zeros((len(queries), 0), np.int64)
-    best = np.take_along_axis(best, np.argsort(-np.take_along_axis(scores, best, 1), axis=1, kind="stable"), 1)
-    scores_out = np.full((len(queries), k), -np.inf, np.float32)
-    rows_out = np.full((len(queries), k), -1, np.int64)
-    scores_out[:, :kept] = np.take_along_axis(scores, best, 1)
-    rows_out[:, :kept] = np.where(np.isfinite(scores_out[:, :kept]), np.take_along_axis(candidates, best, 1), -1)
-    return scores_out, rows_out
-
-
 class Searcher:
-    """A faiss index and the parts it re-scores from: `search` gives exact cosine scores of the best rows."""
+    """A faiss index, its re-ranking vectors (IVF-PQ; None for an exact index) and the parts it names rows of:
+    `search` gives the cosine scores of the best rows of the embedding folder, best first."""
 
-    def __init__(self, index, parts: Parts, exact: bool, rerank: int = RERANK):
-        self.index, self.parts, self.exact, self.rerank = index, parts, exact, rerank
+    def __init__(self, index, parts: Parts, held: list[list[int]], stored=None, rerank: int = 0):
+        self.base, self.stored, self.parts, self.rerank = index, stored, parts, rerank
+        self.exact = stored is None
+        self.index = index if self.exact else faiss.IndexRefine(index, stored)
+        quantizer = None if self.exact else faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+        self.hnsw = isinstance(quantizer, faiss.IndexHNSW)
+        starts = np.array([parts.offsets[a] for a, _ in held], np.int64)  # rows of the folder that held ranges
+        sizes = np.array([parts.offsets[b] - parts.offsets[a] for a, b in held], np.int64)  # begin at, in order
+        self._positions = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        self._shift = starts - self._positions
 
     def set(self, nprobe: int, ef_search: int) -> None:
         if not self.exact:
             space = faiss.ParameterSpace()
-            space.set_index_parameter(self.index, "nprobe", nprobe)
-            space.set_index_parameter(self.index, "quantizer_efSearch", ef_search)
+            space.set_index_parameter(self.base, "nprobe", nprobe)
+            if self.hnsw:
+                space.set_index_parameter(self.base, "quantizer_efSearch", ef_search)
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """The folder's rows of positions in the index (-1 stays -1)."""
+        segment = np.searchsorted(self._positions, positions, side="right") - 1
+        return np.where(positions >= 0, positions + self._shift[np.maximum(segment, 0)], -1)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(scores, rows), each (B, k), best first, of (B, D) `queries` (made unit length here)."""
+        """(scores, rows), each (B, k), best first, of (B, D) `queries` (made unit length here); rows -1 and scores
+        -inf where fewer than k are found."""
         queries = unit(queries)
         if self.exact:
-            scores, rows = self.index.search(queries, k)
-            return scores, rows
-        candidates = self.index.search(queries, max(k, self.rerank))[1]
-        return rescore(self.parts, queries, candidates, k)
+            scores, positions = self.index.search(queries, k)
+            return scores, self.rows(positions)
+        params = faiss.IndexRefineSearchParameters(k_factor=max(self.rerank / k, 1.0))
+        positions = self.index.search(queries, k, params=params)[1]
+        found = positions >= 0
+        stored = self.stored.reconstruct_batch(np.where(found, positions, 0).ravel()).reshape(*positions.shape, -1)
+        norms = np.maximum(np.linalg.norm(stored, axis=-1), 1e-12)
+        scores = np.where(found, np.einsum("bkd,bd->bk", stored, queries) / norms, -np.inf).astype(np.float32)
+        order = np.argsort(-scores, axis=1, kind="stable")  # ranked by L2 distance; the cosines may swap near-ties
+        return np.take_along_axis(scores, order, 1), self.rows(np.take_along_axis(positions, order, 1))
 
 
 def ef_search_for(nprobe: int) -> int:
@@ -310,7 +195,7 @@ def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
 def tune(searcher: Searcher, nlist: int, queries: np.ndarray, truth: np.ndarray) -> tuple[int, float]:
     """(nprobe, recall@10): the smallest nprobe (doubling, then halving the gap) whose recall@10 against `truth`
     reaches TARGET_RECALL, or every list's where none does. Where probing every list falls short, the searcher
-    re-scores more candidates first (doubling `rerank` up to MAX_RERANK)."""
+    re-ranks more candidates first (doubling `rerank` up to MAX_RERANK)."""
     if searcher.exact:
         return 0, recall_at_10(searcher.search(queries, 10)[1], truth)
     measured: dict[int, float] = {}
@@ -339,7 +224,7 @@ def exact_neighbours(parts: Parts, held: list[range], queries: np.ndarray, k: in
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for part_range in held:
         for first, x in parts.chunks(part_range):
-            scores, rows = faiss.knn(queries, x, min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
+            scores, rows = faiss.knn(queries, unit(x), min(k, len(x)), metric=faiss.METRIC_INNER_PRODUCT)
             if rows.shape[1] < k:
                 pad = ((0, 0), (0, k - rows.shape[1]))
                 scores, rows = np.pad(scores, pad, constant_values=-np.inf), np.pad(rows, pad, constant_values=-1)
@@ -392,7 +277,7 @@ def train(index, plan: Plan, parts: Parts) -> str:
     return hashlib.sha256(faiss.serialize_index(index).tobytes()).hexdigest()[:16]
 
 
-INDEX_FILE, INFO_FILE = "index.faiss", "info.json"
+INDEX_FILE, INFO_FILE, VECTORS_FILE = "index.faiss", "info.json", "vectors.faiss"
 READ_FLAGS = faiss.IO_FLAG_MMAP  # mapped where the index type allows
 
 
@@ -420,36 +305,47 @@ def build_index(embeddings: Path, out: Path, budget: int, kind: str | None = Non
                         f"{embeddings}: give a range within 0:{len(source.names)}.")
     plan = choose(source.count, source.dim, budget)
     count = int(source.offsets[held.stop] - source.offsets[held.start])
+    stage = f" and {human(plan.disk(source.count))} of float16 vectors on disk" if plan.nlist else ""
     log(f"Indexing {count:,} {kind} embeddings ({source.dim}-d, parts {held.start}:{held.stop} of "
-        f"{len(source.names)}) as {plan.factory} (~{human(plan.bytes(source.count))} for all "
+        f"{len(source.names)}) as {plan.factory} (~{human(plan.bytes(source.count))} in memory{stage} for all "
         f"{source.count:,}; --max_index_memory {human(budget)}).")
     index = new_index(plan)
     if plan.nlist:
         log(f"Training {plan.nlist:,} lists and the codes on {training_size(plan, source.count):,} "
             "vectors drawn from every part...")
     trained = train(index, plan, source)
-    with tqdm(total=count, unit="vec", unit_scale=True, desc="adding", mininterval=1.0) as bar:
-        for first, x in source.chunks(held):
-            index.add_with_ids(x, np.arange(first, first + len(x), dtype=np.int64))
-            bar.update(len(x))
     info = {"model": model["model"], "checkpoint": model.get("checkpoint"),
             **({"pretrained": model["pretrained"]} if model.get("pretrained") else {}),
             "embeddings": str(embeddings.resolve()), "kind": kind, "dim": source.dim, "factory": plan.factory,
             "trained": trained, "count": count,
             "parts": {"names": source.names, "rows": source.rows}, "held": [[held.start, held.stop]],
             "rerank": plan.rerank}
-    return _write(out, lambda partial: (index, _measure(index, source, info)), log)
+
+    def fill(partial: Path) -> tuple:
+        stage = vectors.writing(partial / VECTORS_FILE, source.dim, count) if plan.nlist else nullcontext()
+        with stage as write, tqdm(total=count, unit="vec", unit_scale=True, desc="adding", mininterval=1.0) as bar:
+            for first, x in source.chunks(held):
+                position = first - int(source.offsets[held.start])
+                index.add_with_ids(unit(x), np.arange(position, position + len(x), dtype=np.int64))
+                if write is not None:
+                    write(x)
+                bar.update(len(x))
+        return index, _measure(index, source, info, partial)
+
+    return _write(out, fill, log)
 
 
-def _measure(index, source: Parts, info: dict) -> dict:
-    """`info` with the nprobe chosen and the recall@10 measured against exact search on held-out queries."""
-    searcher = Searcher(index, source, exact=not info["rerank"], rerank=info["rerank"])
+def _measure(index, source: Parts, info: dict, folder: Path) -> dict:
+    """`info` with the nprobe chosen and the recall@10 measured against exact search on held-out queries (the
+    index's re-ranking vectors read from `folder`)."""
+    stored = read_faiss(folder / VECTORS_FILE, vectors.READ_FLAGS) if info["rerank"] else None
+    searcher = Searcher(index, source, info["held"], stored, info["rerank"])
     queries, about = recall_queries(source.folder, info["kind"], source)
     truth = exact_neighbours(source, [range(a, b) for a, b in info["held"]], queries)
     nlist = faiss.extract_index_ivf(index).nlist if info["rerank"] else 0
     nprobe, recall = tune(searcher, nlist, queries, truth)
-    return {**info, "nprobe": nprobe, "efSearch": ef_search_for(nprobe) if nlist else 0, "rerank": searcher.rerank,
-            "recall@10": round(recall, 4), "recall_queries": about}
+    return {**info, "nprobe": nprobe, "efSearch": ef_search_for(nprobe) if searcher.hnsw else 0,
+            "rerank": searcher.rerank, "recall@10": round(recall, 4), "recall_queries": about}
 
 
 def _write(out: Path, fill: Callable[[Path], tuple], log: Callable[[str], None]) -> dict:
@@ -469,8 +365,8 @@ def _write(out: Path, fill: Callable[[Path], tuple], log: Callable[[str], None])
         raise UserError(f"{out} cannot be written ({exc.strerror or exc}): choose a writable folder with room "
                         "for it.") from None
     recall = info["recall@10"]
-    probe = (f" at nprobe {info['nprobe']}, efSearch {info['efSearch']}, {info['rerank']} candidates re-scored"
-             if info["rerank"] else "")
+    probe = (f" at nprobe {info['nprobe']}{f', efSearch {ef}' if (ef := info['efSearch']) else ''}, "
+             f"{info['rerank']} candidates re-ranked" if info["rerank"] else "")
     log(f"Wrote {out}: {info['count']:,} vectors, {info['factory']}; recall@10 {recall:.3f} against exact search "
         f"({info['recall_queries']}){probe}.")
     if recall < TARGET_RECALL:
@@ -497,10 +393,10 @@ def read_index_info(folder: Path) -> dict:
 
 
 def source_parts(info: dict, folder: Path) -> Parts:
-    """The embedding parts an index re-scores from and names its rows by, as they were when it was built."""
+    """The embedding parts an index names its rows by (their index entries), as they were when it was built."""
     embeddings = Path(info["embeddings"])
     if not embeddings.is_dir():
-        raise UserError(f"Index {folder} re-scores from the embedding folder {embeddings}, which is gone: put it "
+        raise UserError(f"Index {folder} names its rows from the embedding folder {embeddings}, which is gone: put it "
                         "back, or build the index again from where it is now.")
     parts = Parts(embeddings, info["kind"], info["parts"]["names"], info["parts"]["rows"])
     parts.dim = info["dim"]
@@ -511,15 +407,16 @@ def read_faiss(path: Path, flags: int = READ_FLAGS):
     with reading(path, "build the index again with `multimodal index`"):
         try:
             return faiss.read_index(str(path), flags)
-        except RuntimeError as exc:  # faiss's own: a file cut short, not an index
-            raise ValueError(str(exc).strip().splitlines()[-1][:160]) from None
+        except RuntimeError:  # faiss's own, naming its C++ functions: a file cut short, not an index
+            raise ValueError("faiss finds it cut short or not an index") from None
 
 
 def open_index(folder: Path) -> tuple[Searcher, dict]:
     """(searcher, info) of an index folder: the index memory-mapped, set to its nprobe and efSearch."""
     info = read_index_info(folder)
-    searcher = Searcher(read_faiss(folder / INDEX_FILE), source_parts(info, folder), exact=not info["rerank"],
-                        rerank=info["rerank"])
+    stored = read_faiss(folder / VECTORS_FILE, vectors.READ_FLAGS) if info["rerank"] else None
+    searcher = Searcher(read_faiss(folder / INDEX_FILE), source_parts(info, folder), info["held"], stored,
+                        info["rerank"])
     searcher.set(info["nprobe"], info["efSearch"])
     return searcher, info
 
@@ -548,8 +445,10 @@ def merge_indexes(inputs: list[Path], out: Path, log: Callable[[str], None] = pr
     def fill(partial: Path) -> tuple:
         merged = read_faiss(path / INDEX_FILE, 0)  # read whole: it grows by the others'
         for _, other in infos[1:]:  # one at a time: the merged index and one piece in memory at most
-            merged.merge_from(read_faiss(other / INDEX_FILE), 0)
-        return merged, _measure(merged, source, info)
+            merged.merge_from(read_faiss(other / INDEX_FILE), merged.ntotal)  # its positions follow ours
+        if first["rerank"]:
+            vectors.concatenate([p / VECTORS_FILE for _, p in infos], partial / VECTORS_FILE, first["dim"])
+        return merged, _measure(merged, source, info, partial)
 
     return _write(out, fill, log)
 

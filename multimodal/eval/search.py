@@ -66,7 +66,7 @@ class Collection:
             raise UserError(f"The model gives {query.shape[0]}-d embeddings but {self.path} holds {self.dim}-d "
                             "ones: pass the --checkpoint they were made with.")
         if self.searcher is not None:
-            from multimodal.eval.index import describe
+            from multimodal.eval.parts import describe
 
             scores, rows = self.searcher.search(query.numpy()[None], k)
             found = [(int(r), float(s)) for r, s in zip(rows[0], scores[0]) if r >= 0]

@@ -1,11 +1,11 @@
 """The searching half of `multimodal serve`: a model and the rows it searches (`Target`s opened through
 `eval.search.Collection`), and `Engine.run`, which answers a batch of queries at once: the texts encoded as one
 batch, the images as another, every query vector searched in one matrix product (an embedding folder: exact
-cosine scores of every row) or one faiss call (an index folder: its candidates re-scored exactly).
+cosine scores of every row) or one faiss call (an index folder: its candidates re-ranked from its float16 vectors).
 
 `Collection.search` takes one query; a batch of them here scores an embedding folder's rows, made unit length
 once at start-up, as a (B, D) x (D, N) product, and names an index's rows from its parts' JSONL files read once
-and kept (`eval.index.describe` reads a part's file at every call). From COARSE_FROM rows, on a CPU that scores
+and kept (`eval.parts.describe` reads a part's file at every call). From COARSE_FROM rows, on a CPU that scores
 bfloat16 faster, the product reads a bfloat16 copy first and re-scores a shortlist in float32, with a bound
 that makes the result the exact top k (`exact_top_k`): half the bytes read a query batch.
 """
@@ -92,18 +92,18 @@ class Target:
         if self.exact:
             found = self.rows[row]
             return {"caption": self.captions[row], **found} if row in self.captions else found
-        from multimodal.eval.index import row_of
+        from multimodal.eval.parts import row_of
 
         part, local = self.parts.locate(row)
         return row_of(*self._rows_of(part), local)
 
     def _rows_of(self, part: int) -> tuple[list[dict], dict[int, str]]:
-        """An index part's rows and its images' first captions (`eval.index.part_rows`), the last PART_CACHE kept."""
+        """An index part's rows and its images' first captions (`eval.parts.part_rows`), the last PART_CACHE kept."""
         with self._lock:
             if part in self._part_rows:
                 self._part_rows.move_to_end(part)
                 return self._part_rows[part]
-        from multimodal.eval.index import part_rows
+        from multimodal.eval.parts import part_rows
 
         lines, captions = part_rows(self.parts, part)
         with self._lock:
@@ -117,7 +117,7 @@ class Target:
         if self.exact:
             yield from self.rows
             return
-        from multimodal.eval.index import jsonl_rows
+        from multimodal.eval.parts import jsonl_rows
 
         for name in self.parts.names:
             yield from jsonl_rows(self.parts.folder / f"{self.parts.prefix}_index" / f"{name}.jsonl")
