@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO
 from tests.s3 import keys
 from tests.test_preemption import assert_same_state, load
 
@@ -25,10 +25,20 @@ TRAIN = ["train", "--config", DEBUG, "--trainer.max_steps", str(STEPS), "--train
 RUN = "runs/debug/version_0"
 
 
-def test_a_run_in_a_bucket_killed_and_resumed_from_it_ends_as_an_uninterrupted_run(s3, tmp_path):
+def bucket_env(monkeypatch, env: dict) -> None:
+    """`env` in this process's environment, and no S3 file system kept from an earlier one: the CLI's entry
+    point run here (the `cli` fixture) sees the bucket as a fresh process would."""
+    import s3fs
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_a_run_in_a_bucket_killed_and_resumed_from_it_ends_as_an_uninterrupted_run(s3, tmp_path, cli, monkeypatch):
     local = tmp_path / "local"
     local.mkdir()
-    assert run_cli(*TRAIN, cwd=local).returncode == 0  # the uninterrupted run, on local disk
+    assert cli(*TRAIN, cwd=local).returncode == 0  # the uninterrupted run, on local disk
     command = [*TRAIN, "--trainer.default_root_dir", "s3://bkt/exp", "--resume", "auto"]
     env = {**s3["writer"], "MULTIMODAL_STAGING": str(tmp_path / "node-a"), "PYTHONWARNINGS": "ignore"}
     first_node = tmp_path / "a"
@@ -49,7 +59,8 @@ def test_a_run_in_a_bucket_killed_and_resumed_from_it_ends_as_an_uninterrupted_r
 
     second_node = tmp_path / "b"  # another node: a new working copy, the same command line
     second_node.mkdir()
-    again = run_cli(*command, cwd=second_node, env={**s3["writer"], "MULTIMODAL_STAGING": str(tmp_path / "node-b")})
+    bucket_env(monkeypatch, {**s3["writer"], "MULTIMODAL_STAGING": str(tmp_path / "node-b")})
+    again = cli(*command, cwd=second_node)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "continuing s3://bkt/exp/runs/debug/version_0" in again.stderr
     final = tmp_path / "final.ckpt"
@@ -63,7 +74,7 @@ def test_a_run_in_a_bucket_killed_and_resumed_from_it_ends_as_an_uninterrupted_r
 
 
 @pytest.mark.parametrize("case", ["unreachable", "no credentials", "read-only", "no bucket", "cut short"])
-def test_a_bad_bucket_is_one_sentence_naming_it_and_leaves_nothing(s3, tmp_path, case):
+def test_a_bad_bucket_is_one_sentence_naming_it_and_leaves_nothing(s3, tmp_path, case, cli, monkeypatch):
     root, env = "s3://bkt/bad", {**s3["writer"]}
     resume = []
     if case == "unreachable":
@@ -78,13 +89,12 @@ def test_a_bad_bucket_is_one_sentence_naming_it_and_leaves_nothing(s3, tmp_path,
         s3["client"].put_object(Bucket="bkt", Key="cut/runs/debug/version_0/checkpoints/last.ckpt", Body=b"PK\x03\x04")
         s3["client"].put_object(Bucket="bkt", Key="cut/runs/debug/version_0/config.yaml", Body=b"{}")
         root, resume = "s3://bkt/cut", ["--resume", "s3://bkt/cut/runs/debug/version_0"]
-    env = {**os.environ, **env, "MULTIMODAL_STAGING": str(tmp_path / "staging")}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        if key not in {**s3["base"], **(s3["writer"] if case not in ("no credentials",) else {})} and key in env:
-            del env[key]
+        if key not in env:
+            monkeypatch.delenv(key, raising=False)
+    bucket_env(monkeypatch, {**env, "MULTIMODAL_STAGING": str(tmp_path / "staging")})
     before = keys(s3["client"], "")
-    proc = subprocess.run([sys.executable, "-m", "multimodal", *TRAIN, "--trainer.default_root_dir", root, *resume],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = cli(*TRAIN, "--trainer.default_root_dir", root, *resume, cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
     expected = {"unreachable": "cannot be reached", "no credentials": "no credentials", "read-only": "access denied",
@@ -95,12 +105,12 @@ def test_a_bad_bucket_is_one_sentence_naming_it_and_leaves_nothing(s3, tmp_path,
     assert all(not any(p.rglob("*.ckpt")) for p in runs), runs  # no working copy holding a checkpoint
 
 
-def test_checkpoints_pruned_by_keep_last_are_deleted_from_the_bucket_too(s3, tmp_path):
+def test_checkpoints_pruned_by_keep_last_are_deleted_from_the_bucket_too(s3, tmp_path, cli, monkeypatch):
     callbacks = ("[{class_path: multimodal.checkpoint.RunCheckpoint, "
                  "init_args: {every_n_train_steps: 10, keep_last: 1}}]")
-    proc = run_cli("train", "--config", DEBUG, "--trainer.max_steps", "20", "--trainer.enable_progress_bar", "false",
-                   "--trainer.callbacks", callbacks, "--trainer.default_root_dir", "s3://bkt/prune", cwd=tmp_path,
-                   env={**s3["writer"], "MULTIMODAL_STAGING": str(tmp_path / "staging")})
+    bucket_env(monkeypatch, {**s3["writer"], "MULTIMODAL_STAGING": str(tmp_path / "staging")})
+    proc = cli("train", "--config", DEBUG, "--trainer.max_steps", "20", "--trainer.enable_progress_bar", "false",
+               "--trainer.callbacks", callbacks, "--trainer.default_root_dir", "s3://bkt/prune", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     remote = [k.rsplit("/", 1)[-1] for k in keys(s3["client"], f"prune/{RUN}/checkpoints/")]
     local = sorted(p.name for p in (tmp_path / "staging").rglob("checkpoints/*.ckpt"))

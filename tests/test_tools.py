@@ -6,16 +6,16 @@ import pytest
 from PIL import Image
 
 from multimodal.data.shards import write_synthetic
-from tests.conftest import run_cli
 
 
 @pytest.fixture(scope="module")
 def index(trained, tmp_path_factory) -> Path:
+    from multimodal.cli import main
+
     root = tmp_path_factory.mktemp("index")
     write_synthetic(root / "shards", num_samples=24, shard_size=8)
-    proc = run_cli("embed", "--checkpoint", str(trained[0]), "--shards", str(root / "shards"), "--out",
-                   str(root / "emb"), "--num_workers", "0", cwd=root)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main(["embed", "--checkpoint", str(trained[0]), "--shards", str(root / "shards"), "--out",
+                 str(root / "emb"), "--num_workers", "0"]) == 0
     return root / "emb"
 
 
