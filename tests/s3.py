@@ -14,9 +14,13 @@ def moto_server():
     credentials of a read-write and a read-only user; the tests using it skip without boto3 and moto."""
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("moto")
+    s3fs = pytest.importorskip("s3fs")
     # the first 8 requests unauthenticated (they create the bucket, the users, their policies and keys)
     with local_s3({"INITIAL_NO_AUTH_ACTION_COUNT": "8"}) as endpoint:
-        yield from _users(boto3, endpoint)
+        try:
+            yield from _users(boto3, endpoint)
+        finally:  # an S3 file system a test's in-process CLI run kept would name this server's port, gone
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _users(boto3, endpoint: str):

@@ -200,6 +200,11 @@ def test_bad_input_is_one_sentence_and_nothing_half_written(cli, built, trained,
     refused(cli("search", "--index", str(idx), "--text", "a dog", "--target", "texts", cwd=tmp_path),
             "holds images, not texts")
     refused(cli("index", "--merge", str(idx), "--out", "m", "--parts", "0:1", cwd=tmp_path), "--parts and --kind")
+    older = tmp_path / "older"
+    shutil.copytree(idx, older)
+    info = json.loads((older / "info.json").read_text())
+    (older / "info.json").write_text(json.dumps({k: v for k, v in info.items() if k != "layout"}))
+    refused(cli("search", "--index", str(older), "--text", "a dog", cwd=tmp_path), "built by an earlier version")
     cut = tmp_path / "cut"
     shutil.copytree(idx, cut)
     data = (cut / "vectors.faiss").read_bytes()

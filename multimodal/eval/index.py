@@ -278,6 +278,7 @@ def train(index, plan: Plan, parts: Parts) -> str:
 
 
 INDEX_FILE, INFO_FILE, VECTORS_FILE = "index.faiss", "info.json", "vectors.faiss"
+LAYOUT = 2  # info.json's "layout": 2, ids are positions among the rows held and IVF-PQ has vectors.faiss
 READ_FLAGS = faiss.IO_FLAG_MMAP  # mapped where the index type allows
 
 
@@ -319,7 +320,7 @@ def build_index(embeddings: Path, out: Path, budget: int, kind: str | None = Non
             "embeddings": str(embeddings.resolve()), "kind": kind, "dim": source.dim, "factory": plan.factory,
             "trained": trained, "count": count,
             "parts": {"names": source.names, "rows": source.rows}, "held": [[held.start, held.stop]],
-            "rerank": plan.rerank}
+            "rerank": plan.rerank, "layout": LAYOUT}
 
     def fill(partial: Path) -> tuple:
         stage = vectors.writing(partial / VECTORS_FILE, source.dim, count) if plan.nlist else nullcontext()
@@ -389,6 +390,9 @@ def read_index_info(folder: Path) -> dict:
     if wrong:
         raise UserError(f"{folder / INFO_FILE} lacks {', '.join(wrong)} or has them of another type: build the "
                         "index again with `multimodal index`.")
+    if info.get("layout") != LAYOUT:
+        raise UserError(f"Index {folder} was built by an earlier version of multimodal, whose index folders this "
+                        "one does not read: build the index again with `multimodal index`.")
     return info
 
 
