@@ -117,10 +117,10 @@ class ContrastiveLoss:
                  logit_bias: torch.Tensor | None = None, *, gather: bool = True) -> torch.Tensor:
         raise NotImplementedError
 
-    def terms(self, model, images: torch.Tensor, tokens: torch.Tensor, *, gather: bool = True
-              ) -> dict[str, torch.Tensor]:
+    def terms(self, model, images: torch.Tensor, tokens: torch.Tensor, *, gather: bool = True,
+              length: int | None = None) -> dict[str, torch.Tensor]:
         """The named loss terms of a batch through `model` (a `multimodal.model.CLIP`); their sum is the
-        training loss."""
+        training loss. `length`: the batch's longest caption in tokens, where known (`TrainBatch.text_length`)."""
         return {"loss": self(model.encode_image(images), model.encode_text(tokens), model.logit_scale.exp(),
                              model.logit_bias, gather=gather)}
 
@@ -160,9 +160,9 @@ class CocaLoss(ClipLoss):
     def from_settings(cls, *, caption_loss_weight: float = 2.0) -> "CocaLoss":
         return cls(caption_loss_weight)
 
-    def terms(self, model, images: torch.Tensor, tokens: torch.Tensor, *, gather: bool = True
-              ) -> dict[str, torch.Tensor]:
-        image_features, text_features, logits, labels = model.forward_captions(images, tokens)
+    def terms(self, model, images: torch.Tensor, tokens: torch.Tensor, *, gather: bool = True,
+              length: int | None = None) -> dict[str, torch.Tensor]:
+        image_features, text_features, logits, labels = model.forward_captions(images, tokens, length)
         return {"contrastive_loss": self(image_features, text_features, model.logit_scale.exp(), gather=gather),
                 "caption_loss": self.caption_loss_weight * caption_loss(logits, labels)}
 

@@ -47,11 +47,20 @@ class CLIP(nn.Module):
         """CoCa: V, the tokens that `next_token_logits` scores."""
         return self.towers.text_decoder.text_projection.shape[-1]
 
-    def forward_captions(self, images: torch.Tensor, tokens: torch.Tensor):
-        """CoCa, teacher-forced: (image_features, text_features, logits (B, L-1, V), labels (B, L-1)): the
-        decoder reads tokens[:, :-1] with the image tokens and predicts tokens[:, 1:]."""
-        out = self.towers(images, tokens)  # unit features, as open_clip's CoCa returns them
-        return out["image_features"], out["text_features"], out["logits"], out["labels"]
+    def forward_captions(self, images: torch.Tensor, tokens: torch.Tensor, length: int | None = None):
+        """CoCa, teacher-forced: (image_features, text_features, logits (B, T, V), labels (B, T)): the decoder
+        reads tokens[:, :T] with the image tokens and predicts tokens[:, 1:T + 1], T = L - 1.
+
+        `length` (a host int, counted by the data pipeline: nothing is read from the device): the tokens of the
+        batch's longest caption. The decoder then reads only that far (rounded up to a multiple of 8, so that
+        a compiled step sees few shapes): what follows is padding, whose labels the caption loss ignores, and
+        the decoder is causal, so the logits kept are those of the whole context. The (B, T, V) logits are
+        most of a CoCa step's time and memory (V = 49,408), and captions are far shorter than the context."""
+        image_features, image_tokens = self.towers._encode_image(images)  # unit features, as open_clip's CoCa
+        text_features, token_embs = self.towers._encode_text(tokens)
+        span = tokens.shape[1] - 1 if length is None else min(-(-length // 8) * 8, tokens.shape[1]) - 1
+        logits = self.towers.text_decoder(image_tokens, token_embs[:, :span])
+        return image_features, text_features, logits, tokens[:, 1:span + 1]
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """CoCa: (B, N, W) image tokens that the caption decoder attends to."""

@@ -105,7 +105,7 @@ class CLIPModule(pl.LightningModule):
             loss, surrogate = cached_step(self.model, batch.image, batch.text, self._loss,
                                           self.micro_batches, scaler.get_scale() if scaler else 1.0)
         else:
-            terms = self.loss.terms(self.model, batch.image, batch.text)
+            terms = self.loss.terms(self.model, batch.image, batch.text, length=batch.text_length or None)
             loss = surrogate = sum(terms.values())
             if len(terms) > 1:  # CoCa: the contrastive and the captioning term
                 for name, term in terms.items():

@@ -5,7 +5,7 @@ file, in the same commit as the change and its note in the docs."""
 import argparse
 import inspect
 
-from multimodal.cli import COMMANDS, caption, evaluate, probe, serve, shards, tools
+from multimodal.cli import COMMANDS, caption, embed, evaluate, probe, serve, shards, tools
 
 SHARDS_OPTIONS = {"--images": None, "--out": None, "--shard_size": 1000, "--max_side": None, "--num_workers": 4,
                   "--overwrite": False}
@@ -80,7 +80,7 @@ def test_the_commands_and_their_options_and_defaults():
     assert sorted(COMMANDS) == ["caption", "demo", "embed", "eval", "export", "index", "models", "plot", "search",
                                 "serve", "shards", "train"]
     assert {
-        "export": options(evaluate.export_parser()), "embed": options(evaluate.embed_parser()),
+        "export": options(evaluate.export_parser()), "embed": options(embed.embed_parser()),
         "eval retrieval": options(evaluate.eval_retrieval_parser()),
         "eval zeroshot": options(evaluate.eval_zeroshot_parser()),
         "eval linear_probe": options(probe.linear_probe_parser()),
@@ -123,5 +123,5 @@ def test_one_option_style_and_kebab_spellings_read_as_it():
     assert snake_case_options(given) == ["embed", "--batch_size", "8", "--trainer.max_steps=5", "--out", "my-dir",
                                          "--text", "a well-lit room", "-h", "--"]
     kebab = ["--checkpoint", "m.pt", "--texts", "t.txt", "--out", "o", "--num-workers", "0", "--part-size", "7"]
-    args = evaluate.embed_parser().parse_args(snake_case_options(kebab))
+    args = embed.embed_parser().parse_args(snake_case_options(kebab))
     assert (args.num_workers, args.part_size) == (0, 7)

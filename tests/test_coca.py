@@ -22,11 +22,47 @@ def test_the_loss_is_open_clips_coca_loss():
     scale = torch.tensor(14.0)
     theirs = open_clip.loss.CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)(image, text, logits, labels, scale)
     model = type("M", (), {"logit_scale": scale.log(), "logit_bias": None,
-                           "forward_captions": lambda self, i, t: (image, text, logits, labels)})()
+                           "forward_captions": lambda self, i, t, length=None: (image, text, logits, labels)})()
     ours = CocaLoss(2.0).terms(model, None, None)
     assert torch.allclose(ours["contrastive_loss"], theirs[0]) and torch.allclose(ours["caption_loss"], theirs[1])
     assert torch.allclose(caption_loss(logits, labels), torch.nn.functional.cross_entropy(
         logits[:, :6].reshape(-1, 50), labels[:, :6].reshape(-1)))
+
+
+def test_the_decoder_reads_only_as_far_as_the_longest_caption_and_the_loss_is_the_same():
+    """`length` (the pipeline's count of the batch's longest caption) cuts the decoder's input: the logits
+    kept are open_clip's CoCa's for those positions, and the loss and its gradients are those of the whole
+    context, whose other positions are padding."""
+    from multimodal.data.batch import text_length
+
+    torch.manual_seed(0)
+    model = create_model(arch.load("tiny-coca"))
+    tokenizer = model.architecture.tokenizer
+    tokens = tokenizer(["a red square", "two small blue circles on the left of a green triangle", "a dog"])
+    size = model.architecture.image_size
+    images = torch.randn(3, 3, size, size)
+    length = text_length(tokens)
+    assert length == 13 and (tokens[:, length:] == 0).all() and (tokens[1, length - 1] != 0)
+
+    theirs = model.towers(images, tokens)
+    image_features, text_features, logits, labels = model.forward_captions(images, tokens, length)
+    assert logits.shape[:2] == labels.shape == (3, 15)  # 13 tokens, rounded up to 16, less the first label
+    torch.testing.assert_close(logits, theirs["logits"][:, :15], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(image_features, theirs["image_features"])
+    torch.testing.assert_close(text_features, theirs["text_features"])
+
+    def loss_and_grads(length):
+        model.zero_grad()
+        loss = sum(CocaLoss(2.0).terms(model, images, tokens, gather=False, length=length).values())
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (cut, cut_grads), (whole, whole_grads) = loss_and_grads(length), loss_and_grads(None)
+    torch.testing.assert_close(cut, whole, rtol=1e-6, atol=1e-6)
+    assert cut_grads.keys() == whole_grads.keys()
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(cut_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert text_length(torch.zeros(2, 77, dtype=torch.long)) == 0
 
 
 def test_a_fresh_caption_decoder_is_initialised_not_left_as_empty_memory():

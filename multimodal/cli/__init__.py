@@ -36,7 +36,7 @@ from multimodal.errors import UserError, message
 # command -> (module, function): a command's module is imported when it runs, so that `--help` and
 # the commands that need no model never import torch, Lightning or open_clip.
 COMMANDS = {"train": ("train", "train"), "shards": ("shards", "write_shards"), "demo": ("train", "run_demo"),
-            "export": ("evaluate", "export"), "embed": ("evaluate", "embed"), "eval": ("evaluate", "evaluate"),
+            "export": ("evaluate", "export"), "embed": ("embed", "embed"), "eval": ("evaluate", "evaluate"),
             "index": ("tools", "index"), "search": ("tools", "search"), "plot": ("tools", "plot"),
             "models": ("tools", "models"), "caption": ("caption", "caption"),
             "serve": ("serve", "serve")}

@@ -68,6 +68,14 @@ def _move(tensor: torch.Tensor | None, device, non_blocking: bool | None) -> tor
     return tensor.to(device, non_blocking=non_blocking) if tensor is not None else None
 
 
+def text_length(tokens: torch.Tensor, pad_id: int = 0) -> int:
+    """The tokens of the longest of (B, L) captions, to its last that is not `pad_id` (open_clip pads with 0):
+    counted on the host where the batch is made, so that a step cuts the decoder's input without reading the
+    device (`CLIP.forward_captions`)."""
+    used = (tokens != pad_id).any(0).nonzero()
+    return int(used[-1]) + 1 if len(used) else 0
+
+
 @dataclass
 class TrainBatch:
     image: torch.Tensor  # (n, 3, S, S) uint8 decoded by a worker; after `finish`, (B, 3, S, S) float32 normalised
@@ -79,6 +87,7 @@ class TrainBatch:
     worker: int = 0  # the DataLoader worker that made it
     consumed: int = 0  # raw samples that worker's batches consumed this epoch: the stream's position
     sources: tuple[int, ...] = ()  # samples drawn from each source of a weighted mixture
+    text_length: int = 0  # tokens of the longest caption (to its last token not padding, 0); 0: not counted
 
     @property
     def skipped(self) -> int:

@@ -29,7 +29,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from multimodal.data.batch import DeviceJpegs, TrainBatch
+from multimodal.data.batch import DeviceJpegs, TrainBatch, text_length
 from multimodal.data.decode import MAX_IMAGE_PIXELS, Members, decodable_on_device, decode_image, read_record, tokenize
 from multimodal.data.faults import BadSample, FaultCounter
 from multimodal.data.pixels import TrainCrop
@@ -208,7 +208,8 @@ class ImageTextStream(IterableDataset):
             if self.decode_on_device else None
         counts = Counter(r.source for r in ready)
         sources = tuple(counts[i] for i in range(len(self.sources))) if len(self.sources) > 1 else ()
-        return TrainBatch(image, tokens[order], [ready[i].key for i in order], jpegs, sources=sources, **fields)
+        return TrainBatch(image, tokens[order], [ready[i].key for i in order], jpegs, sources=sources,
+                          text_length=text_length(tokens), **fields)
 
     def _tokens(self, ready: list[_Ready]) -> tuple[torch.Tensor | None, list[_Ready]]:
         """The captions of `ready` tokenised together, or (rare) None and the samples whose captions the
