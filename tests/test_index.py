@@ -164,6 +164,24 @@ def test_shards_of_parts_merged_search_as_one_build(cli, built, tmp_path):
     assert proc.returncode == 2 and "same parts twice" in proc.stderr
 
 
+def test_exact_pieces_merge_too_and_a_piece_alone_names_the_folders_rows(tmp_path):
+    from multimodal.eval.index import build_index, merge_indexes, open_index, parse_memory
+
+    (tmp_path / "model.ckpt").write_bytes(b"named, not read")
+    emb = write_folder(tmp_path / "emb", tmp_path / "model.ckpt", count=2000, parts=4)
+    quiet = lambda line: None  # noqa: E731
+    build_index(emb, tmp_path / "one", parse_memory("64MB"), log=quiet)
+    build_index(emb, tmp_path / "a", parse_memory("64MB"), parts=(0, 1), log=quiet)
+    build_index(emb, tmp_path / "b", parse_memory("64MB"), parts=(1, None), log=quiet)
+    info = merge_indexes([tmp_path / "b", tmp_path / "a"], tmp_path / "merged", log=quiet)
+    assert info["factory"] == "IDMap,Flat" and info["held"] == [[0, 4]]
+    q = queries(emb, 50)
+    (s1, r1), (s2, r2) = open_index(tmp_path / "one")[0].search(q, 10), open_index(tmp_path / "merged")[0].search(q, 10)
+    assert np.array_equal(r1, r2) and np.allclose(s1, s2)
+    rows = open_index(tmp_path / "b")[0].search(q, 5)[1]
+    assert (rows >= 500).all()  # parts 1: hold the folder's rows 500 on
+
+
 def refused(proc, *expected: str) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.startswith("error: ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
