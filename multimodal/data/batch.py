@@ -69,10 +69,10 @@ def _move(tensor: torch.Tensor | None, device, non_blocking: bool | None) -> tor
 
 
 def text_length(tokens: torch.Tensor, pad_id: int = 0) -> int:
-    """The tokens of the longest of (B, L) captions, to its last that is not `pad_id` (open_clip pads with 0):
-    counted on the host where the batch is made, so that a step cuts the decoder's input without reading the
-    device (`CLIP.forward_captions`)."""
-    used = (tokens != pad_id).any(0).nonzero()
+    """The tokens of the longest of (B, L) captions (a CPU tensor), to its last that is not `pad_id` (open_clip
+    pads with 0): counted on the host where the batch is made, so that a step cuts the decoder's input without
+    reading the device (`CLIP.forward_captions`)."""
+    used = np.flatnonzero((tokens.numpy() != pad_id).any(0))  # numpy: no tensor is read, as no step may
     return int(used[-1]) + 1 if len(used) else 0
 
 
