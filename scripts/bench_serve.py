@@ -48,7 +48,7 @@ def write_folder(root: Path, rows: int, seed: int = 0) -> Path:
 
     model = build_module("tiny", count_flops=False).model
     weights = export(model, root / "model" / "tiny.safetensors")[0]
-    dim = model.encode_text(model.architecture.tokenizer(["a"])).shape[-1]
+    dim = model.architecture.embed_dim
     folder = root / "emb"
     rng = np.random.default_rng(seed)
     for part, start in enumerate(range(0, rows, PART_ROWS)):

@@ -117,8 +117,10 @@ def test_part_ranges_side_by_side_and_one_after_the_other_write_the_folder_of_on
         holder.communicate("", timeout=60)
     ok(embed(*args, "--out", str(out), "--parts", "0:2"))
     assert files(out) == files(reference)
+    inodes = {p: p.stat().st_ino for p in out.rglob("*") if p.is_file()}
     ok(embed(*args, "--out", str(out), "--parts", "1:3"))  # done already: nothing rewritten
     assert files(out) == files(reference)
+    assert {p: p.stat().st_ino for p in out.rglob("*") if p.is_file()} == inodes  # a rewrite is a new file
 
 
 def test_the_metadata_parquet_holds_a_row_per_image_with_the_json_fields(args, reference, tmp_path):
@@ -195,6 +197,22 @@ def test_a_bucket_as_out_is_resumed_from_the_parts_it_holds(s3, args, reference,
     # another model's settings are refused, in one sentence naming the bucket
     assert embed(*args[:-2], "--out", "s3://bkt/emb", env=env).returncode == 2
     assert "other settings (dtype)" in capfd.readouterr().err
+
+
+def test_a_bucket_keeps_no_part_of_a_run_that_read_no_sample(s3, trained, tmp_path):
+    """Every image unreadable: the run fails in one sentence and leaves no part done in the bucket (each was
+    uploaded as it was finished), so that the same command, the images mended, embeds them."""
+    from tests.test_hostile_eval import colour_folder
+
+    bad = colour_folder(tmp_path / "bad", readable=False)
+    env = {**s3["writer"], "MULTIMODAL_STAGING": str(tmp_path / "staging")}
+    command = ["--checkpoint", str(trained[0]), "--images", str(bad), "--num_workers", "0", "--out", "s3://bkt/none"]
+    assert embed(*command, env=env).returncode == 2
+    assert not [k for k in keys(s3["client"], "none/") if "_index/" in k or "_emb/" in k]
+    for path in bad.rglob("*.jpg"):
+        Image.new("RGB", (40, 40), (10, 200, 10)).save(path)
+    ok(embed(*command, env=env))
+    assert "none/img_index/part-00000.jsonl" in keys(s3["client"], "none/")
 
 
 @pytest.mark.parametrize("parts, expected", [("x", "must be START:END"), ("3:1", "holds no part"),

@@ -178,8 +178,11 @@ def _embed(args: argparse.Namespace, rank: int, world: int, per_node: int) -> in
             torch.tensor([float(writer.rows_written), float(len(mine) - len(todo))],
                          device=trainer.strategy.root_device), reduce_op="sum").tolist()
         if not rows and not before and len(parts) == source.num_parts():
-            # Every sample skipped: the empty parts are not kept as done, so that the same command redoes them.
+            # Every sample skipped: the empty parts are not kept as done, so that the same command redoes them
+            # (a bucket's too: each was uploaded as it was finished).
             writer.discard(todo)
+            if bucket:
+                bucket.discard([file for part in todo for file in writer.files(part)])
             raise UserError(f"No sample of {args.shards or args.images or args.texts} could be read, so nothing was "
                             "embedded: mend or replace the files skipped (named above), then run the command again.")
     if rank == 0:
@@ -208,7 +211,8 @@ def _claim_folder(held, info: dict, overwrite: bool, bucket) -> None:
 
     out, existing = held.out, held.out / "info.json"
     with held.settings():
-        pulled = bucket.pull_info() if bucket else None
+        if bucket:
+            bucket.pull_info()
         if existing.is_file():
             if settings_changed(existing, info, overwrite, "embeddings", "--{}", bucket.url if bucket else None):
                 if held.others_writing():
@@ -224,5 +228,5 @@ def _claim_folder(held, info: dict, overwrite: bool, bucket) -> None:
             raise UserError(f"{out} is not empty and is not an embedding folder: choose another --out.")
         with writing(existing):
             write_json(existing, info)
-        if bucket and existing.read_bytes() != pulled:
+        if bucket:  # the bucket had none, or one of other settings
             bucket.push_info()

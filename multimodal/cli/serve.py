@@ -52,7 +52,7 @@ def serve(argv: list[str]) -> int:
                         "`openssl rand -hex 24` prints will do).")
     check_input(args.index, "Index", "pass a folder written by `multimodal embed` or `multimodal index` with --index",
                 "folder")
-    if not ((args.index / "info.json").is_file() or (args.index / "index.faiss").is_file()):
+    if not (args.index / "info.json").is_file():  # both kinds of folder have one
         raise UserError(f"{args.index} is neither an embedding folder (`multimodal embed --out`) nor an index folder "
                         "(`multimodal index --out`): pass one of those with --index.")
     check_weights(args)

@@ -33,9 +33,9 @@ class Bucket:
     def check_writable(self) -> None:
         remote.check_writable(self.url, "the embedding folder")
 
-    def pull_info(self) -> bytes | None:
-        """The bucket's info.json, copied into the working copy (in place of any there) for the claim to compare
-        the run's settings with; None where the bucket has none, which an empty prefix alone may lack."""
+    def pull_info(self) -> None:
+        """The bucket's info.json copied into the working copy (in place of any there; none where the bucket has
+        none, which an empty prefix alone may lack) for the claim to compare the run's settings with."""
         try:
             found = self.fs.exists(self._remote("info.json"))
             data = self.fs.cat_file(self._remote("info.json")) if found else None
@@ -48,7 +48,6 @@ class Bucket:
             (self.local / "info.json").unlink(missing_ok=True)
         else:
             write_bytes(self.local / "info.json", data)
-        return data
 
     def push_info(self) -> None:
         self._upload([self.local / "info.json"], keep=True)
@@ -61,6 +60,17 @@ class Bucket:
                     self.fs.rm(self._remote(sub), recursive=True)
         except Exception as exc:  # noqa: BLE001
             raise remote.failure(self.url, exc, "clear the embedding folder at") from None
+
+    def discard(self, files: list[Path]) -> None:
+        """Parts' `files` (working-copy paths, in the order written) removed from the bucket, each part's index
+        files first: a part without them is not done, and a later run embeds it again."""
+        try:
+            for file in reversed(files):
+                target = self._remote(*file.relative_to(self.local).parts)
+                if self.fs.exists(target):
+                    self.fs.rm(target)
+        except Exception as exc:  # noqa: BLE001
+            raise remote.failure(self.url, exc, "remove parts from the embedding folder at") from None
 
     def done(self, kinds: list[str]) -> set[int]:
         """The parts whose index files (of every kind in `kinds`) the bucket holds."""

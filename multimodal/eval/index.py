@@ -339,8 +339,7 @@ def build_index(embeddings: Path, out: Path, budget: int, kind: str | None = Non
 def _measure(index, source: Parts, info: dict, folder: Path) -> dict:
     """`info` with the nprobe chosen and the recall@10 measured against exact search on held-out queries (the
     index's re-ranking vectors read from `folder`)."""
-    stored = read_faiss(folder / VECTORS_FILE, vectors.READ_FLAGS) if info["rerank"] else None
-    searcher = Searcher(index, source, info["held"], stored, info["rerank"])
+    searcher = Searcher(index, source, info["held"], read_stored(folder, info), info["rerank"])
     queries, about = recall_queries(source.folder, info["kind"], source)
     truth = exact_neighbours(source, [range(a, b) for a, b in info["held"]], queries)
     nlist = faiss.extract_index_ivf(index).nlist if info["rerank"] else 0
@@ -415,12 +414,16 @@ def read_faiss(path: Path, flags: int = READ_FLAGS):
             raise ValueError("faiss finds it cut short or not an index") from None
 
 
+def read_stored(folder: Path, info: dict):
+    """An IVF-PQ index folder's re-ranking vectors (`vectors.faiss`, memory-mapped); None for an exact index."""
+    return read_faiss(folder / VECTORS_FILE, vectors.READ_FLAGS) if info["rerank"] else None
+
+
 def open_index(folder: Path) -> tuple[Searcher, dict]:
     """(searcher, info) of an index folder: the index memory-mapped, set to its nprobe and efSearch."""
     info = read_index_info(folder)
-    stored = read_faiss(folder / VECTORS_FILE, vectors.READ_FLAGS) if info["rerank"] else None
-    searcher = Searcher(read_faiss(folder / INDEX_FILE), source_parts(info, folder), info["held"], stored,
-                        info["rerank"])
+    searcher = Searcher(read_faiss(folder / INDEX_FILE), source_parts(info, folder), info["held"],
+                        read_stored(folder, info), info["rerank"])
     searcher.set(info["nprobe"], info["efSearch"])
     return searcher, info
 

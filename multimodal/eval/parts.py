@@ -39,6 +39,10 @@ class Parts:
     def path(self, i: int) -> Path:
         return self.folder / f"{self.prefix}_emb" / f"{self.names[i]}.npy"
 
+    def index_path(self, i: int) -> Path:
+        """Part i's index entries, one JSON line a row."""
+        return self.folder / f"{self.prefix}_index" / f"{self.names[i]}.jsonl"
+
     def _header(self, name: str) -> tuple[int, int]:
         """(rows, dim) of a part, its .npy checked: 2-D float16 or float32, all its bytes there."""
         path = self.folder / f"{self.prefix}_emb" / f"{name}.npy"
@@ -82,10 +86,10 @@ class Parts:
             for start in range(0, array.shape[0], size):
                 yield int(self.offsets[i]) + start, array[start:start + size]
 
-    def take(self, ids: np.ndarray, dtype: np.dtype | type | None = np.float32) -> np.ndarray:
-        """(len(ids), dim) rows of global row `ids` in `dtype` (None: as stored), read part by part, each part's in
-        ascending order (the pages of a memory map in the order they lie)."""
-        out = np.zeros((len(ids), self.dim), dtype or self.array(0).dtype)
+    def take(self, ids: np.ndarray) -> np.ndarray:
+        """(len(ids), dim) float32 rows of global row `ids`, read part by part, each part's in ascending order
+        (the pages of a memory map in the order they lie)."""
+        out = np.zeros((len(ids), self.dim), np.float32)
         order = np.argsort(ids, kind="stable")
         sorted_ids = ids[order]
         bounds = np.searchsorted(sorted_ids, self.offsets)
@@ -114,7 +118,7 @@ def part_rows(parts: Parts, part: int) -> tuple[list[dict], dict[int, str]]:
     """The index rows of `part` (its JSONL file), and for images the first caption of each row that has one (from
     the part's text rows, which name their image's row)."""
     name = parts.names[part]
-    lines = jsonl_rows(parts.folder / f"{parts.prefix}_index" / f"{name}.jsonl")
+    lines = jsonl_rows(parts.index_path(part))
     texts = parts.folder / "text_index" / f"{name}.jsonl"
     return lines, first_captions(jsonl_rows(texts)) if parts.prefix == "img" and texts.is_file() else {}
 

@@ -34,7 +34,8 @@ class Collection:
     from `multimodal index` (approximate; the candidates re-scored exactly from the embedding folder's parts).
     `target`: "images" or "texts" (default: the images where there are any; an index holds one kind)."""
 
-    def __init__(self, path: Path, target: str | None = None, setting: str | None = None):
+    def __init__(self, path: Path, target: str | None = None, setting: str | None = None,
+                 emb: Embeddings | None = None):
         from multimodal.eval import index
 
         self.path = path
@@ -47,7 +48,7 @@ class Collection:
             self.dim, self.count = self.info["dim"], self.info["count"]
             return
         self.info, self.searcher = read_info(path, setting), None
-        self.emb = load_folder(path)
+        self.emb = emb if emb is not None else load_folder(path)  # `emb`: the folder, already read
         if not (self.emb.image_features.shape[0] or self.emb.text_features.shape[0]):
             raise UserError(f"{path} holds no embeddings to search (every sample was skipped when it was made): "
                             "embed readable images or texts with `multimodal embed`.")

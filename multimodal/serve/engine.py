@@ -119,8 +119,8 @@ class Target:
             return
         from multimodal.eval.parts import jsonl_rows
 
-        for name in self.parts.names:
-            yield from jsonl_rows(self.parts.folder / f"{self.parts.prefix}_index" / f"{name}.jsonl")
+        for i in range(len(self.parts.names)):
+            yield from jsonl_rows(self.parts.index_path(i))
 
 
 def coarse_copy(unit: torch.Tensor) -> torch.Tensor | None:
@@ -178,7 +178,7 @@ def open_targets(index: Path) -> dict[str, Target]:
     found = {first.target: Target(first)}
     other = "texts" if first.target == "images" else "images"
     if (first.emb.text_features if other == "texts" else first.emb.image_features).shape[0]:
-        found[other] = Target(Collection(index, other, setting="--{}"))
+        found[other] = Target(Collection(index, other, setting="--{}", emb=first.emb))  # the folder read once
     return found
 
 
@@ -191,8 +191,7 @@ class Engine:
         self.tokenizer = model.architecture.tokenizer
         self.transform = EvalTransform.of(model.architecture.preprocessing)
         self.batches = self.queries = 0  # how many batches `run` encoded, and how many queries they held
-        with torch.no_grad():
-            dim = self.model.encode_text(self.tokenizer(["a photo"])).shape[-1]
+        dim = model.architecture.embed_dim
         for target in targets.values():
             if target.dim != dim:
                 raise UserError(f"The model gives {dim}-d embeddings but {index} holds {target.dim}-d ones: serve "
