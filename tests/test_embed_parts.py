@@ -199,6 +199,21 @@ def test_a_bucket_as_out_is_resumed_from_the_parts_it_holds(s3, args, reference,
     assert "other settings (dtype)" in capfd.readouterr().err
 
 
+def test_a_folder_or_bucket_holding_other_files_is_written_only_with_overwrite(s3, args, tmp_path, capfd):
+    env = {**s3["writer"], "MULTIMODAL_STAGING": str(tmp_path / "staging")}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    s3["client"].put_object(Bucket="bkt", Key="theirs/notes.txt", Body=b"the user's")
+    for out in (str(tmp_path / "mine"), "s3://bkt/theirs"):
+        capfd.readouterr()
+        assert embed(*args, "--out", out, "--parts", "0:1", env=env).returncode == 2
+        assert f"{out} is not empty and is not an embedding folder" in capfd.readouterr().err
+        ok(embed(*args, "--out", out, "--parts", "0:1", "--overwrite", env=env))
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "the user's" and (tmp_path / "mine" / "info.json").is_file()
+    assert {"theirs/notes.txt", "theirs/info.json", "theirs/img_index/part-00000.jsonl"} <= set(
+        keys(s3["client"], "theirs/"))
+
+
 def test_a_bucket_keeps_no_part_of_a_run_that_read_no_sample(s3, trained, tmp_path):
     """Every image unreadable: the run fails in one sentence and leaves no part done in the bucket (each was
     uploaded as it was finished), so that the same command, the images mended, embeds them."""

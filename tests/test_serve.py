@@ -190,7 +190,7 @@ def test_the_bfloat16_shortlist_gives_the_exact_top_k():
     import torch
     import torch.nn.functional as F
 
-    from multimodal.serve.engine import exact_top_k
+    from multimodal.serve.engine import exact_top_k, shortlist_top_k
 
     g = torch.Generator().manual_seed(0)
     unit = F.normalize(torch.randn(30_000, 64, generator=g), dim=-1)
@@ -198,6 +198,7 @@ def test_the_bfloat16_shortlist_gives_the_exact_top_k():
     unit = torch.cat([unit, near])
     queries = torch.cat([F.normalize(torch.randn(6, 64, generator=g), dim=-1), unit[:2]])  # the last two: ties
     found = exact_top_k(queries, unit, unit.to(torch.bfloat16), 10)
+    assert set(shortlist_top_k(queries, unit, unit.to(torch.bfloat16), 10)[2]) <= {6, 7}  # the random six: sure
     values, rows = (queries @ unit.T).topk(10, dim=1)
     for hits, v, r, tied in zip(found, values.tolist(), rows.tolist(), [False] * 6 + [True] * 2):
         assert [s for _, s in hits] == pytest.approx(v, abs=1e-6)

@@ -211,8 +211,7 @@ def _claim_folder(held, info: dict, overwrite: bool, bucket) -> None:
 
     out, existing = held.out, held.out / "info.json"
     with held.settings():
-        if bucket:
-            bucket.pull_info()
+        foreign = bucket.pull_info() if bucket else any(p.name != LOCK for p in out.iterdir())
         if existing.is_file():
             if settings_changed(existing, info, overwrite, "embeddings", "--{}", bucket.url if bucket else None):
                 if held.others_writing():
@@ -224,8 +223,9 @@ def _claim_folder(held, info: dict, overwrite: bool, bucket) -> None:
                     bucket.clear()
             else:
                 return
-        elif not bucket and any(p.name != LOCK for p in out.iterdir()) and not overwrite:
-            raise UserError(f"{out} is not empty and is not an embedding folder: choose another --out.")
+        elif foreign and not overwrite:
+            raise UserError(f"{bucket.url if bucket else out} is not empty and is not an embedding folder: choose "
+                            "another --out, or pass --overwrite to write into it.")
         with writing(existing):
             write_json(existing, info)
         if bucket:  # the bucket had none, or one of other settings

@@ -13,7 +13,6 @@ import re
 from pathlib import Path
 
 from multimodal import remote
-from multimodal.errors import UserError
 from multimodal.files import write_bytes
 
 SUBFOLDERS = ("img_emb", "text_emb", "metadata", "img_index", "text_index")
@@ -33,21 +32,21 @@ class Bucket:
     def check_writable(self) -> None:
         remote.check_writable(self.url, "the embedding folder")
 
-    def pull_info(self) -> None:
+    def pull_info(self) -> bool:
         """The bucket's info.json copied into the working copy (in place of any there; none where the bucket has
-        none, which an empty prefix alone may lack) for the claim to compare the run's settings with."""
+        none) for the claim to compare the run's settings with; whether the prefix holds objects without one (not
+        an embedding folder, which the claim refuses unless --overwrite)."""
         try:
             found = self.fs.exists(self._remote("info.json"))
             data = self.fs.cat_file(self._remote("info.json")) if found else None
             holds = not found and self.fs.exists(self.path) and bool(self.fs.ls(self.path, detail=False))
         except Exception as exc:  # noqa: BLE001 - the back end's own errors (botocore's, aiohttp's...)
             raise remote.failure(self.url, exc, "read the embedding folder at") from None
-        if holds:
-            raise UserError(f"{self.url} is not empty and is not an embedding folder: choose another --out.")
         if data is None:
             (self.local / "info.json").unlink(missing_ok=True)
         else:
             write_bytes(self.local / "info.json", data)
+        return holds
 
     def push_info(self) -> None:
         self._upload([self.local / "info.json"], keep=True)

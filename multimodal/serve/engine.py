@@ -155,15 +155,22 @@ def exact_top_k(queries: torch.Tensor, unit: torch.Tensor, coarse: torch.Tensor,
     shortlist scores at most its last coarse score + COARSE_ERROR; where that is below the k-th exact score of
     the shortlist, the shortlist's top k is the exact top k. Where it is not (near ties), the query is scored
     against every float32 row."""
+    values, rows, unsure = shortlist_top_k(queries, unit, coarse, k)
+    if unsure:
+        values[unsure], rows[unsure] = (queries[unsure] @ unit.T).topk(k, dim=1)
+    return [list(zip(r, v)) for r, v in zip(rows.tolist(), values.tolist())]
+
+
+def shortlist_top_k(queries: torch.Tensor, unit: torch.Tensor, coarse: torch.Tensor, k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """(values, rows), each (B, k), of `exact_top_k`'s shortlist, and the queries whose shortlist the bound
+    leaves unsure (the exact top k only where a query is not among them)."""
     approx = (queries.to(torch.bfloat16) @ coarse.T).float()  # (B, N)
     approx_scores, shortlist = approx.topk(k + SHORTLIST, dim=1)  # (B, S)
     exact = torch.einsum("bd,bsd->bs", queries, unit[shortlist])  # (B, S) float32
     values, order = exact.topk(k, dim=1)
-    rows = torch.gather(shortlist, 1, order)
     unsure = (approx_scores[:, -1] + COARSE_ERROR >= values[:, -1]).nonzero().flatten().tolist()
-    if unsure:
-        values[unsure], rows[unsure] = (queries[unsure] @ unit.T).topk(k, dim=1)
-    return [list(zip(r, v)) for r, v in zip(rows.tolist(), values.tolist())]
+    return values, torch.gather(shortlist, 1, order), unsure
 
 
 def open_targets(index: Path) -> dict[str, Target]:
